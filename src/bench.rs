@@ -1,0 +1,381 @@
+//! Running the registry: `check` verifies every case against its CPU reference; `bench` also
+//! times it (and its baseline) and relates the result to the same run's roofline probes.
+
+use crate::error::Result;
+use crate::gpu::{Capabilities, Clock, Gpu, Timing};
+use crate::registry::{Bound, Case, CaseInfo, Checked, Operator, Scale, operators};
+use crate::roofline::Roofline;
+
+/// Which cases to run.
+#[derive(Clone, Debug, Default)]
+pub struct Filter {
+    pub op: Option<String>,
+    pub preset: Option<String>,
+    /// `key=value` pairs that must all match.
+    pub params: Vec<(String, String)>,
+}
+
+impl Filter {
+    fn accepts_op(&self, op: &dyn Operator) -> bool {
+        self.op.as_deref().is_none_or(|o| o == op.name())
+    }
+
+    fn accepts(&self, info: &CaseInfo) -> bool {
+        self.preset.as_deref().is_none_or(|p| p == info.preset) && info.matches(&self.params)
+    }
+}
+
+/// Parse `key=value`.
+pub fn parse_key_value(s: &str) -> std::result::Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+        .filter(|(k, _)| !k.is_empty())
+        .ok_or_else(|| format!("expected key=value, got {s:?}"))
+}
+
+/// The registered cases that pass the filter, with their operator.
+pub fn selected_cases(gpu: &Gpu, scale: Scale, filter: &Filter) -> Vec<Box<dyn Case>> {
+    operators()
+        .into_iter()
+        .filter(|op| filter.accepts_op(*op))
+        .flat_map(|op| op.cases(scale, gpu))
+        .filter(|case| filter.accepts(&case.info()))
+        .collect()
+}
+
+/// Outcome of checking one case.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct CheckRow {
+    pub case: CaseInfo,
+    pub variant: String,
+    pub checks: Vec<Checked>,
+    /// Set when the case could not run (an error from the operator or the device).
+    pub error: Option<String>,
+    pub pass: bool,
+}
+
+impl CheckRow {
+    /// A one-line summary of the worst output.
+    pub fn summary(&self) -> String {
+        if let Some(e) = &self.error {
+            return format!("ERROR: {e}");
+        }
+        self.checks
+            .iter()
+            .find(|c| !c.comparison.pass)
+            .or(self.checks.first())
+            .map(|c| format!("{}: {}", c.output, c.comparison.summary(&c.shape)))
+            .unwrap_or_else(|| "no outputs compared".to_string())
+    }
+}
+
+fn check_prepared(case: &dyn Case, gpu: &Gpu) -> Result<(String, Vec<Checked>)> {
+    let prepared = case.prepare(gpu)?;
+    gpu.run(|rec| prepared.record(rec))?;
+    let checks = prepared.verify()?;
+    Ok((prepared.variant(), checks))
+}
+
+/// Verify one case.
+pub fn check_case(case: &dyn Case, gpu: &Gpu) -> CheckRow {
+    let info = case.info();
+    match check_prepared(case, gpu) {
+        Ok((variant, checks)) => {
+            let pass = !checks.is_empty() && checks.iter().all(|c| c.comparison.pass);
+            CheckRow {
+                case: info,
+                variant,
+                checks,
+                error: None,
+                pass,
+            }
+        }
+        Err(e) => CheckRow {
+            case: info,
+            variant: String::new(),
+            checks: Vec::new(),
+            error: Some(e.to_string()),
+            pass: false,
+        },
+    }
+}
+
+/// Timing summary for a report.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct TimeSummary {
+    pub clock: Clock,
+    pub median_us: f64,
+    pub min_us: f64,
+    pub max_us: f64,
+    pub iters: usize,
+    /// Median µs per compute pass (GPU timestamps only).
+    pub passes: Vec<(String, f64)>,
+}
+
+impl From<&Timing> for TimeSummary {
+    fn from(t: &Timing) -> Self {
+        TimeSummary {
+            clock: t.clock,
+            median_us: t.median_ns() / 1e3,
+            min_us: t.min_ns() / 1e3,
+            max_us: t.max_ns() / 1e3,
+            iters: t.samples_ns.len(),
+            passes: t
+                .pass_labels
+                .iter()
+                .cloned()
+                .zip(t.pass_median_ns.iter().map(|ns| ns / 1e3))
+                .collect(),
+        }
+    }
+}
+
+/// Outcome of benchmarking one case.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct BenchRow {
+    pub check: CheckRow,
+    pub bytes: u64,
+    pub flops: u64,
+    pub time: Option<TimeSummary>,
+    pub gbps: Option<f64>,
+    pub tflops: Option<f64>,
+    /// Which roof bounds the case (by arithmetic intensity against the ridge point).
+    pub bound: Option<Bound>,
+    /// Percent of the same run's roof (copy bandwidth or compute peak).
+    pub roof_percent: Option<f64>,
+    pub baseline: Option<String>,
+    pub baseline_time: Option<TimeSummary>,
+    /// Baseline time / fused time.
+    pub speedup: Option<f64>,
+}
+
+/// Benchmark settings.
+#[derive(Clone, Copy, Debug)]
+pub struct BenchSettings {
+    pub warmup: usize,
+    pub iters: usize,
+}
+
+fn bench_prepared(
+    case: &dyn Case,
+    gpu: &Gpu,
+    roof: &Roofline,
+    settings: BenchSettings,
+) -> Result<BenchRow> {
+    let info = case.info();
+    let prepared = case.prepare(gpu)?;
+    gpu.run(|rec| prepared.record(rec))?;
+    let checks = prepared.verify()?;
+    let pass = !checks.is_empty() && checks.iter().all(|c| c.comparison.pass);
+    let timing = gpu.time(settings.warmup, settings.iters, |rec| prepared.record(rec))?;
+    let baseline = prepared.baseline();
+    let baseline_timing = match &baseline {
+        Some(_) => Some(gpu.time(settings.warmup, settings.iters, |rec| {
+            prepared.record_baseline(rec)
+        })?),
+        None => None,
+    };
+    let (bytes, flops) = (case.bytes(), case.flops());
+    let secs = timing.median_ns() * 1e-9;
+    let gbps = (bytes > 0).then(|| bytes as f64 / secs / 1e9);
+    let tflops = (flops > 0).then(|| flops as f64 / secs / 1e12);
+    let tensor_cores = case.uses_tensor_cores(gpu);
+    let bound = match (roof.copy_gbps(), roof.compute_tflops(tensor_cores)) {
+        (Some(bw), Some(peak)) => {
+            // Ridge point in FLOP/byte: below it the case is memory-bound.
+            let ridge = peak * 1e12 / (bw * 1e9);
+            let intensity = flops as f64 / bytes.max(1) as f64;
+            Some(if intensity < ridge {
+                Bound::Memory
+            } else {
+                Bound::Compute
+            })
+        }
+        (Some(_), None) => Some(Bound::Memory),
+        (None, Some(_)) => Some(Bound::Compute),
+        (None, None) => None,
+    };
+    let roof_percent = match bound {
+        Some(Bound::Memory) => roof.copy_gbps().zip(gbps).map(|(r, g)| 100.0 * g / r),
+        Some(Bound::Compute) => roof
+            .compute_tflops(tensor_cores)
+            .zip(tflops)
+            .map(|(r, t)| 100.0 * t / r),
+        None => None,
+    };
+    let speedup = baseline_timing
+        .as_ref()
+        .map(|b| b.median_ns() / timing.median_ns());
+    Ok(BenchRow {
+        check: CheckRow {
+            case: info,
+            variant: prepared.variant(),
+            checks,
+            error: None,
+            pass,
+        },
+        bytes,
+        flops,
+        time: Some(TimeSummary::from(&timing)),
+        gbps,
+        tflops,
+        bound,
+        roof_percent,
+        baseline,
+        baseline_time: baseline_timing.as_ref().map(TimeSummary::from),
+        speedup,
+    })
+}
+
+/// Verify and time one case; errors become a failed row.
+pub fn bench_case(
+    case: &dyn Case,
+    gpu: &Gpu,
+    roof: &Roofline,
+    settings: BenchSettings,
+) -> BenchRow {
+    bench_prepared(case, gpu, roof, settings).unwrap_or_else(|e| BenchRow {
+        check: CheckRow {
+            case: case.info(),
+            variant: String::new(),
+            checks: Vec::new(),
+            error: Some(e.to_string()),
+            pass: false,
+        },
+        bytes: case.bytes(),
+        flops: case.flops(),
+        time: None,
+        gbps: None,
+        tflops: None,
+        bound: None,
+        roof_percent: None,
+        baseline: None,
+        baseline_time: None,
+        speedup: None,
+    })
+}
+
+/// Everything a report says about the machine it ran on.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Environment {
+    pub fusedops_version: &'static str,
+    pub date_utc: String,
+    pub adapter: crate::gpu::AdapterSummary,
+    pub capabilities: Capabilities,
+}
+
+impl Environment {
+    pub fn of(gpu: &Gpu) -> Self {
+        Environment {
+            fusedops_version: env!("CARGO_PKG_VERSION"),
+            date_utc: utc_now(),
+            adapter: gpu.summary(),
+            capabilities: gpu.caps.clone(),
+        }
+    }
+}
+
+/// The current UTC time as `YYYY-MM-DD HH:MM:SS` (no date crate needed for this).
+pub fn utc_now() -> String {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0);
+    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    // Civil-from-days (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02}",
+        rem / 3600,
+        rem / 60 % 60,
+        rem % 60
+    )
+}
+
+/// Format a number with engineering-friendly precision for tables.
+pub fn fmt_num(x: Option<f64>) -> String {
+    match x {
+        None => "-".to_string(),
+        Some(v) if v.abs() >= 100.0 => format!("{v:.0}"),
+        Some(v) if v.abs() >= 10.0 => format!("{v:.1}"),
+        Some(v) => format!("{v:.2}"),
+    }
+}
+
+/// A plain text table with aligned columns.
+pub fn text_table(header: &[&str], rows: &[Vec<String>]) -> String {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for row in rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let line = |cells: Vec<String>| -> String {
+        let mut s = String::new();
+        for (i, (cell, w)) in cells.iter().zip(&widths).enumerate() {
+            if i > 0 {
+                s.push_str("  ");
+            }
+            s.push_str(cell);
+            s.push_str(&" ".repeat(w - cell.chars().count()));
+        }
+        s.trim_end().to_string()
+    };
+    let mut out = line(header.iter().map(|h| h.to_string()).collect());
+    out.push('\n');
+    out.push_str(&line(widths.iter().map(|w| "-".repeat(*w)).collect()));
+    out.push('\n');
+    for row in rows {
+        out.push_str(&line(row.clone()));
+        out.push('\n');
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn key_value_parsing() {
+        assert_eq!(
+            parse_key_value("b=128").unwrap(),
+            ("b".to_string(), "128".to_string())
+        );
+        assert!(parse_key_value("b128").is_err());
+        assert!(parse_key_value("=3").is_err());
+    }
+
+    #[test]
+    fn utc_date_is_well_formed() {
+        let now = utc_now();
+        assert_eq!(now.len(), 19);
+        assert!(now.starts_with("20"));
+    }
+
+    #[test]
+    fn table_aligns_columns() {
+        let t = text_table(&["a", "bb"], &[vec!["xxx".into(), "y".into()]]);
+        assert_eq!(t, "a    bb\n---  --\nxxx  y\n");
+    }
+}
+
+/// GPU time of `iters` runs of a prepared case, for criterion's `iter_custom` (GPU timestamps
+/// where the adapter has them, else the wall clock; see [`Gpu::time`]).
+pub fn gpu_duration(
+    gpu: &Gpu,
+    prepared: &dyn crate::registry::Prepared,
+    iters: u64,
+) -> Result<std::time::Duration> {
+    let timing = gpu.time(0, iters.max(1) as usize, |rec| prepared.record(rec))?;
+    let total: f64 = timing.samples_ns.iter().sum();
+    Ok(std::time::Duration::from_nanos(total as u64))
+}

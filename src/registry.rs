@@ -1,0 +1,119 @@
+//! The case registry that `fusedops check` and `fusedops bench` walk. Each operator registers
+//! itself in [`operators`] and describes its cases; a case knows its bytes and FLOPs, prepares
+//! inputs and the CPU reference, records the fused kernels (and a baseline, where one exists) and
+//! verifies the GPU result.
+
+use crate::check::Comparison;
+use crate::error::Result;
+use crate::gpu::{Gpu, Recorder};
+
+/// How large the case table is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Scale {
+    /// Small shapes that run in seconds on a CPU adapter (tests, CI, plain `fusedops check`).
+    Ci,
+    /// The real preset sizes (`fusedops check --full`).
+    Full,
+    /// Benchmark sizes for this adapter (shrunk on CPU adapters).
+    Bench,
+}
+
+/// Identity of a case: what `--op`, `--preset` and `--case key=value` filter on.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct CaseInfo {
+    pub op: &'static str,
+    /// Short label, unique within the operator, e.g. `b=128 h=16 sk=4096 bf16`.
+    pub name: String,
+    /// Preset the shapes come from (`deepseek-v3`, `pangu-pro-moe`) or `custom`.
+    pub preset: String,
+    /// Every parameter as key=value text, for filters and the JSON report.
+    pub params: Vec<(String, String)>,
+}
+
+impl CaseInfo {
+    /// Whether this case matches every `key=value` filter (keys `op`, `preset`, `name` too).
+    pub fn matches(&self, filters: &[(String, String)]) -> bool {
+        filters.iter().all(|(k, v)| match k.as_str() {
+            "op" => self.op == v,
+            "preset" => &self.preset == v,
+            "name" => &self.name == v,
+            _ => self.params.iter().any(|(pk, pv)| pk == k && pv == v),
+        })
+    }
+}
+
+/// One output checked against the reference.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Checked {
+    pub output: String,
+    pub shape: Vec<usize>,
+    pub comparison: Comparison,
+}
+
+impl Checked {
+    pub fn new(output: impl Into<String>, shape: &[usize], comparison: Comparison) -> Self {
+        Checked {
+            output: output.into(),
+            shape: shape.to_vec(),
+            comparison,
+        }
+    }
+}
+
+/// What bounds a case on the roofline.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Bound {
+    Memory,
+    Compute,
+}
+
+/// A case of an operator.
+pub trait Case {
+    fn info(&self) -> CaseInfo;
+    /// Bytes the fused operator must move at minimum (inputs read once, outputs written once).
+    fn bytes(&self) -> u64;
+    /// Useful floating-point operations.
+    fn flops(&self) -> u64;
+    /// Whether the kernels that run use tensor cores (selects the compute roof).
+    fn uses_tensor_cores(&self, _gpu: &Gpu) -> bool {
+        false
+    }
+    /// Generate the inputs, upload them and compute the CPU reference.
+    fn prepare<'g>(&self, gpu: &'g Gpu) -> Result<Box<dyn Prepared + 'g>>;
+}
+
+/// A case with its inputs on the GPU.
+pub trait Prepared {
+    /// The path or variant the operator chose, as reported (e.g. `gemv+gemm, subgroups`).
+    fn variant(&self) -> String;
+    /// Record the fused operator.
+    fn record(&self, rec: &mut Recorder) -> Result<()>;
+    /// Read the outputs of the last run back and compare them with the reference.
+    fn verify(&self) -> Result<Vec<Checked>>;
+    /// Name of the baseline this operator is compared with (unfused chain, per-expert loop).
+    fn baseline(&self) -> Option<String> {
+        None
+    }
+    /// Record the baseline; only called when [`Prepared::baseline`] is `Some`.
+    fn record_baseline(&self, _rec: &mut Recorder) -> Result<()> {
+        Err(crate::error::Error::unsupported("registry", "baseline"))
+    }
+}
+
+/// An operator with its case tables.
+pub trait Operator: Sync {
+    fn name(&self) -> &'static str;
+    /// The cases at this scale. Bench cases may depend on the adapter (sizes that fit).
+    fn cases(&self, scale: Scale, gpu: &Gpu) -> Vec<Box<dyn Case>>;
+    /// The kernel paths this adapter gets (feature-dependent choices), as (what, choice) pairs
+    /// for `fusedops info`.
+    fn paths(&self, _gpu: &Gpu) -> Vec<(String, String)> {
+        Vec::new()
+    }
+}
+
+/// Every registered operator.
+pub fn operators() -> Vec<&'static dyn Operator> {
+    Vec::new()
+}

@@ -1,0 +1,421 @@
+//! Host and device tensors: a shape, a dtype and the data.
+//!
+//! 16-bit floats are stored packed, two per 32-bit word, little-endian (element 2i in the low
+//! half), which is how the shaders read them (`array<u32>`, widened in the shader).
+
+use half::{bf16, f16};
+
+use crate::error::{Error, Result};
+
+/// Element type of a tensor.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DType {
+    F32,
+    F16,
+    BF16,
+    I32,
+    U32,
+}
+
+impl DType {
+    /// Bytes per element.
+    pub fn size(self) -> usize {
+        match self {
+            DType::F16 | DType::BF16 => 2,
+            DType::F32 | DType::I32 | DType::U32 => 4,
+        }
+    }
+
+    /// True for the floating-point types.
+    pub fn is_float(self) -> bool {
+        matches!(self, DType::F32 | DType::F16 | DType::BF16)
+    }
+
+    /// The code the shaders use for this dtype (`DTYPE_*` in shaders/common.wgsl).
+    pub fn shader_code(self) -> u32 {
+        match self {
+            DType::F32 => 0,
+            DType::F16 => 1,
+            DType::BF16 => 2,
+            DType::I32 => 3,
+            DType::U32 => 4,
+        }
+    }
+
+    /// Lower-case name, as used on the command line and in reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            DType::F32 => "f32",
+            DType::F16 => "f16",
+            DType::BF16 => "bf16",
+            DType::I32 => "i32",
+            DType::U32 => "u32",
+        }
+    }
+
+    /// Round an f32 to this dtype and back (the value a tensor of this dtype would hold).
+    pub fn round(self, x: f32) -> f32 {
+        match self {
+            DType::F32 => x,
+            DType::F16 => f16::from_f32(x).to_f32(),
+            DType::BF16 => bf16::from_f32(x).to_f32(),
+            DType::I32 => x.round(),
+            DType::U32 => x.round().max(0.0),
+        }
+    }
+}
+
+impl std::str::FromStr for DType {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s.to_ascii_lowercase().as_str() {
+            "f32" | "float32" => Ok(DType::F32),
+            "f16" | "float16" | "half" => Ok(DType::F16),
+            "bf16" | "bfloat16" => Ok(DType::BF16),
+            "i32" | "int32" => Ok(DType::I32),
+            "u32" | "uint32" => Ok(DType::U32),
+            _ => Err(Error::Format {
+                what: "dtype".into(),
+                why: format!("unknown dtype {s:?} (expected f32, f16, bf16, i32 or u32)"),
+            }),
+        }
+    }
+}
+
+impl std::fmt::Display for DType {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// The elements of a host tensor.
+#[derive(Clone, Debug, PartialEq)]
+pub enum TensorData {
+    F32(Vec<f32>),
+    F16(Vec<f16>),
+    BF16(Vec<bf16>),
+    I32(Vec<i32>),
+    U32(Vec<u32>),
+}
+
+impl TensorData {
+    pub fn len(&self) -> usize {
+        match self {
+            TensorData::F32(v) => v.len(),
+            TensorData::F16(v) => v.len(),
+            TensorData::BF16(v) => v.len(),
+            TensorData::I32(v) => v.len(),
+            TensorData::U32(v) => v.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn dtype(&self) -> DType {
+        match self {
+            TensorData::F32(_) => DType::F32,
+            TensorData::F16(_) => DType::F16,
+            TensorData::BF16(_) => DType::BF16,
+            TensorData::I32(_) => DType::I32,
+            TensorData::U32(_) => DType::U32,
+        }
+    }
+}
+
+/// A tensor in host memory.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Tensor {
+    shape: Vec<usize>,
+    data: TensorData,
+}
+
+impl Tensor {
+    /// A tensor from its shape and data; the element count must match the shape.
+    pub fn new(shape: &[usize], data: TensorData) -> Result<Self> {
+        let numel: usize = shape.iter().product();
+        if numel != data.len() {
+            return Err(Error::shape(
+                "tensor",
+                "data",
+                data.len(),
+                format!("{numel} elements for shape {shape:?}"),
+            ));
+        }
+        Ok(Tensor {
+            shape: shape.to_vec(),
+            data,
+        })
+    }
+
+    /// A float tensor of `dtype` holding `values` rounded to that dtype.
+    pub fn from_f32(shape: &[usize], values: &[f32], dtype: DType) -> Result<Self> {
+        let data = match dtype {
+            DType::F32 => TensorData::F32(values.to_vec()),
+            DType::F16 => TensorData::F16(values.iter().map(|&x| f16::from_f32(x)).collect()),
+            DType::BF16 => TensorData::BF16(values.iter().map(|&x| bf16::from_f32(x)).collect()),
+            DType::I32 | DType::U32 => {
+                return Err(Error::unsupported(
+                    "tensor",
+                    format!("from_f32 into {dtype}: build integer tensors with Tensor::i32/u32"),
+                ));
+            }
+        };
+        Tensor::new(shape, data)
+    }
+
+    /// An f32 tensor.
+    pub fn f32(shape: &[usize], values: Vec<f32>) -> Result<Self> {
+        Tensor::new(shape, TensorData::F32(values))
+    }
+
+    /// An i32 tensor.
+    pub fn i32(shape: &[usize], values: Vec<i32>) -> Result<Self> {
+        Tensor::new(shape, TensorData::I32(values))
+    }
+
+    /// A u32 tensor.
+    pub fn u32(shape: &[usize], values: Vec<u32>) -> Result<Self> {
+        Tensor::new(shape, TensorData::U32(values))
+    }
+
+    /// A zero-filled tensor.
+    pub fn zeros(shape: &[usize], dtype: DType) -> Self {
+        let n: usize = shape.iter().product();
+        let data = match dtype {
+            DType::F32 => TensorData::F32(vec![0.0; n]),
+            DType::F16 => TensorData::F16(vec![f16::ZERO; n]),
+            DType::BF16 => TensorData::BF16(vec![bf16::ZERO; n]),
+            DType::I32 => TensorData::I32(vec![0; n]),
+            DType::U32 => TensorData::U32(vec![0; n]),
+        };
+        Tensor {
+            shape: shape.to_vec(),
+            data,
+        }
+    }
+
+    pub fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.data.dtype()
+    }
+
+    pub fn numel(&self) -> usize {
+        self.data.len()
+    }
+
+    pub fn data(&self) -> &TensorData {
+        &self.data
+    }
+
+    /// Size of the elements in bytes (without any device padding).
+    pub fn size_bytes(&self) -> usize {
+        self.numel() * self.dtype().size()
+    }
+
+    /// The elements widened to f32 (integers converted by value).
+    pub fn to_f32(&self) -> Vec<f32> {
+        match &self.data {
+            TensorData::F32(v) => v.clone(),
+            TensorData::F16(v) => v.iter().map(|x| x.to_f32()).collect(),
+            TensorData::BF16(v) => v.iter().map(|x| x.to_f32()).collect(),
+            TensorData::I32(v) => v.iter().map(|&x| x as f32).collect(),
+            TensorData::U32(v) => v.iter().map(|&x| x as f32).collect(),
+        }
+    }
+
+    /// The elements widened to f64 (what the CPU references compute with).
+    pub fn to_f64(&self) -> Vec<f64> {
+        match &self.data {
+            TensorData::F32(v) => v.iter().map(|&x| x as f64).collect(),
+            TensorData::F16(v) => v.iter().map(|x| x.to_f64()).collect(),
+            TensorData::BF16(v) => v.iter().map(|x| x.to_f64()).collect(),
+            TensorData::I32(v) => v.iter().map(|&x| x as f64).collect(),
+            TensorData::U32(v) => v.iter().map(|&x| x as f64).collect(),
+        }
+    }
+
+    /// The i32 elements, if this is an i32 tensor.
+    pub fn as_i32(&self) -> Option<&[i32]> {
+        match &self.data {
+            TensorData::I32(v) => Some(v),
+            _ => None,
+        }
+    }
+
+    /// The u32 elements, if this is a u32 tensor.
+    pub fn as_u32(&self) -> Option<&[u32]> {
+        match &self.data {
+            TensorData::U32(v) => Some(v),
+            _ => None,
+        }
+    }
+
+    /// The f32 elements, if this is an f32 tensor.
+    pub fn as_f32(&self) -> Option<&[f32]> {
+        match &self.data {
+            TensorData::F32(v) => Some(v),
+            _ => None,
+        }
+    }
+
+    /// The raw little-endian bytes, as the GPU stores them.
+    pub fn bytes(&self) -> &[u8] {
+        match &self.data {
+            TensorData::F32(v) => bytemuck::cast_slice(v),
+            TensorData::F16(v) => bytemuck::cast_slice(v),
+            TensorData::BF16(v) => bytemuck::cast_slice(v),
+            TensorData::I32(v) => bytemuck::cast_slice(v),
+            TensorData::U32(v) => bytemuck::cast_slice(v),
+        }
+    }
+
+    /// A tensor of `dtype` and `shape` from raw little-endian bytes.
+    pub fn from_bytes(shape: &[usize], dtype: DType, bytes: &[u8]) -> Result<Self> {
+        let n: usize = shape.iter().product();
+        if bytes.len() < n * dtype.size() {
+            return Err(Error::shape(
+                "tensor",
+                "bytes",
+                bytes.len(),
+                format!("{} bytes for {n} x {dtype}", n * dtype.size()),
+            ));
+        }
+        let bytes = &bytes[..n * dtype.size()];
+        // Copy through u32/u16 vectors: `bytes` need not be aligned.
+        let data = match dtype {
+            DType::F32 => TensorData::F32(
+                bytes
+                    .chunks_exact(4)
+                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                    .collect(),
+            ),
+            DType::I32 => TensorData::I32(
+                bytes
+                    .chunks_exact(4)
+                    .map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                    .collect(),
+            ),
+            DType::U32 => TensorData::U32(
+                bytes
+                    .chunks_exact(4)
+                    .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                    .collect(),
+            ),
+            DType::F16 => TensorData::F16(
+                bytes
+                    .chunks_exact(2)
+                    .map(|c| f16::from_bits(u16::from_le_bytes([c[0], c[1]])))
+                    .collect(),
+            ),
+            DType::BF16 => TensorData::BF16(
+                bytes
+                    .chunks_exact(2)
+                    .map(|c| bf16::from_bits(u16::from_le_bytes([c[0], c[1]])))
+                    .collect(),
+            ),
+        };
+        Tensor::new(shape, data)
+    }
+
+    /// The same data viewed with another shape of the same element count.
+    pub fn reshape(mut self, shape: &[usize]) -> Result<Self> {
+        let n: usize = shape.iter().product();
+        if n != self.numel() {
+            return Err(Error::shape(
+                "tensor",
+                "reshape",
+                &self.shape,
+                format!("{n} elements for {shape:?}"),
+            ));
+        }
+        self.shape = shape.to_vec();
+        Ok(self)
+    }
+}
+
+/// A tensor in GPU memory. The buffer is padded to a multiple of 16 bytes so that kernels may
+/// read it as `array<vec4<u32>>`; the padding is zero.
+#[derive(Debug)]
+pub struct DeviceTensor {
+    pub buffer: wgpu::Buffer,
+    shape: Vec<usize>,
+    dtype: DType,
+}
+
+impl DeviceTensor {
+    pub(crate) fn from_parts(buffer: wgpu::Buffer, shape: &[usize], dtype: DType) -> Self {
+        DeviceTensor {
+            buffer,
+            shape: shape.to_vec(),
+            dtype,
+        }
+    }
+
+    pub fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+
+    /// Bytes the elements occupy (without padding).
+    pub fn size_bytes(&self) -> u64 {
+        (self.numel() * self.dtype.size()) as u64
+    }
+
+    /// A binding of the whole (padded) buffer.
+    pub fn binding(&self) -> wgpu::BindingResource<'_> {
+        self.buffer.as_entire_binding()
+    }
+}
+
+/// Buffer size for `bytes` of data: rounded up to 16 and never zero (wgpu rejects empty bindings).
+pub fn padded_size(bytes: u64) -> u64 {
+    bytes.max(1).div_ceil(16) * 16
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bytes_round_trip_every_dtype() {
+        let values = [1.5f32, -2.25, 0.0, 65504.0, 3.0e-3];
+        for dtype in [DType::F32, DType::F16, DType::BF16] {
+            let t = Tensor::from_f32(&[5], &values, dtype).unwrap();
+            let back = Tensor::from_bytes(&[5], dtype, t.bytes()).unwrap();
+            assert_eq!(t, back, "{dtype}");
+            for (a, b) in t.to_f32().iter().zip(values) {
+                assert_eq!(*a, dtype.round(b));
+            }
+        }
+    }
+
+    #[test]
+    fn shape_mismatch_is_an_error() {
+        assert!(matches!(
+            Tensor::f32(&[2, 3], vec![0.0; 5]),
+            Err(Error::Shape { .. })
+        ));
+        assert!(Tensor::from_bytes(&[4], DType::F32, &[0u8; 15]).is_err());
+        assert!(Tensor::from_f32(&[1], &[1.0], DType::I32).is_err());
+    }
+
+    #[test]
+    fn padding_is_at_least_16_bytes() {
+        assert_eq!(padded_size(0), 16);
+        assert_eq!(padded_size(17), 32);
+        assert_eq!(padded_size(32), 32);
+    }
+}

@@ -1,0 +1,26 @@
+//! Shared by the GPU tests: one device per test binary. A test that needs a GPU fails with the
+//! install hint when there is none; it never passes silently.
+#![allow(dead_code)]
+
+use std::sync::OnceLock;
+
+use fusedops::gpu::{Feature, Gpu, GpuOptions};
+
+/// The default adapter, opened once per test binary.
+pub fn gpu() -> &'static Gpu {
+    static GPU: OnceLock<Gpu> = OnceLock::new();
+    GPU.get_or_init(|| Gpu::new().unwrap_or_else(|e| panic!("this test needs a GPU adapter.\n{e}")))
+}
+
+/// The default adapter with some optional features switched off (to test the fallbacks).
+pub fn gpu_without(features: &[Feature]) -> Gpu {
+    let mut options = GpuOptions::from_env().expect("valid environment");
+    options.disabled.extend_from_slice(features);
+    Gpu::with_options(&options).unwrap_or_else(|e| panic!("this test needs a GPU adapter.\n{e}"))
+}
+
+/// A seeded generator, so every failure reproduces.
+pub fn rng(seed: u64) -> rand::rngs::StdRng {
+    use rand::SeedableRng;
+    rand::rngs::StdRng::seed_from_u64(seed)
+}
