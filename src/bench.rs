@@ -340,6 +340,18 @@ pub fn text_table(header: &[&str], rows: &[Vec<String>]) -> String {
     out
 }
 
+/// GPU time of `iters` runs of a prepared case, for criterion's `iter_custom` (GPU timestamps
+/// where the adapter has them, else the wall clock; see [`Gpu::time`]).
+pub fn gpu_duration(
+    gpu: &Gpu,
+    prepared: &dyn crate::registry::Prepared,
+    iters: u64,
+) -> Result<std::time::Duration> {
+    let timing = gpu.time(0, iters.max(1) as usize, |rec| prepared.record(rec))?;
+    let total: f64 = timing.samples_ns.iter().sum();
+    Ok(std::time::Duration::from_nanos(total as u64))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -366,16 +378,4 @@ mod tests {
         let t = text_table(&["a", "bb"], &[vec!["xxx".into(), "y".into()]]);
         assert_eq!(t, "a    bb\n---  --\nxxx  y\n");
     }
-}
-
-/// GPU time of `iters` runs of a prepared case, for criterion's `iter_custom` (GPU timestamps
-/// where the adapter has them, else the wall clock; see [`Gpu::time`]).
-pub fn gpu_duration(
-    gpu: &Gpu,
-    prepared: &dyn crate::registry::Prepared,
-    iters: u64,
-) -> Result<std::time::Duration> {
-    let timing = gpu.time(0, iters.max(1) as usize, |rec| prepared.record(rec))?;
-    let total: f64 = timing.samples_ns.iter().sum();
-    Ok(std::time::Duration::from_nanos(total as u64))
 }

@@ -29,6 +29,7 @@ pub mod bench;
 pub mod check;
 pub mod error;
 pub mod gpu;
+pub mod ops;
 pub mod registry;
 pub mod roofline;
 pub mod tensor;

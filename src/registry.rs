@@ -3,9 +3,41 @@
 //! inputs and the CPU reference, records the fused kernels (and a baseline, where one exists) and
 //! verifies the GPU result.
 
-use crate::check::Comparison;
-use crate::error::Result;
+use std::collections::BTreeMap;
+
+use crate::check::{Comparison, Tolerance};
+use crate::error::{Error, Result};
 use crate::gpu::{Gpu, Recorder};
+use crate::tensor::Tensor;
+
+/// Named tensors in and out of `fusedops run` (the tensors of a safetensors file).
+pub type NamedTensors = BTreeMap<String, Tensor>;
+
+/// The input tensor `name`, or an [`Error::Invalid`] naming it.
+pub fn input<'a>(op: &'static str, inputs: &'a NamedTensors, name: &str) -> Result<&'a Tensor> {
+    inputs.get(name).ok_or_else(|| {
+        let have: Vec<&str> = inputs.keys().map(String::as_str).collect();
+        Error::invalid(
+            op,
+            format!("input tensor {name:?}"),
+            format!("missing (the file has {have:?})"),
+        )
+    })
+}
+
+/// Parse an operator's parameters from JSON (`--params`); `null` means all defaults.
+pub fn params_from_json<T: serde::de::DeserializeOwned + Default>(
+    op: &'static str,
+    params: &serde_json::Value,
+) -> Result<T> {
+    if params.is_null() {
+        return Ok(T::default());
+    }
+    serde_json::from_value(params.clone()).map_err(|e| Error::Format {
+        what: format!("{op} params"),
+        why: e.to_string(),
+    })
+}
 
 /// How large the case table is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -111,9 +143,24 @@ pub trait Operator: Sync {
     fn paths(&self, _gpu: &Gpu) -> Vec<(String, String)> {
         Vec::new()
     }
+    /// `fusedops run`: run on user tensors (names, shapes and params in the operator's docs).
+    fn run_named(
+        &self,
+        gpu: &Gpu,
+        inputs: &NamedTensors,
+        params: &serde_json::Value,
+    ) -> Result<NamedTensors>;
+    /// `fusedops run --reference`: the CPU reference outputs for the same inputs.
+    fn reference_named(
+        &self,
+        inputs: &NamedTensors,
+        params: &serde_json::Value,
+    ) -> Result<NamedTensors>;
+    /// Tolerance for comparing output `name` with its reference, given the inputs.
+    fn tolerance(&self, output: &str, inputs: &NamedTensors) -> Tolerance;
 }
 
 /// Every registered operator.
 pub fn operators() -> Vec<&'static dyn Operator> {
-    Vec::new()
+    vec![]
 }
