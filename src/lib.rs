@@ -29,8 +29,10 @@ pub mod bench;
 pub mod check;
 pub mod error;
 pub mod gpu;
+pub mod io;
 pub mod ops;
 pub mod registry;
+pub mod report;
 pub mod roofline;
 pub mod tensor;
 

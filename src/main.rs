@@ -1,16 +1,17 @@
-//! The `fusedops` command line: info | check | bench.
+//! The `fusedops` command line: info | check | bench | run.
 
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 
-use fusedops::bench::{
-    self, BenchSettings, Environment, Filter, fmt_num, parse_key_value, text_table,
-};
+use fusedops::bench::{self, BenchSettings, Environment, Filter, parse_key_value};
+use fusedops::check::compare;
 use fusedops::error::{Error, Result};
 use fusedops::gpu::Gpu;
-use fusedops::registry::{Scale, operators};
-use fusedops::roofline::{self, ProbeSizes, Roofline};
+use fusedops::registry::{Operator, Scale, operators};
+use fusedops::report::{self, BenchReport, probe_lines};
+use fusedops::roofline::{self, ProbeSizes};
 
 #[derive(Parser)]
 #[command(
@@ -58,7 +59,30 @@ enum Command {
         warmup: usize,
         /// Also write the full report as JSON to this file.
         #[arg(long, value_name = "FILE")]
-        json: Option<std::path::PathBuf>,
+        json: Option<PathBuf>,
+        /// Print the tables as Markdown (for docs/PERFORMANCE.md) instead of plain text.
+        #[arg(long)]
+        markdown: bool,
+        /// Also draw the roofline plot (intensity vs TFLOP/s, one point per case) to this SVG.
+        #[arg(long, value_name = "FILE")]
+        svg: Option<PathBuf>,
+    },
+    /// Run one operator on tensors from a safetensors file and write its outputs to another.
+    Run {
+        /// The operator (see `fusedops check` for the registered ones).
+        op: String,
+        /// Input tensors (names per operator: see the README).
+        #[arg(long, value_name = "FILE.safetensors")]
+        input: PathBuf,
+        /// Where to write the output tensors.
+        #[arg(long, value_name = "FILE.safetensors")]
+        output: PathBuf,
+        /// Operator parameters as JSON, or @FILE to read them from a file.
+        #[arg(long, value_name = "JSON")]
+        params: Option<String>,
+        /// Also compute the CPU reference and print the comparison (non-zero exit on mismatch).
+        #[arg(long)]
+        reference: bool,
     },
 }
 
@@ -114,30 +138,27 @@ fn run(cli: Cli) -> Result<ExitCode> {
             iters,
             warmup,
             json,
-        } => bench_cmd(&filter.to_filter()?, BenchSettings { warmup, iters }, json),
+            markdown,
+            svg,
+        } => bench_cmd(
+            &filter.to_filter()?,
+            BenchSettings { warmup, iters },
+            &BenchOutputs {
+                json,
+                markdown,
+                svg,
+            },
+        ),
+        Command::Run {
+            op,
+            input,
+            output,
+            params,
+            reference,
+        } => run_cmd(&op, &input, &output, params.as_deref(), reference),
     }
 }
 
-fn probe_lines(roof: &Roofline) -> String {
-    let mut s = String::new();
-    for p in roof.probes() {
-        s += &format!(
-            "  {:<9} {:>9.1} {:<8} ({}, {}, median {:.1} us{})\n",
-            p.name,
-            p.value,
-            p.unit,
-            p.size,
-            p.clock,
-            p.median_ns / 1e3,
-            if p.verified {
-                ""
-            } else {
-                ", OUTPUT WRONG: not used"
-            }
-        );
-    }
-    s
-}
 
 fn info(json: bool, no_probes: bool) -> Result<ExitCode> {
     let gpu = Gpu::new()?;
@@ -271,95 +292,141 @@ fn check(full: bool, filter: &Filter) -> Result<ExitCode> {
     })
 }
 
-fn bench_cmd(
-    filter: &Filter,
-    settings: BenchSettings,
-    json: Option<std::path::PathBuf>,
-) -> Result<ExitCode> {
+struct BenchOutputs {
+    json: Option<PathBuf>,
+    markdown: bool,
+    svg: Option<PathBuf>,
+}
+
+fn write_file(path: &Path, contents: &str) -> Result<()> {
+    std::fs::write(path, contents).map_err(|source| Error::Io {
+        path: path.display().to_string(),
+        source,
+    })
+}
+
+fn bench_cmd(filter: &Filter, settings: BenchSettings, outputs: &BenchOutputs) -> Result<ExitCode> {
     let gpu = Gpu::new()?;
     if operators().is_empty() {
         return Ok(no_operators());
     }
     let env = Environment::of(&gpu);
+    let a = &env.adapter;
     println!(
         "{} ({}, {}), {} {}",
-        env.adapter.name,
-        env.adapter.backend,
-        env.adapter.device_type,
-        env.adapter.driver,
-        env.adapter.driver_info
+        a.name, a.backend, a.device_type, a.driver, a.driver_info
     );
     if gpu.is_cpu() {
-        println!("CPU adapter: sizes shrunk; timings say nothing about GPU speed.");
+        println!(
+            "CPU adapter: benchmark sizes are shrunk to fit; timings say nothing about GPU speed."
+        );
     }
     let roof = roofline::measure(&gpu, &ProbeSizes::for_gpu(&gpu))?;
-    println!("roofline ({}):", env.date_utc);
+    println!("roofline ({} UTC):", env.date_utc);
     print!("{}", probe_lines(&roof));
     let cases = bench::selected_cases(&gpu, Scale::Bench, filter);
     if cases.is_empty() {
         println!("no case matches the filter");
         return Ok(ExitCode::FAILURE);
     }
-    let rows: Vec<bench::BenchRow> = cases
-        .iter()
-        .map(|c| bench::bench_case(c.as_ref(), &gpu, &roof, settings))
-        .collect();
-    let table: Vec<Vec<String>> = rows
-        .iter()
-        .map(|r| {
-            let t = r.time.as_ref();
-            vec![
-                r.check.case.op.to_string(),
-                r.check.case.name.clone(),
-                r.check.variant.clone(),
-                t.map(|t| format!("{:.1} ({:.1}-{:.1})", t.median_us, t.min_us, t.max_us))
-                    .unwrap_or("-".into()),
-                fmt_num(r.gbps),
-                fmt_num(r.tflops),
-                match (r.roof_percent, r.bound) {
-                    (Some(p), Some(b)) => format!("{p:.0}% {b:?}").to_lowercase(),
-                    _ => "-".into(),
-                },
-                r.speedup.map(|s| format!("{s:.2}x")).unwrap_or("-".into()),
-                if r.check.pass {
-                    "pass".to_string()
-                } else {
-                    "FAIL".to_string()
-                },
-                r.check.summary(),
-            ]
-        })
-        .collect();
-    print!(
-        "{}",
-        text_table(
-            &[
-                "op",
-                "case",
-                "path",
-                "time us (min-max)",
-                "GB/s",
-                "TFLOP/s",
-                "roof",
-                "vs base",
-                "check",
-                "error",
-            ],
-            &table,
-        )
+    let progress = indicatif::ProgressBar::new(cases.len() as u64).with_style(
+        indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} {msg}")
+            .expect("valid template"),
     );
-    if let Some(path) = json {
-        let value = serde_json::json!({ "environment": env, "roofline": roof, "cases": rows });
-        std::fs::write(
-            &path,
-            serde_json::to_string_pretty(&value).expect("serialisable"),
-        )
-        .map_err(|source| Error::Io {
-            path: path.display().to_string(),
-            source,
-        })?;
+    let mut rows = Vec::with_capacity(cases.len());
+    for case in &cases {
+        let info = case.info();
+        progress.set_message(format!("{} {}", info.op, info.name));
+        rows.push(bench::bench_case(case.as_ref(), &gpu, &roof, settings));
+        progress.inc(1);
     }
-    let failed = rows.iter().filter(|r| !r.check.pass).count();
+    progress.finish_and_clear();
+    let report = BenchReport::new(env, roof, rows);
+    if outputs.markdown {
+        print!("{}", report::markdown(&report));
+    } else {
+        print!("{}", report::text(&report));
+    }
+    if let Some(path) = &outputs.json {
+        write_file(path, &report.to_json())?;
+    }
+    if let Some(path) = &outputs.svg {
+        write_file(path, &report::roofline_svg(&report)?)?;
+    }
+    let failed = report.failures();
+    if failed > 0 {
+        println!("{failed} case(s) failed their check");
+        return Ok(ExitCode::FAILURE);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn find_operator(name: &str) -> Result<&'static dyn Operator> {
+    operators()
+        .into_iter()
+        .find(|o| o.name() == name)
+        .ok_or_else(|| Error::Format {
+            what: "operator".into(),
+            why: format!(
+                "unknown operator {name:?}; registered: {:?}",
+                operators().iter().map(|o| o.name()).collect::<Vec<_>>()
+            ),
+        })
+}
+
+fn run_cmd(
+    op: &str,
+    input: &Path,
+    output: &Path,
+    params: Option<&str>,
+    reference: bool,
+) -> Result<ExitCode> {
+    let operator = find_operator(op)?;
+    let params: serde_json::Value = match params {
+        None => serde_json::Value::Null,
+        Some(text) => {
+            let text = match text.strip_prefix('@') {
+                Some(file) => std::fs::read_to_string(file).map_err(|source| Error::Io {
+                    path: file.to_string(),
+                    source,
+                })?,
+                None => text.to_string(),
+            };
+            serde_json::from_str(&text).map_err(|e| Error::Format {
+                what: "--params".into(),
+                why: e.to_string(),
+            })?
+        }
+    };
+    let inputs = fusedops::io::load(input)?;
+    let gpu = Gpu::new()?;
+    let outputs = operator.run_named(&gpu, &inputs, &params)?;
+    fusedops::io::save(output, &outputs)?;
+    for (name, t) in &outputs {
+        println!("{name}: {:?} {}", t.shape(), t.dtype());
+    }
+    println!("wrote {}", output.display());
+    if !reference {
+        return Ok(ExitCode::SUCCESS);
+    }
+    let expected = operator.reference_named(&inputs, &params)?;
+    let mut failed = 0;
+    for (name, want) in &expected {
+        let Some(got) = outputs.get(name) else {
+            println!("{name}: FAIL (missing from the GPU outputs)");
+            failed += 1;
+            continue;
+        };
+        let c = compare(
+            &got.to_f64(),
+            &want.to_f64(),
+            operator.tolerance(name, &inputs),
+        );
+        if !c.pass {
+            failed += 1;
+        }
+        println!("{name}: {}", c.summary(want.shape()));
+    }
     Ok(if failed == 0 {
         ExitCode::SUCCESS
     } else {

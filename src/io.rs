@@ -1,0 +1,162 @@
+//! Safetensors files in and out of `fusedops run`: tensors a user saved elsewhere (for example
+//! with PyTorch's `safetensors.torch.save_file`) become named host tensors.
+//!
+//! f32, f16, bf16, i32 and u32 load as they are; i64 and f64 (PyTorch's defaults for index and
+//! double tensors) are narrowed to i32 and f32, with an error naming the tensor if an integer does
+//! not fit. Other dtypes are refused with the tensor's name.
+
+use std::path::Path;
+
+use safetensors::tensor::{Dtype, SafeTensors, TensorView};
+
+use crate::error::{Error, Result};
+use crate::registry::NamedTensors;
+use crate::tensor::{DType, Tensor};
+
+fn format_error(path: &Path, why: impl Into<String>) -> Error {
+    Error::Format {
+        what: path.display().to_string(),
+        why: why.into(),
+    }
+}
+
+/// Read every tensor of a safetensors file.
+pub fn load(path: &Path) -> Result<NamedTensors> {
+    let bytes = std::fs::read(path).map_err(|source| Error::Io {
+        path: path.display().to_string(),
+        source,
+    })?;
+    parse(path, &bytes)
+}
+
+/// Parse the bytes of a safetensors file (`path` only names it in errors).
+pub fn parse(path: &Path, bytes: &[u8]) -> Result<NamedTensors> {
+    let file = SafeTensors::deserialize(bytes)
+        .map_err(|e| format_error(path, format!("not a valid safetensors file: {e}")))?;
+    let mut out = NamedTensors::new();
+    for (name, view) in file.tensors() {
+        let tensor = convert(&name, &view).map_err(|why| {
+            format_error(path, format!("tensor {name:?} ({:?}): {why}", view.dtype()))
+        })?;
+        out.insert(name, tensor);
+    }
+    Ok(out)
+}
+
+fn convert(name: &str, view: &TensorView<'_>) -> std::result::Result<Tensor, String> {
+    let shape = view.shape().to_vec();
+    let data = view.data();
+    let direct = |dtype: DType| Tensor::from_bytes(&shape, dtype, data).map_err(|e| e.to_string());
+    match view.dtype() {
+        Dtype::F32 => direct(DType::F32),
+        Dtype::F16 => direct(DType::F16),
+        Dtype::BF16 => direct(DType::BF16),
+        Dtype::I32 => direct(DType::I32),
+        Dtype::U32 => direct(DType::U32),
+        Dtype::I64 => {
+            let values: std::result::Result<Vec<i32>, String> = data
+                .chunks_exact(8)
+                .map(|c| {
+                    let v = i64::from_le_bytes(c.try_into().expect("8-byte chunk"));
+                    i32::try_from(v).map_err(|_| format!("value {v} does not fit in i32"))
+                })
+                .collect();
+            Tensor::i32(&shape, values?).map_err(|e| e.to_string())
+        }
+        Dtype::F64 => {
+            let values: Vec<f32> = data
+                .chunks_exact(8)
+                .map(|c| f64::from_le_bytes(c.try_into().expect("8-byte chunk")) as f32)
+                .collect();
+            Tensor::f32(&shape, values).map_err(|e| e.to_string())
+        }
+        other => Err(format!(
+            "dtype {other:?} is not supported for {name:?} (use f32, f16, bf16, i32, u32, i64 or f64)"
+        )),
+    }
+}
+
+fn safetensors_dtype(dtype: DType) -> Dtype {
+    match dtype {
+        DType::F32 => Dtype::F32,
+        DType::F16 => Dtype::F16,
+        DType::BF16 => Dtype::BF16,
+        DType::I32 => Dtype::I32,
+        DType::U32 => Dtype::U32,
+    }
+}
+
+/// The bytes of a safetensors file holding `tensors`.
+pub fn to_bytes(tensors: &NamedTensors) -> Result<Vec<u8>> {
+    let views: Vec<(String, TensorView<'_>)> = tensors
+        .iter()
+        .map(|(name, t)| {
+            TensorView::new(safetensors_dtype(t.dtype()), t.shape().to_vec(), t.bytes())
+                .map(|v| (name.clone(), v))
+                .map_err(|e| Error::Format {
+                    what: format!("tensor {name:?}"),
+                    why: e.to_string(),
+                })
+        })
+        .collect::<Result<_>>()?;
+    safetensors::tensor::serialize(views, None).map_err(|e| Error::Format {
+        what: "safetensors".into(),
+        why: e.to_string(),
+    })
+}
+
+/// Write `tensors` to a safetensors file.
+pub fn save(path: &Path, tensors: &NamedTensors) -> Result<()> {
+    std::fs::write(path, to_bytes(tensors)?).map_err(|source| Error::Io {
+        path: path.display().to_string(),
+        source,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trip_every_dtype() {
+        let mut t = NamedTensors::new();
+        t.insert(
+            "a".into(),
+            Tensor::from_f32(&[2, 2], &[1.0, -2.0, 0.5, 3.0], DType::BF16).unwrap(),
+        );
+        t.insert(
+            "b".into(),
+            Tensor::from_f32(&[3], &[1.0, 2.0, 3.0], DType::F16).unwrap(),
+        );
+        t.insert("c".into(), Tensor::i32(&[2], vec![-7, 9]).unwrap());
+        t.insert("d".into(), Tensor::f32(&[1], vec![0.25]).unwrap());
+        let bytes = to_bytes(&t).unwrap();
+        assert_eq!(parse(Path::new("mem"), &bytes).unwrap(), t);
+    }
+
+    fn file_with(dtype: Dtype, shape: Vec<usize>, data: &[u8]) -> Vec<u8> {
+        let view = TensorView::new(dtype, shape, data).unwrap();
+        safetensors::tensor::serialize([("x", view)], None).unwrap()
+    }
+
+    #[test]
+    fn i64_and_f64_are_narrowed() {
+        let ints: Vec<u8> = [5i64, -3].iter().flat_map(|v| v.to_le_bytes()).collect();
+        let t = parse(Path::new("m"), &file_with(Dtype::I64, vec![2], &ints)).unwrap();
+        assert_eq!(t["x"].as_i32().unwrap(), &[5, -3]);
+        let big: Vec<u8> = (1i64 << 40).to_le_bytes().to_vec();
+        let err = parse(Path::new("m"), &file_with(Dtype::I64, vec![1], &big)).unwrap_err();
+        assert!(err.to_string().contains("\"x\""), "{err}");
+        let dbl: Vec<u8> = 1.5f64.to_le_bytes().to_vec();
+        let t = parse(Path::new("m"), &file_with(Dtype::F64, vec![1], &dbl)).unwrap();
+        assert_eq!(t["x"].as_f32().unwrap(), &[1.5]);
+    }
+
+    #[test]
+    fn unsupported_dtype_and_corrupt_files_are_errors() {
+        let err = parse(Path::new("m"), &file_with(Dtype::U8, vec![2], &[1, 2])).unwrap_err();
+        assert!(err.to_string().contains("\"x\""), "{err}");
+        let err = parse(Path::new("broken.safetensors"), b"not a file").unwrap_err();
+        assert!(err.to_string().contains("broken.safetensors"), "{err}");
+    }
+}
