@@ -159,7 +159,6 @@ fn run(cli: Cli) -> Result<ExitCode> {
     }
 }
 
-
 fn info(json: bool, no_probes: bool) -> Result<ExitCode> {
     let gpu = Gpu::new()?;
     let env = Environment::of(&gpu);

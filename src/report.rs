@@ -247,11 +247,9 @@ pub fn roofline_svg(report: &BenchReport) -> Result<String> {
         }
         for (label, x, y) in &points {
             chart
-                .draw_series([
-                    EmptyElement::at((*x, *y))
-                        + Circle::new((0, 0), 4, BLACK.filled())
-                        + Text::new(label.clone(), (6, -4), ("sans-serif", 11)),
-                ])
+                .draw_series([EmptyElement::at((*x, *y))
+                    + Circle::new((0, 0), 4, BLACK.filled())
+                    + Text::new(label.clone(), (6, -4), ("sans-serif", 11))])
                 .map_err(plot_error)?;
         }
         chart
