@@ -25,6 +25,7 @@
 //! # }
 //! ```
 
+pub mod ascend;
 pub mod bench;
 pub mod check;
 pub mod error;
