@@ -1,4 +1,4 @@
-//! The `fusedops` command line: info | check | bench | run.
+//! The `fusedops` command line: info | check | bench | run | ascend-plan.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -84,6 +84,24 @@ enum Command {
         #[arg(long)]
         reference: bool,
     },
+    /// Plan an operator's tiling on an Ascend NPU: per-core buffers against UB/L1/L0 capacity,
+    /// alignment, core split and a roofline estimate (docs/ascend/README.md).
+    AscendPlan {
+        /// amla | swiftgmm | merrouter
+        op: String,
+        /// 910B2 | 910B4 | 310P3
+        #[arg(long)]
+        chip: String,
+        /// deepseek-v3 | pangu-pro-moe (default: DeepSeek-V3 shapes)
+        #[arg(long)]
+        preset: Option<String>,
+        /// Override a shape or tile parameter (repeatable; keys per operator in the docs).
+        #[arg(long = "shape", value_name = "KEY=VALUE", value_parser = parse_key_value)]
+        shape: Vec<(String, String)>,
+        /// Print JSON instead of tables.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Args, Clone)]
@@ -156,6 +174,21 @@ fn run(cli: Cli) -> Result<ExitCode> {
             params,
             reference,
         } => run_cmd(&op, &input, &output, params.as_deref(), reference),
+        Command::AscendPlan {
+            op,
+            chip,
+            preset,
+            shape,
+            json,
+        } => {
+            let plan = fusedops::ascend::plan_command(&op, &chip, preset.as_deref(), &shape)?;
+            if json {
+                println!("{}", plan.to_json());
+            } else {
+                print!("{}", plan.to_text());
+            }
+            Ok(ExitCode::SUCCESS)
+        }
     }
 }
 
