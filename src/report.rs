@@ -219,18 +219,22 @@ pub fn roofline_svg(report: &BenchReport) -> Result<String> {
             .draw()
             .map_err(plot_error)?;
         if let Some(bw) = bw_tbps {
-            // TFLOP/s = TB/s x FLOP/byte, up to the highest compute roof.
+            // TFLOP/s = TB/s x FLOP/byte, up to the ridge point of the highest compute roof.
             let highest = peaks.iter().map(|p| p.1).fold(0.0, f64::max);
+            let x_end = if highest > 0.0 {
+                (highest / bw).clamp(x_min, x_max)
+            } else {
+                x_max
+            };
             let steps = 200;
             let line = (0..=steps).map(|i| {
-                let x = x_min * (x_max / x_min).powf(i as f64 / steps as f64);
-                let y = bw * x;
-                (x, if highest > 0.0 { y.min(highest) } else { y })
+                let x = x_min * (x_end / x_min).powf(i as f64 / steps as f64);
+                (x, bw * x)
             });
             chart
                 .draw_series(LineSeries::new(line, BLUE.stroke_width(2)))
                 .map_err(plot_error)?
-                .label(format!("copy {:.0} GB/s", bw * 1e3))
+                .label(format!("copy {} GB/s", significant(bw * 1e3)))
                 .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLUE));
         }
         let colours = [RED, GREEN, MAGENTA];
@@ -242,14 +246,16 @@ pub fn roofline_svg(report: &BenchReport) -> Result<String> {
                     colour.stroke_width(1),
                 ))
                 .map_err(plot_error)?
-                .label(format!("{name} {peak:.1} TFLOP/s"))
+                .label(format!("{name} {} TFLOP/s", significant(*peak)))
                 .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], colour));
         }
-        for (label, x, y) in &points {
+        for (i, (label, x, y)) in points.iter().enumerate() {
+            // Alternate labels above and below their points so neighbours stay readable.
+            let dy = if i % 2 == 0 { -14 } else { 4 };
             chart
                 .draw_series([EmptyElement::at((*x, *y))
                     + Circle::new((0, 0), 4, BLACK.filled())
-                    + Text::new(label.clone(), (6, -4), ("sans-serif", 11))])
+                    + Text::new(label.clone(), (6, dy), ("sans-serif", 11))])
                 .map_err(plot_error)?;
         }
         chart
@@ -262,4 +268,17 @@ pub fn roofline_svg(report: &BenchReport) -> Result<String> {
         root.present().map_err(plot_error)?;
     }
     Ok(svg)
+}
+
+/// A value with three significant digits (roof labels span 0.01 to 1000).
+fn significant(v: f64) -> String {
+    if v >= 100.0 {
+        format!("{v:.0}")
+    } else if v >= 10.0 {
+        format!("{v:.1}")
+    } else if v >= 1.0 {
+        format!("{v:.2}")
+    } else {
+        format!("{v:.3}")
+    }
 }

@@ -417,10 +417,18 @@ impl Case for RouterCase {
             self.config.experts as u64,
             self.config.top_k as u64,
         );
+        // Routing is counted as operations per (token, expert): the scoring (softmax: max, sub,
+        // exp, sum, divide; sigmoid: negate, exp, add, divide) and one compare per selected
+        // expert, so the case has a place on the roofline; the fused gate adds its GEMV.
+        let scoring = match self.config.scoring {
+            Scoring::Softmax => 5,
+            Scoring::Sigmoid => 4,
+        };
+        let routing = t * e * (scoring + k);
         match (&self.stage, self.gate) {
             (Stage::Combine { cols, .. }, _) => 2 * t * k * *cols as u64,
-            (Stage::Route, Some((h, _))) => 2 * t * h as u64 * e,
-            (Stage::Route, None) => 0,
+            (Stage::Route, Some((h, _))) => 2 * t * h as u64 * e + routing,
+            (Stage::Route, None) => routing,
         }
     }
 
@@ -789,11 +797,21 @@ fn check_y_rows(y: &Tensor, rows: usize) -> Result<()> {
 fn named_inputs(inputs: &NamedTensors) -> Result<(ScoreTensors, Option<&Tensor>, Option<&Tensor>)> {
     let scores = if inputs.contains_key("logits") {
         (input(OP, inputs, "logits")?.clone(), None)
-    } else {
+    } else if inputs.contains_key("hidden") {
         (
             input(OP, inputs, "hidden")?.clone(),
             Some(input(OP, inputs, "gate_weight")?.clone()),
         )
+    } else {
+        let have: Vec<&str> = inputs.keys().map(String::as_str).collect();
+        return Err(Error::invalid(
+            OP,
+            "input tensors",
+            format!(
+                "need \"logits\" [t, e], or \"hidden\" [t, h] with \"gate_weight\" [h, e]; \
+                 the file has {have:?}"
+            ),
+        ));
     };
     Ok((scores, inputs.get("bias"), inputs.get("router_scale")))
 }
