@@ -27,7 +27,7 @@ struct GmmParams {
     row_start: u32,  // gemm_expert: first row of the expert
     row_end: u32,    // gemm_expert: one past its last row
     group: u32,      // gemm_expert: the expert
-    _pad: u32,
+    _pad: u32,       // keeps the size a multiple of 16 bytes
 }
 
 override X_DTYPE: u32 = 2u;       // DTYPE_* of x
@@ -211,6 +211,25 @@ fn gemv_epilogue(row0: u32, rows: u32, nt: u32, tid: u32) {
     }
 }
 
+// The weight vectors of one chunk for gemv_nk_tile: GEMV_UNROLL per column (bases: the
+// columns' first elements), zero past k or for a column out of range.
+fn gemv_nk_load(base0: u32, base1: u32, live0: bool, live1: bool, k0: u32, lane: u32)
+    -> array<vec4<u32>, 8> {
+    var wv: array<vec4<u32>, 8>;
+    for (var u = 0u; u < GEMV_UNROLL; u++) {
+        let kk = k0 + (u * GEMV_SPLIT_K + lane) * W_EPV;
+        if (kk < p.k) {
+            if (live0) {
+                wv[2u * u] = w_load(base0 + kk, p.k - kk);
+            }
+            if (live1) {
+                wv[2u * u + 1u] = w_load(base1 + kk, p.k - kk);
+            }
+        }
+    }
+    return wv;
+}
+
 // Weights [e, n, k]: invocation (column group cg, lane) owns two weight columns (adjacent ones, or
 // with SwiGLU the gate and up column of one output column) and the k vectors lane, lane +
 // GEMV_SPLIT_K, ...: the lanes of a column read consecutive 16-byte vectors of its k row.
@@ -218,43 +237,37 @@ fn gemv_nk_tile(g: u32, row0: u32, rows: u32, nt: u32, tid: u32) {
     let k = p.k;
     let lane = tid % GEMV_SPLIT_K;
     let cg = tid / GEMV_SPLIT_K;
-    var col: array<u32, 2>;
-    var live: array<bool, 2>;
+    var col0: u32;
+    var col1: u32;
+    var live0: bool;
+    var live1: bool;
     if (SWIGLU) {
         let o = nt * (GEMV_NBW / 2u) + cg;
-        col[0] = o;
-        col[1] = p.n_out + o;
-        live[0] = o < p.n_out;
-        live[1] = live[0];
+        col0 = o;
+        col1 = p.n_out + o;
+        live0 = o < p.n_out;
+        live1 = live0;
     } else {
-        let c = nt * GEMV_NBW + 2u * cg;
-        col[0] = c;
-        col[1] = c + 1u;
-        live[0] = c < p.n;
-        live[1] = c + 1u < p.n;
+        col0 = nt * GEMV_NBW + 2u * cg;
+        col1 = col0 + 1u;
+        live0 = col0 < p.n;
+        live1 = col1 < p.n;
     }
     let shard_g = g - p.expert_lo;
-    var acc: array<vec4<f32>, 32>;  // [row][column]
+    let base0 = (shard_g * p.n + col0) * k;
+    let base1 = (shard_g * p.n + col1) * k;
+    var acc: array<f32, 32>;  // [row][column]
     for (var i = 0u; i < 2u * GEMV_ROWS; i++) {
-        acc[i] = vec4<f32>(0.0);
+        acc[i] = 0.0;
     }
+    var wv = gemv_nk_load(base0, base1, live0, live1, 0u, lane);
     for (var k0 = 0u; k0 < k; k0 += GEMV_XC) {
-        // Every weight load of the chunk is issued first: it does not depend on the staged x, so
-        // its latency overlaps the staging and the barriers.
-        var wv: array<vec4<u32>, 8>;
-        for (var u = 0u; u < GEMV_UNROLL; u++) {
-            let kk = k0 + (u * GEMV_SPLIT_K + lane) * W_EPV;
-            for (var c = 0u; c < 2u; c++) {
-                var v = vec4<u32>(0u);
-                if (live[c] && kk < k) {
-                    v = w_load((shard_g * p.n + col[c]) * k + kk, k - kk);
-                }
-                wv[2u * u + c] = v;
-            }
-        }
         workgroupBarrier();
         stage_x(row0, rows, k0, tid);
         workgroupBarrier();
+        // The next chunk's weights are requested before this chunk's arithmetic, so that each
+        // workgroup keeps its weight stream in flight.
+        let next = gemv_nk_load(base0, base1, live0, live1, k0 + GEMV_XC, lane);
         for (var u = 0u; u < GEMV_UNROLL; u++) {
             let kl = (u * GEMV_SPLIT_K + lane) * W_EPV;
             let lo0 = w_lo(wv[2u * u]);
@@ -265,25 +278,33 @@ fn gemv_nk_tile(g: u32, row0: u32, rows: u32, nt: u32, tid: u32) {
                 if (r < rows) {
                     let xi = (r * GEMV_XC + kl) / 4u;
                     let xlo = xs[xi];
-                    acc[2u * r] = fma(xlo, lo0, acc[2u * r]);
-                    acc[2u * r + 1u] = fma(xlo, lo1, acc[2u * r + 1u]);
+                    var s0 = dot(xlo, lo0);
+                    var s1 = dot(xlo, lo1);
                     if (W_EPV == 8u) {
                         let xhi = xs[xi + 1u];
-                        acc[2u * r] = fma(xhi, hi0, acc[2u * r]);
-                        acc[2u * r + 1u] = fma(xhi, hi1, acc[2u * r + 1u]);
+                        s0 += dot(xhi, hi0);
+                        s1 += dot(xhi, hi1);
                     }
+                    acc[2u * r] += s0;
+                    acc[2u * r + 1u] += s1;
                 }
             }
         }
+        wv = next;
     }
     // Split-k reduction, one row at a time: partials are laid out [slot][lane] so that the
-    // invocation summing a slot reads consecutive words.
+    // invocation summing a slot reads consecutive words. The loop holds barriers and may stay
+    // rolled, so it indexes a copy: acc itself is only indexed by barrier-free constant loops
+    // and stays in registers.
+    var part: array<f32, 32>;
+    for (var i = 0u; i < 2u * GEMV_ROWS; i++) {
+        part[i] = acc[i];
+    }
     for (var r = 0u; r < GEMV_ROWS; r++) {
         if (r < rows) {
             workgroupBarrier();
             for (var c = 0u; c < 2u; c++) {
-                let a = acc[2u * r + c];
-                red[(2u * cg + c) * GEMV_SPLIT_K + lane] = a.x + a.y + a.z + a.w;
+                red[(2u * cg + c) * GEMV_SPLIT_K + lane] = part[2u * r + c];
             }
             workgroupBarrier();
             for (var s = tid; s < GEMV_NBW; s += GEMV_WG) {
@@ -302,6 +323,19 @@ fn gemv_nk_tile(g: u32, row0: u32, rows: u32, nt: u32, tid: u32) {
     }
     workgroupBarrier();
     gemv_epilogue(row0, rows, nt, tid);
+}
+
+// The weight vectors of one chunk for gemv_kn_tile: GEMV_UNROLL k rows of its columns (base:
+// the first column's element in k row 0), zero past k.
+fn gemv_kn_load(base: u32, avail: u32, k0: u32, ks: u32) -> array<vec4<u32>, 4> {
+    var wv: array<vec4<u32>, 4>;
+    for (var u = 0u; u < GEMV_UNROLL; u++) {
+        let kk = k0 + u * GEMV_SPLIT_K + ks;
+        if (avail > 0u && kk < p.k) {
+            wv[u] = w_load(base + kk * p.n, avail);
+        }
+    }
+    return wv;
 }
 
 // Weights [e, k, n]: invocation (column thread ct, k slice ks) owns W_EPV adjacent weight columns
@@ -325,24 +359,18 @@ fn gemv_kn_tile(g: u32, row0: u32, rows: u32, nt: u32, tid: u32) {
         col0 = nt * GEMV_NBW + ct * W_EPV;
         avail = select(0u, min(W_EPV, n - col0), col0 < n);
     }
-    let shard_g = g - p.expert_lo;
+    let base = (g - p.expert_lo) * k * n + col0;
     var acc: array<vec4<f32>, 32>;  // [row][low, high half of the vector]
     for (var i = 0u; i < 2u * GEMV_ROWS; i++) {
         acc[i] = vec4<f32>(0.0);
     }
+    var wv = gemv_kn_load(base, avail, 0u, ks);
     for (var k0 = 0u; k0 < k; k0 += GEMV_XC) {
-        var wv: array<vec4<u32>, 4>;
-        for (var u = 0u; u < GEMV_UNROLL; u++) {
-            let kk = k0 + u * GEMV_SPLIT_K + ks;
-            var v = vec4<u32>(0u);
-            if (avail > 0u && kk < k) {
-                v = w_load((shard_g * k + kk) * n + col0, avail);
-            }
-            wv[u] = v;
-        }
         workgroupBarrier();
         stage_x(row0, rows, k0, tid);
         workgroupBarrier();
+        // As in gemv_nk_tile: the next chunk's loads go out before this chunk's arithmetic.
+        let next = gemv_kn_load(base, avail, k0 + GEMV_XC, ks);
         for (var u = 0u; u < GEMV_UNROLL; u++) {
             let kl = u * GEMV_SPLIT_K + ks;
             let lo = w_lo(wv[u]);
@@ -357,13 +385,18 @@ fn gemv_kn_tile(g: u32, row0: u32, rows: u32, nt: u32, tid: u32) {
                 }
             }
         }
+        wv = next;
+    }
+    // As in gemv_nk_tile, the reduction loop indexes a copy of the accumulators.
+    var part: array<vec4<f32>, 32>;
+    for (var i = 0u; i < 2u * GEMV_ROWS; i++) {
+        part[i] = acc[i];
     }
     for (var r = 0u; r < GEMV_ROWS; r++) {
         if (r < rows) {
             workgroupBarrier();
             for (var j = 0u; j < W_EPV; j++) {
-                let a = select(acc[2u * r + 1u][j & 3u], acc[2u * r][j & 3u], j < 4u);
-                red[(ct * W_EPV + j) * GEMV_SPLIT_K + ks] = a;
+                red[(ct * W_EPV + j) * GEMV_SPLIT_K + ks] = part[2u * r + j / 4u][j & 3u];
             }
             workgroupBarrier();
             for (var s = tid; s < GEMV_NBW; s += GEMV_WG) {
@@ -444,10 +477,106 @@ fn gemm_weight_col(o0: u32, c: u32) -> vec2<u32> {
     return vec2<u32>(col, select(0u, min(W_EPV, p.n - col), col < p.n));
 }
 
+// Most 16-byte vectors one invocation loads per stage and operand (checked on the host).
+const GEMM_MAX_LOADS: u32 = 8u;
+
+// This invocation's share of the x stage at k0: quads tid, tid + GEMM_WG, ... of the TM x TK
+// tile (rows past row_end and k past the end are 0).
+fn gemm_load_x(row0: u32, row_end: u32, k0: u32, tid: u32) -> array<vec4<f32>, 8> {
+    var v: array<vec4<f32>, 8>;
+    let kq = TK / 4u;
+    for (var i = 0u; i < GEMM_MAX_LOADS; i++) {
+        let q = tid + i * GEMM_WG;
+        if (q < TM * kq) {
+            let row = row0 + q / kq;
+            if (row < row_end) {
+                let row_base = row * p.k;
+                v[i] = x_quad(row_base + k0 + (q % kq) * 4u, row_base + p.k);
+            }
+        }
+    }
+    return v;
+}
+
+// Store the x stage transposed: a_s is [TK][TM].
+fn gemm_store_x(v: array<vec4<f32>, 8>, tid: u32) {
+    let kq = TK / 4u;
+    for (var i = 0u; i < GEMM_MAX_LOADS; i++) {
+        let q = tid + i * GEMM_WG;
+        if (q < TM * kq) {
+            let r = q / kq;
+            let kk = (q % kq) * 4u;
+            for (var j = 0u; j < 4u; j++) {
+                a_s[((kk + j) * TM + r) / 4u][r % 4u] = v[i][j];
+            }
+        }
+    }
+}
+
+// Vectors per weight stage.
+fn gemm_w_vectors() -> u32 {
+    return TK * TN / W_EPV;
+}
+
+// This invocation's share of the weight stage at k0 (tile output columns start at o0): vectors
+// along n for [e, k, n], along k for [e, n, k].
+fn gemm_load_w(shard_g: u32, o0: u32, k0: u32, tid: u32) -> array<vec4<u32>, 8> {
+    var v: array<vec4<u32>, 8>;
+    for (var i = 0u; i < GEMM_MAX_LOADS; i++) {
+        let idx = tid + i * GEMM_WG;
+        if (idx < gemm_w_vectors()) {
+            if (W_KN) {
+                let vn = TN / W_EPV;
+                let kk = k0 + idx / vn;
+                let wc = gemm_weight_col(o0, (idx % vn) * W_EPV);
+                if (kk < p.k && wc.y > 0u) {
+                    v[i] = w_load((shard_g * p.k + kk) * p.n + wc.x, wc.y);
+                }
+            } else {
+                let vk = TK / W_EPV;
+                let kk = k0 + (idx % vk) * W_EPV;
+                let wc = gemm_weight_col(o0, idx / vk);
+                if (kk < p.k && wc.y > 0u) {
+                    v[i] = w_load((shard_g * p.n + wc.x) * p.k + kk, p.k - kk);
+                }
+            }
+        }
+    }
+    return v;
+}
+
+// Store the weight stage: b_s is [TK][TN].
+fn gemm_store_w(v: array<vec4<u32>, 8>, tid: u32) {
+    for (var i = 0u; i < GEMM_MAX_LOADS; i++) {
+        let idx = tid + i * GEMM_WG;
+        if (idx < gemm_w_vectors()) {
+            let lo = w_lo(v[i]);
+            let hi = w_hi(v[i]);
+            if (W_KN) {
+                let vn = TN / W_EPV;
+                let dst = ((idx / vn) * TN + (idx % vn) * W_EPV) / 4u;
+                b_s[dst] = lo;
+                if (W_EPV == 8u) {
+                    b_s[dst + 1u] = hi;
+                }
+            } else {
+                let vk = TK / W_EPV;
+                let c = idx / vk;
+                let kv = (idx % vk) * W_EPV;
+                for (var j = 0u; j < 4u; j++) {
+                    b_s[((kv + j) * TN + c) / 4u][c % 4u] = lo[j];
+                    if (W_EPV == 8u) {
+                        b_s[((kv + 4u + j) * TN + c) / 4u][c % 4u] = hi[j];
+                    }
+                }
+            }
+        }
+    }
+}
+
 // Rows [row0, min(row0 + TM, row_end)) of group g, column tile nt.
 fn gemm_tile(g: u32, row0: u32, row_end: u32, nt: u32, tid: u32) {
     let k = p.k;
-    let n = p.n;
     let shard_g = g - p.expert_lo;
     let tx_count = TN / RN;
     let ty_count = TM / RM;
@@ -460,64 +589,18 @@ fn gemm_tile(g: u32, row0: u32, row_end: u32, nt: u32, tid: u32) {
     for (var i = 0u; i < RM * qn; i++) {
         acc[i] = vec4<f32>(0.0);
     }
+    var xa = gemm_load_x(row0, row_end, 0u, tid);
+    var wb = gemm_load_w(shard_g, o0, 0u, tid);
     for (var k0 = 0u; k0 < k; k0 += TK) {
         workgroupBarrier();
-        // x tile: quads along k, stored transposed.
-        let kq = TK / 4u;
-        for (var q = tid; q < TM * kq; q += GEMM_WG) {
-            let r = q / kq;
-            let kk = (q % kq) * 4u;
-            let row = row0 + r;
-            var v = vec4<f32>(0.0);
-            if (row < row_end) {
-                let row_base = row * k;
-                v = x_quad(row_base + k0 + kk, row_base + k);
-            }
-            for (var j = 0u; j < 4u; j++) {
-                a_s[((kk + j) * TM + r) / 4u][r % 4u] = v[j];
-            }
-        }
-        if (W_KN) {
-            // Vectors along n.
-            let vn = TN / W_EPV;
-            for (var i = tid; i < TK * vn; i += GEMM_WG) {
-                let kr = i / vn;
-                let c = (i % vn) * W_EPV;
-                let kk = k0 + kr;
-                let wc = gemm_weight_col(o0, c);
-                var v = vec4<u32>(0u);
-                if (kk < k && wc.y > 0u) {
-                    v = w_load((shard_g * k + kk) * n + wc.x, wc.y);
-                }
-                let dst = (kr * TN + c) / 4u;
-                b_s[dst] = w_lo(v);
-                if (W_EPV == 8u) {
-                    b_s[dst + 1u] = w_hi(v);
-                }
-            }
-        } else {
-            // Vectors along k, stored transposed.
-            let vk = TK / W_EPV;
-            for (var i = tid; i < TN * vk; i += GEMM_WG) {
-                let c = i / vk;
-                let kv = (i % vk) * W_EPV;
-                let kk = k0 + kv;
-                let wc = gemm_weight_col(o0, c);
-                var v = vec4<u32>(0u);
-                if (kk < k && wc.y > 0u) {
-                    v = w_load((shard_g * n + wc.x) * k + kk, k - kk);
-                }
-                let lo = w_lo(v);
-                let hi = w_hi(v);
-                for (var j = 0u; j < 4u; j++) {
-                    b_s[((kv + j) * TN + c) / 4u][c % 4u] = lo[j];
-                    if (W_EPV == 8u) {
-                        b_s[((kv + 4u + j) * TN + c) / 4u][c % 4u] = hi[j];
-                    }
-                }
-            }
-        }
+        gemm_store_x(xa, tid);
+        gemm_store_w(wb, tid);
         workgroupBarrier();
+        // The next stage's loads go out before this stage's arithmetic.
+        if (k0 + TK < k) {
+            xa = gemm_load_x(row0, row_end, k0 + TK, tid);
+            wb = gemm_load_w(shard_g, o0, k0 + TK, tid);
+        }
         for (var kk = 0u; kk < TK; kk++) {
             var a: array<vec4<f32>, 2>;
             var b: array<vec4<f32>, 2>;

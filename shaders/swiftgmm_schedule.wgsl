@@ -15,15 +15,16 @@ struct ScheduleParams {
     m_total: u32,        // rows of x and y
     counts: u32,         // 1: groups_in holds per-group counts [e]; 0: offsets [e + 1]
     signed_input: u32,   // 1: groups_in holds i32 (negative values read as 0)
-    threshold: u32,      // groups of at most this many rows take the GEMV path (auto mode)
-    gemv_rows: u32,      // rows per GEMV row block
     gemv_n_tiles: u32,   // GEMV column tiles per row block
-    gemm_tm: u32,        // rows per GEMM tile
     gemm_n_tiles: u32,   // GEMM column tiles per row block
-    mode: u32,           // 0: auto, 1: every group on the GEMV path, 2: every group on GEMM
     shards: u32,         // weight shards; shard_bounds holds their first experts [shards + 1]
     max_workgroups: u32, // largest indirect dispatch (workgroups loop over the remaining tiles)
 }
+
+override THRESHOLD: u32 = 8u;   // groups of at most this many rows take the GEMV path (auto mode)
+override GEMV_ROWS: u32 = 8u;   // rows per GEMV row block
+override GEMM_TM: u32 = 64u;    // rows per GEMM tile
+override MODE: u32 = 0u;        // 0: auto, 1: every group on the GEMV path, 2: every group on GEMM
 
 const SCHED_WG: u32 = 256u;
 
@@ -67,11 +68,11 @@ fn group_tiles(g: u32) -> vec2<u32> {
     if (rows == 0u) {
         return vec2<u32>(0u);
     }
-    let gemv = p.mode == 1u || (p.mode == 0u && rows <= p.threshold);
+    let gemv = MODE == 1u || (MODE == 0u && rows <= THRESHOLD);
     if (gemv) {
-        return vec2<u32>((rows + p.gemv_rows - 1u) / p.gemv_rows * p.gemv_n_tiles, 0u);
+        return vec2<u32>((rows + GEMV_ROWS - 1u) / GEMV_ROWS * p.gemv_n_tiles, 0u);
     }
-    return vec2<u32>(0u, (rows + p.gemm_tm - 1u) / p.gemm_tm * p.gemm_n_tiles);
+    return vec2<u32>(0u, (rows + GEMM_TM - 1u) / GEMM_TM * p.gemm_n_tiles);
 }
 
 @compute @workgroup_size(SCHED_WG)

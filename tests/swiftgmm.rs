@@ -248,7 +248,7 @@ fn swiglu_and_row_scale_on_both_layouts() {
 #[test]
 fn corner_groups() {
     let g = gpu();
-    let cases: [(&str, Vec<u32>, (usize, usize)); 4] = [
+    let cases: [(&str, Vec<u32>, (usize, usize)); 5] = [
         ("one-row experts", vec![1, 1, 1, 1, 1], (0, 0)),
         ("all rows in one expert", vec![0, 0, 23, 0, 0], (0, 0)),
         (
@@ -261,6 +261,7 @@ fn corner_groups() {
             vec![0, 0, 0, 0, 0],
             (2, 3),
         ),
+        ("no rows at all", vec![0, 0, 0, 0, 0], (0, 0)),
     ];
     for (what, counts, (before, after)) in cases {
         let spec = Spec::new(5, 32, 40, &counts).padded(before, after);
@@ -806,6 +807,54 @@ fn registry_cases_and_per_expert_baseline_match_the_reference() {
         assert!(case.bytes() > 0 && case.flops() > 0);
     }
     assert!(!op.paths(g).is_empty());
+}
+
+#[test]
+fn named_tensor_interface_matches_its_reference() {
+    let g = gpu();
+    let op = &swiftgmm::OPERATOR;
+    let spec = Spec::new(4, 32, 40, &[3, 0, 11, 2])
+        .layout(Layout::Kn)
+        .swiglu()
+        .scaled();
+    let inp = inputs(&spec, 24);
+    let mut named = fusedops::registry::NamedTensors::new();
+    named.insert("x".into(), inp.x.clone());
+    named.insert("w".into(), inp.w.clone());
+    named.insert(
+        "counts".into(),
+        Tensor::i32(&[4], vec![3, 0, 11, 2]).unwrap(),
+    );
+    named.insert("row_scale".into(), inp.scale.clone().unwrap());
+    // Default tiling: the test must not read the user's tiling cache.
+    let params = serde_json::json!({
+        "layout": "kn", "activation": "swiglu", "out_dtype": "bf16", "tiling": "defaults"
+    });
+    let got = op.run_named(g, &named, &params).unwrap();
+    let want = op.reference_named(&named, &params).unwrap();
+    assert_eq!(got["y"].dtype(), DType::BF16);
+    assert_eq!(got["y"].shape(), want["y"].shape());
+    let c = compare(
+        &got["y"].to_f32(),
+        &want["y"].to_f32(),
+        op.tolerance("y", &named),
+    );
+    assert!(c.pass, "{}", c.summary(got["y"].shape()));
+    // Both group forms at once, an unknown parameter: errors.
+    named.insert(
+        "offsets".into(),
+        Tensor::u32(&[5], vec![0, 3, 3, 14, 16]).unwrap(),
+    );
+    assert!(matches!(
+        op.run_named(g, &named, &params),
+        Err(Error::Invalid { .. })
+    ));
+    named.remove("counts");
+    let bad = serde_json::json!({"layout": "kn", "tile": 3});
+    assert!(matches!(
+        op.run_named(g, &named, &bad),
+        Err(Error::Format { .. })
+    ));
 }
 
 #[test]

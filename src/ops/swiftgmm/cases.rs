@@ -3,6 +3,7 @@
 
 use half::{bf16, f16};
 
+use super::tiling::CacheLocation;
 use super::{
     Activation, DeviceGroups, ExpertWeights, GmmArgs, GmmPlan, Groups, Layout, Mode, Options,
     PerExpertBaseline, Tiling, reference, tolerance,
@@ -642,6 +643,14 @@ impl Operator for SwiftGmmOperator {
                 "workgroup-memory tiles, f32 register blocks (plain WGSL; no cooperative matrices)"
                     .into(),
             ),
+            (
+                "tiling cache".into(),
+                match CacheLocation::from_env() {
+                    CacheLocation::File(path) => path.display().to_string(),
+                    CacheLocation::Disabled => "off (FUSEDOPS_TILING_CACHE)".into(),
+                    CacheLocation::Unavailable => "in memory (no cache directory)".into(),
+                },
+            ),
         ]
     }
 
@@ -705,6 +714,8 @@ struct RunParams {
     activation: Activation,
     out_dtype: Option<DType>,
     mode: Mode,
+    /// "cached" (default), "tune", "defaults" or {"fixed": TileConfig}.
+    tiling: Tiling,
 }
 
 /// The named inputs of `fusedops run`: `x`, `w`, `offsets` or `counts`, optional `row_scale`.
@@ -740,7 +751,7 @@ impl<'a> NamedInputs<'a> {
                 activation: p.activation,
                 out_dtype: p.out_dtype.unwrap_or(DType::F32),
                 mode: p.mode,
-                tiling: Tiling::Cached,
+                tiling: p.tiling,
                 max_workgroups: None,
             },
         })

@@ -636,8 +636,9 @@ impl Problem {
             Layout::Kn => self.n,
             Layout::Nk => self.k,
         };
-        let w_aligned = contiguous % epv == 0
-            && !(self.layout == Layout::Kn && self.swiglu && !self.n_out.is_multiple_of(epv));
+        // [e, k, n] SwiGLU also starts vectors at column n_out (the up half).
+        let w_aligned = contiguous.is_multiple_of(epv)
+            && (self.layout == Layout::Nk || !self.swiglu || self.n_out.is_multiple_of(epv));
         let flag = |b: bool| if b { 1.0 } else { 0.0 };
         vec![
             ("X_DTYPE", self.x_dtype.shader_code() as f64),
@@ -682,10 +683,11 @@ struct GmmParams {
     row_start: u32, // gemm_expert: first row of the expert
     row_end: u32,   // gemm_expert: one past its last row
     group: u32,     // gemm_expert: the expert
-    _pad: u32,
+    _pad: u32,      // keeps the size a multiple of 16 bytes
 }
 
-/// Params of the scheduler (`ScheduleParams` in swiftgmm_schedule.wgsl).
+/// Params of the scheduler (`ScheduleParams` in swiftgmm_schedule.wgsl); the threshold, row
+/// block sizes and mode are its override constants.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, bytemuck::Pod, bytemuck::Zeroable)]
 struct ScheduleParams {
@@ -693,12 +695,8 @@ struct ScheduleParams {
     m_total: u32,        // rows of x and y
     counts: u32,         // 1: groups_in holds per-group counts [e]; 0: offsets [e + 1]
     signed_input: u32,   // 1: groups_in holds i32 (negative values read as 0)
-    threshold: u32,      // groups of at most this many rows take the GEMV path (auto mode)
-    gemv_rows: u32,      // rows per GEMV row block
     gemv_n_tiles: u32,   // GEMV column tiles per row block
-    gemm_tm: u32,        // rows per GEMM tile
     gemm_n_tiles: u32,   // GEMM column tiles per row block
-    mode: u32,           // 0: auto, 1: every group on the GEMV path, 2: every group on GEMM
     shards: u32,         // weight shards; shard_bounds holds their first experts [shards + 1]
     max_workgroups: u32, // largest indirect dispatch (workgroups loop over the remaining tiles)
 }
@@ -747,13 +745,13 @@ impl std::fmt::Debug for GmmPlan {
 }
 
 /// A validated problem with its tiling, shared by the plan and the baseline.
-struct Prepared<'a> {
+struct Validated<'a> {
     problem: Problem,
     config: TileConfig,
     args: &'a GmmArgs<'a>,
 }
 
-impl<'a> Prepared<'a> {
+impl<'a> Validated<'a> {
     fn new(gpu: &Gpu, args: &'a GmmArgs<'a>, options: &Options) -> Result<Self> {
         let w = args.weights;
         let counts = matches!(args.groups, DeviceGroups::Counts(_));
@@ -801,7 +799,7 @@ impl<'a> Prepared<'a> {
             problem.swiglu,
             &KernelLimits::of(gpu),
         )?;
-        Ok(Prepared {
+        Ok(Validated {
             problem,
             config,
             args,
@@ -851,7 +849,7 @@ impl GmmPlan {
     /// Validate everything, choose the tiling and build the dispatches. Nothing is recorded or
     /// dispatched here; an error leaves every tensor untouched.
     pub fn new(gpu: &Gpu, args: &GmmArgs, options: &Options) -> Result<Self> {
-        let prep = Prepared::new(gpu, args, options)?;
+        let prep = Validated::new(gpu, args, options)?;
         let p = prep.problem;
         let config = prep.config;
         let gemv_geo = config.gemv.geometry(p.layout, p.w_dtype, p.swiglu);
@@ -907,19 +905,24 @@ impl GmmPlan {
             m_total: p.m_total as u32,
             counts: matches!(args.groups, DeviceGroups::Counts(_)) as u32,
             signed_input: (groups.dtype() == DType::I32) as u32,
-            threshold: config.threshold,
-            gemv_rows: config.gemv.rows,
             gemv_n_tiles,
-            gemm_tm: config.gemm.tm,
             gemm_n_tiles,
-            mode: mode.code(),
             shards: shards as u32,
             max_workgroups: options
                 .max_workgroups
                 .unwrap_or(u32::MAX)
                 .clamp(1, gpu.caps.max_workgroups_per_dim.min(65535)),
         })?;
-        let schedule = gpu.pipeline(&SCHEDULE, "schedule", &[])?;
+        let schedule = gpu.pipeline(
+            &SCHEDULE,
+            "schedule",
+            &[
+                ("THRESHOLD", config.threshold as f64),
+                ("GEMV_ROWS", config.gemv.rows as f64),
+                ("GEMM_TM", config.gemm.tm as f64),
+                ("MODE", mode.code() as f64),
+            ],
+        )?;
         let schedule_bind = gpu.bind_group(
             &schedule,
             &[
@@ -931,7 +934,7 @@ impl GmmPlan {
             ],
         )?;
 
-        let placeholder = Prepared::placeholder(gpu)?;
+        let placeholder = Validated::placeholder(gpu)?;
         let scale = args
             .row_scale
             .map(|s| s.binding())
@@ -1080,10 +1083,10 @@ impl PerExpertBaseline {
                 "needs the group offsets on the host",
             ));
         };
-        let prep = Prepared::new(gpu, args, options)?;
+        let prep = Validated::new(gpu, args, options)?;
         let pipeline = gpu.pipeline(&MATMUL, "gemm_expert", &prep.gemm_constants())?;
         let n_tiles = prep.gemm_n_tiles();
-        let placeholder = Prepared::placeholder(gpu)?;
+        let placeholder = Validated::placeholder(gpu)?;
         let scale = args
             .row_scale
             .map(|s| s.binding())
@@ -1233,7 +1236,7 @@ mod tests {
     #[test]
     fn params_structs_are_16_byte_multiples() {
         assert_eq!(std::mem::size_of::<GmmParams>(), 48);
-        assert_eq!(std::mem::size_of::<ScheduleParams>(), 48);
+        assert_eq!(std::mem::size_of::<ScheduleParams>(), 32);
         assert_eq!(std::mem::size_of::<GmmParams>() % 16, 0);
         assert_eq!(std::mem::align_of::<GmmParams>(), 4);
         assert_eq!(std::mem::align_of::<ScheduleParams>(), 4);

@@ -25,6 +25,8 @@ const OP: &str = "swiftgmm";
 pub const MAX_GEMV_ROWS: u32 = 16;
 /// Largest number of weight vectors an invocation loads per column and chunk.
 pub const MAX_GEMV_UNROLL: u32 = 4;
+/// Largest number of 16-byte vectors a GEMM invocation stages per operand and k step.
+pub const MAX_GEMM_STAGE_LOADS: u32 = 8;
 /// Version of the cache file format; files of another version are ignored.
 pub const CACHE_VERSION: u32 = 1;
 /// File name inside the cache directory.
@@ -254,6 +256,19 @@ impl GemmConfig {
                 format!(
                     "tk {} and tn {} must be multiples of 8 (one weight vector)",
                     self.tk, self.tn
+                ),
+            ));
+        }
+        // Each invocation stages at most 8 vectors per operand (f32 weights: 4 per vector).
+        let wg = self.workgroup().max(1);
+        let x_loads = (self.tm * self.tk / 4).div_ceil(wg);
+        let w_loads = (self.tk * self.tn / 4).div_ceil(wg);
+        if x_loads > MAX_GEMM_STAGE_LOADS || w_loads > MAX_GEMM_STAGE_LOADS {
+            return Err(bad(
+                "gemm",
+                format!(
+                    "a stage of {}x{}x{} needs {} x and {} weight loads per invocation, at most {}",
+                    self.tm, self.tn, self.tk, x_loads, w_loads, MAX_GEMM_STAGE_LOADS
                 ),
             ));
         }
@@ -672,18 +687,18 @@ pub fn load_cache() -> Result<TilingCache> {
     TilingCache::open_default()
 }
 
-/// Delete the cache file at the environment's location and forget the entries of this process.
+/// Delete the cache file at the environment's location (even a malformed one) and forget the
+/// entries of this process.
 pub fn clear_cache() -> Result<()> {
     process_cache().lock().unwrap().entries.clear();
-    TilingCache::open_default()
-        .or_else(|_| {
-            // A malformed file is still removed.
-            Ok::<_, Error>(TilingCache {
-                path: CacheLocation::from_env().path().map(Path::to_path_buf),
-                entries: Vec::new(),
-            })
-        })?
-        .clear()
+    match CacheLocation::from_env() {
+        CacheLocation::File(path) => TilingCache {
+            path: Some(path),
+            entries: Vec::new(),
+        }
+        .clear(),
+        _ => Ok(()),
+    }
 }
 
 /// Measure every shape of the cache file again on this adapter and save it.
@@ -1025,6 +1040,17 @@ mod tests {
             big.validate(false, &limits()),
             Err(Error::Limit { .. })
         ));
+        let deep = GemmConfig {
+            tm: 64,
+            tn: 64,
+            tk: 64,
+            rm: 8,
+            rn: 8,
+        };
+        assert!(
+            matches!(deep.validate(false, &limits()), Err(Error::Invalid { .. })),
+            "16 staged x vectors per invocation"
+        );
         let gemv = GemvConfig {
             rows: 8,
             workgroup: 256,
