@@ -462,9 +462,10 @@ pub struct CacheEntry {
     pub adapter: String,
     pub key: ShapeKey,
     pub config: TileConfig,
-    /// Median time of the best GEMV and GEMM candidates on the tuning problem.
-    pub gemv_us: f64,
-    pub gemm_us: f64,
+    /// Median time of the best GEMV and GEMM candidates on the tuning problem (None: no
+    /// candidate of that path was valid here, the defaults are kept).
+    pub gemv_us: Option<f64>,
+    pub gemm_us: Option<f64>,
     pub probes: Vec<ThresholdProbe>,
     pub measured_utc: String,
 }
@@ -902,8 +903,8 @@ pub fn tune(gpu: &Gpu, key: &ShapeKey, settings: &TuneSettings) -> Result<CacheE
             best_gemm = Some((cand, us));
         }
     }
-    let (gemv, gemv_us) = best_gemv.unwrap_or((base.gemv, f64::NAN));
-    let (gemm, gemm_us) = best_gemm.unwrap_or((base.gemm, f64::NAN));
+    let (gemv, gemv_us) = best_gemv.map_or((base.gemv, None), |(c, t)| (c, Some(t)));
+    let (gemm, gemm_us) = best_gemm.map_or((base.gemm, None), |(c, t)| (c, Some(t)));
 
     let mut probes = Vec::new();
     let mut threshold = 0;
@@ -1123,8 +1124,8 @@ mod tests {
                     rn: 8,
                 },
             },
-            gemv_us: 1.0,
-            gemm_us: 2.0,
+            gemv_us: Some(1.0),
+            gemm_us: None,
             probes: vec![],
             measured_utc: "2026-01-01 00:00:00".into(),
         };
