@@ -1,4 +1,4 @@
-//! The `fusedops` command line: info | check | bench | run | ascend-plan.
+//! The `fusedops` command line: info | check | bench | run | tune | ascend-plan.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -83,6 +83,18 @@ enum Command {
         /// Also compute the CPU reference and print the comparison (non-zero exit on mismatch).
         #[arg(long)]
         reference: bool,
+    },
+    /// SwiftGMM's tiling cache (best tile configuration per adapter and shape bucket, measured
+    /// once): show it, clear it, or measure every stored shape again on this adapter. The file is
+    /// $FUSEDOPS_CACHE_DIR, else $XDG_CACHE_HOME/fusedops, else ~/.cache/fusedops
+    /// (swiftgmm_tiling.json); FUSEDOPS_TILING_CACHE=off disables it.
+    Tune {
+        /// Delete the cache file.
+        #[arg(long, conflicts_with = "rebuild")]
+        clear: bool,
+        /// Measure every stored shape again on the current adapter and save.
+        #[arg(long)]
+        rebuild: bool,
     },
     /// Plan an operator's tiling on an Ascend NPU: per-core buffers against UB/L1/L0 capacity,
     /// alignment, core split and a roofline estimate (docs/ascend/README.md).
@@ -174,6 +186,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             params,
             reference,
         } => run_cmd(&op, &input, &output, params.as_deref(), reference),
+        Command::Tune { clear, rebuild } => tune_cmd(clear, rebuild),
         Command::AscendPlan {
             op,
             chip,
@@ -464,4 +477,41 @@ fn run_cmd(
     } else {
         ExitCode::FAILURE
     })
+}
+
+fn tune_cmd(clear: bool, rebuild: bool) -> Result<ExitCode> {
+    use fusedops::ops::swiftgmm::tiling;
+    let location = tiling::CacheLocation::from_env();
+    let Some(path) = location.path() else {
+        println!("the tiling cache is off ({location:?}): nothing is read or written");
+        return Ok(ExitCode::SUCCESS);
+    };
+    if clear {
+        tiling::clear_cache()?;
+        println!("cleared {}", path.display());
+        return Ok(ExitCode::SUCCESS);
+    }
+    let cache = if rebuild {
+        let gpu = Gpu::new()?;
+        tiling::rebuild_cache(&gpu, &tiling::TuneSettings::for_gpu(&gpu))?
+    } else {
+        tiling::load_cache()?
+    };
+    println!("{} ({} entries)", path.display(), cache.entries().len());
+    for e in cache.entries() {
+        let k = &e.key;
+        println!(
+            "  {} | x {} w {} {} k={} n={} rows/group<={} -> {} (measured {})",
+            e.adapter,
+            k.x_dtype,
+            k.w_dtype,
+            k.layout.name(),
+            k.k,
+            k.n,
+            k.rows_bucket,
+            e.config.describe(),
+            e.measured_utc
+        );
+    }
+    Ok(ExitCode::SUCCESS)
 }

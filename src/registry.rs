@@ -162,5 +162,8 @@ pub trait Operator: Sync {
 
 /// Every registered operator.
 pub fn operators() -> Vec<&'static dyn Operator> {
-    vec![&crate::ops::merrouter::OPERATOR]
+    vec![
+        &crate::ops::merrouter::OPERATOR,
+        &crate::ops::swiftgmm::OPERATOR,
+    ]
 }

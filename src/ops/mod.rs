@@ -2,3 +2,4 @@
 //! `reference.rs`, and the operator's own planning code (schedules, tiling, dispatch layout).
 
 pub mod merrouter;
+pub mod swiftgmm;

@@ -1,0 +1,205 @@
+//! CPU reference of SwiGLU-capable grouped matmul: per-group products accumulated in f64 over
+//! the dtype-rounded inputs, then the epilogue. Written for clarity; it converts one expert's
+//! weights at a time so that large weight tensors are never widened as a whole.
+
+use super::{Activation, Layout};
+use crate::error::{Error, Result};
+use crate::tensor::{Tensor, TensorData};
+
+const OP: &str = "swiftgmm reference";
+
+/// `silu(v) = v · sigmoid(v)`.
+pub fn silu(v: f64) -> f64 {
+    v / (1.0 + (-v).exp())
+}
+
+/// Elements `range` of a tensor as f64.
+fn values_f64(t: &Tensor, range: std::ops::Range<usize>) -> Vec<f64> {
+    match t.data() {
+        TensorData::F32(v) => v[range].iter().map(|&x| x as f64).collect(),
+        TensorData::F16(v) => v[range].iter().map(|x| x.to_f64()).collect(),
+        TensorData::BF16(v) => v[range].iter().map(|x| x.to_f64()).collect(),
+        TensorData::I32(v) => v[range].iter().map(|&x| x as f64).collect(),
+        TensorData::U32(v) => v[range].iter().map(|&x| x as f64).collect(),
+    }
+}
+
+/// The group holding `row`, if any (offsets validated: monotone, `[e + 1]`).
+pub fn group_of_row(offsets: &[u32], row: usize) -> Option<usize> {
+    let row = row as u32;
+    if offsets.is_empty() || row < offsets[0] || row >= offsets[offsets.len() - 1] {
+        return None;
+    }
+    // The last g with offsets[g] <= row; it is non-empty because offsets[g + 1] > row.
+    Some(offsets.partition_point(|&o| o <= row) - 1)
+}
+
+/// The selected rows of `y`, `[rows.len(), n_out]` row-major: for a row of group g,
+/// `epilogue(x[row] · W_g)`; rows outside every group are 0 (the operator leaves them untouched,
+/// and [`super::run`] starts from zeros). `x [m_total, k]`, `w` by `layout`, `offsets [e + 1]`
+/// already validated, `row_scale [m_total]`.
+pub fn grouped_matmul_rows(
+    x: &Tensor,
+    offsets: &[u32],
+    w: &Tensor,
+    layout: Layout,
+    activation: Activation,
+    row_scale: Option<&Tensor>,
+    rows: &[usize],
+) -> Result<Vec<f64>> {
+    let (m_total, k) = match *x.shape() {
+        [m, k] => (m, k),
+        _ => return Err(Error::shape(OP, "x", x.shape(), "[m_total, k]")),
+    };
+    let (experts, dims) = match *w.shape() {
+        [e, a, b] => (e, [a, b]),
+        _ => return Err(Error::shape(OP, "w", w.shape(), "[e, k, n] or [e, n, k]")),
+    };
+    let (wk, n) = layout.k_n(dims);
+    if wk != k || offsets.len() != experts + 1 {
+        return Err(Error::shape(
+            OP,
+            "w",
+            w.shape(),
+            format!("k = {k}, e + 1 = {} offsets", offsets.len()),
+        ));
+    }
+    let n_out = match activation {
+        Activation::None => n,
+        Activation::SwiGlu => n / 2,
+    };
+    let scale = row_scale.map(|s| s.to_f64());
+    let mut out = vec![0.0; rows.len() * n_out];
+    // Rows grouped by expert, so each expert's weights are widened once.
+    let mut by_group: Vec<Vec<usize>> = vec![Vec::new(); experts];
+    for (i, &row) in rows.iter().enumerate() {
+        if row >= m_total {
+            return Err(Error::invalid(
+                OP,
+                "row",
+                format!("{row} >= m_total {m_total}"),
+            ));
+        }
+        if let Some(g) = group_of_row(offsets, row) {
+            by_group[g].push(i);
+        }
+    }
+    for (g, wanted) in by_group.iter().enumerate() {
+        if wanted.is_empty() {
+            continue;
+        }
+        let wg = values_f64(w, g * k * n..(g + 1) * k * n);
+        let weight = |kk: usize, col: usize| match layout {
+            Layout::Kn => wg[kk * n + col],
+            Layout::Nk => wg[col * k + kk],
+        };
+        for &i in wanted {
+            let row = rows[i];
+            let xr = values_f64(x, row * k..(row + 1) * k);
+            let acc: Vec<f64> = (0..n)
+                .map(|col| (0..k).map(|kk| xr[kk] * weight(kk, col)).sum())
+                .collect();
+            let s = scale.as_ref().map_or(1.0, |s| s[row]);
+            for col in 0..n_out {
+                let v = match activation {
+                    Activation::None => acc[col],
+                    Activation::SwiGlu => silu(acc[col]) * acc[n_out + col],
+                };
+                out[i * n_out + col] = v * s;
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Every row of `y`, `[m_total, n_out]`.
+pub fn grouped_matmul(
+    x: &Tensor,
+    offsets: &[u32],
+    w: &Tensor,
+    layout: Layout,
+    activation: Activation,
+    row_scale: Option<&Tensor>,
+) -> Result<Vec<f64>> {
+    let rows: Vec<usize> = (0..x.shape().first().copied().unwrap_or(0)).collect();
+    grouped_matmul_rows(x, offsets, w, layout, activation, row_scale, &rows)
+}
+
+/// The offsets the GPU scheduler makes of device-side offsets `raw [e + 1]` (i32 or u32 values
+/// given as i64): each clamped to `[0, m_total]`, then a running max, so groups never overlap.
+pub fn repair_offsets(raw: &[i64], m_total: usize) -> Vec<u32> {
+    let mut run = 0u32;
+    raw.iter()
+        .map(|&v| {
+            run = run.max(v.clamp(0, m_total as i64) as u32);
+            run
+        })
+        .collect()
+}
+
+/// The offsets the GPU scheduler makes of device-side counts `raw [e]`: each count clamped to
+/// `[0, m_total]`, summed saturating at `m_total`, starting at 0.
+pub fn repair_counts(raw: &[i64], m_total: usize) -> Vec<u32> {
+    let mut run = 0u32;
+    std::iter::once(0)
+        .chain(raw.iter().map(|&v| {
+            run = (run + v.clamp(0, m_total as i64) as u32).min(m_total as u32);
+            run
+        }))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tensor::DType;
+
+    #[test]
+    fn rows_map_to_their_group() {
+        let offsets = [1, 3, 3, 6];
+        let groups: Vec<Option<usize>> = (0..7).map(|r| group_of_row(&offsets, r)).collect();
+        assert_eq!(
+            groups,
+            vec![None, Some(0), Some(0), Some(2), Some(2), Some(2), None]
+        );
+    }
+
+    #[test]
+    fn small_example_by_hand() {
+        // Two experts, k = 2, n = 2; expert 0 doubles, expert 1 swaps.
+        let x = Tensor::f32(&[3, 2], vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0]).unwrap();
+        let w = Tensor::f32(&[2, 2, 2], vec![2.0, 0.0, 0.0, 2.0, 0.0, 1.0, 1.0, 0.0]).unwrap();
+        let y = grouped_matmul(&x, &[0, 1, 3], &w, Layout::Kn, Activation::None, None).unwrap();
+        assert_eq!(y, vec![2.0, 4.0, 4.0, 3.0, 6.0, 5.0]);
+        // [e, n, k] of the same matrices (expert 1 is symmetric, expert 0 diagonal).
+        let y_nk = grouped_matmul(&x, &[0, 1, 3], &w, Layout::Nk, Activation::None, None).unwrap();
+        assert_eq!(y_nk, y);
+        let scale = Tensor::f32(&[3], vec![1.0, 0.5, 2.0]).unwrap();
+        let y = grouped_matmul(
+            &x,
+            &[0, 1, 3],
+            &w,
+            Layout::Kn,
+            Activation::SwiGlu,
+            Some(&scale),
+        )
+        .unwrap();
+        let want = [
+            silu(2.0) * 4.0,
+            0.5 * silu(4.0) * 3.0,
+            2.0 * silu(6.0) * 5.0,
+        ];
+        for (a, b) in y.iter().zip(want) {
+            assert!((a - b).abs() < 1e-12);
+        }
+        let x16 = Tensor::from_f32(&[3, 2], &[1.0; 6], DType::BF16).unwrap();
+        let padded = grouped_matmul(&x16, &[1, 1, 2], &w, Layout::Kn, Activation::None, None);
+        assert_eq!(padded.unwrap(), vec![0.0, 0.0, 1.0, 1.0, 0.0, 0.0]);
+    }
+
+    #[test]
+    fn device_offsets_repair() {
+        assert_eq!(repair_offsets(&[0, 5, 3, 9, -1], 7), vec![0, 5, 5, 7, 7]);
+        assert_eq!(repair_counts(&[2, -4, 9, 1], 7), vec![0, 2, 2, 7, 7]);
+    }
+}

@@ -1,0 +1,1149 @@
+//! Tile configurations of the two SwiftGMM paths, their defaults and candidate sets, and the
+//! tiling cache: the best configuration per (adapter, dtypes, layout, k, n, rows-per-group bucket),
+//! found by measuring the candidates once and kept in a JSON file between runs.
+//!
+//! The cache file is `swiftgmm_tiling.json` in `$FUSEDOPS_CACHE_DIR` if set, else
+//! `$XDG_CACHE_HOME/fusedops`, else `$HOME/.cache/fusedops`. `FUSEDOPS_TILING_CACHE=off` disables
+//! the file (nothing read or written; lookups give the defaults, tuning results live in memory).
+//! [`load_cache`], [`clear_cache`], [`rebuild_cache`] and [`tune_shape`] are the entry points for
+//! a command-line tuner.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, OnceLock};
+
+use serde::{Deserialize, Serialize};
+
+use super::cases::hashed;
+use super::{Activation, ExpertWeights, GmmArgs, GmmPlan, Layout, Mode, Options, Tiling};
+use crate::error::{Error, Result};
+use crate::gpu::Gpu;
+use crate::tensor::{DType, Tensor};
+
+const OP: &str = "swiftgmm";
+
+/// Largest GEMV row block (the kernel keeps one accumulator set per row in registers).
+pub const MAX_GEMV_ROWS: u32 = 16;
+/// Largest number of weight vectors an invocation loads per column and chunk.
+pub const MAX_GEMV_UNROLL: u32 = 4;
+/// Largest number of 16-byte vectors a GEMM invocation stages per operand and k step.
+pub const MAX_GEMM_STAGE_LOADS: u32 = 8;
+/// Version of the cache file format; files of another version are ignored.
+pub const CACHE_VERSION: u32 = 1;
+/// File name inside the cache directory.
+pub const CACHE_FILE: &str = "swiftgmm_tiling.json";
+
+/// The GEMV-like path: a tile is (group, row block, weight-column block) over the whole of k.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct GemvConfig {
+    /// Rows per row block (1..=16); a group larger than this takes several blocks when the GEMV
+    /// path is forced.
+    pub rows: u32,
+    /// Invocations per workgroup.
+    pub workgroup: u32,
+    /// Invocations sharing one weight column's k range: lanes along k for `[e, n, k]` weights,
+    /// k slices for `[e, k, n]`. The partial sums are reduced in workgroup memory.
+    pub split_k: u32,
+    /// 16-byte weight vectors each invocation loads per column before any arithmetic (1..=4).
+    pub unroll: u32,
+}
+
+/// The tiled GEMM path.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct GemmConfig {
+    /// Rows per tile.
+    pub tm: u32,
+    /// Weight columns per tile (with SwiGLU half gate, half up).
+    pub tn: u32,
+    /// k per workgroup-memory stage.
+    pub tk: u32,
+    /// Rows per invocation (4 or 8).
+    pub rm: u32,
+    /// Weight columns per invocation (4 or 8; 8 with SwiGLU).
+    pub rn: u32,
+}
+
+/// A complete tiling: both paths and the row count at which groups switch path.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct TileConfig {
+    /// Groups of at most this many rows take the GEMV path in [`Mode::Auto`] (0: none do).
+    pub threshold: u32,
+    pub gemv: GemvConfig,
+    pub gemm: GemmConfig,
+}
+
+/// Sizes the GEMV kernel derives from a [`GemvConfig`] for one layout and weight dtype.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GemvGeometry {
+    /// Weight columns per tile.
+    pub weight_cols: u32,
+    /// Output columns per tile.
+    pub out_cols: u32,
+    /// k elements per staged chunk of x.
+    pub x_chunk: u32,
+    /// Floats of split-k scratch.
+    pub scratch: u32,
+    /// Workgroup memory in bytes.
+    pub workgroup_bytes: u64,
+}
+
+/// Elements per 16-byte weight vector.
+pub fn elements_per_vector(dtype: DType) -> u32 {
+    if dtype == DType::F32 { 4 } else { 8 }
+}
+
+/// The device limits a configuration must respect.
+#[derive(Clone, Copy, Debug)]
+pub struct KernelLimits {
+    pub max_invocations: u32,
+    pub max_workgroup_size_x: u32,
+    pub max_workgroup_bytes: u64,
+}
+
+impl KernelLimits {
+    pub fn of(gpu: &Gpu) -> Self {
+        KernelLimits {
+            max_invocations: gpu.caps.max_invocations_per_workgroup,
+            max_workgroup_size_x: gpu.device.limits().max_compute_workgroup_size_x,
+            max_workgroup_bytes: gpu.caps.max_workgroup_storage as u64,
+        }
+    }
+
+    fn check_workgroup(&self, what: &str, invocations: u32, bytes: u64) -> Result<()> {
+        let max = self.max_invocations.min(self.max_workgroup_size_x);
+        if invocations > max {
+            return Err(Error::Limit {
+                what: format!("{what} invocations per workgroup"),
+                need: invocations as u64,
+                max: max as u64,
+            });
+        }
+        if bytes > self.max_workgroup_bytes {
+            return Err(Error::Limit {
+                what: format!("{what} workgroup memory"),
+                need: bytes,
+                max: self.max_workgroup_bytes,
+            });
+        }
+        Ok(())
+    }
+}
+
+fn bad(what: &str, why: String) -> Error {
+    Error::invalid(OP, format!("tile configuration {what}"), why)
+}
+
+impl GemvConfig {
+    /// The kernel's tile sizes for this layout and weight dtype.
+    pub fn geometry(&self, layout: Layout, w_dtype: DType, swiglu: bool) -> GemvGeometry {
+        let epv = elements_per_vector(w_dtype);
+        let groups = self.workgroup / self.split_k.max(1);
+        let (weight_cols, x_chunk, scratch) = match layout {
+            Layout::Nk => (
+                2 * groups,
+                self.split_k * epv * self.unroll,
+                2 * self.workgroup,
+            ),
+            Layout::Kn => (
+                groups * epv,
+                self.split_k * self.unroll,
+                self.workgroup * epv,
+            ),
+        };
+        let out_cols = if swiglu { weight_cols / 2 } else { weight_cols };
+        let floats = self.rows as u64 * x_chunk as u64
+            + scratch as u64
+            + self.rows as u64 * weight_cols as u64;
+        GemvGeometry {
+            weight_cols,
+            out_cols,
+            x_chunk,
+            scratch,
+            workgroup_bytes: 4 * floats,
+        }
+    }
+
+    /// Check the configuration against the kernel's rules and the device limits.
+    pub fn validate(
+        &self,
+        layout: Layout,
+        w_dtype: DType,
+        swiglu: bool,
+        limits: &KernelLimits,
+    ) -> Result<()> {
+        if !(1..=MAX_GEMV_ROWS).contains(&self.rows) {
+            return Err(bad(
+                "gemv.rows",
+                format!("{} not in 1..={MAX_GEMV_ROWS}", self.rows),
+            ));
+        }
+        if !(1..=MAX_GEMV_UNROLL).contains(&self.unroll) {
+            return Err(bad(
+                "gemv.unroll",
+                format!("{} not in 1..={MAX_GEMV_UNROLL}", self.unroll),
+            ));
+        }
+        if self.split_k == 0 || self.workgroup == 0 || !self.workgroup.is_multiple_of(self.split_k)
+        {
+            return Err(bad(
+                "gemv.split_k",
+                format!(
+                    "{} must divide the workgroup size {}",
+                    self.split_k, self.workgroup
+                ),
+            ));
+        }
+        let groups = self.workgroup / self.split_k;
+        if swiglu && !groups.is_multiple_of(2) {
+            return Err(bad(
+                "gemv",
+                format!("SwiGLU needs an even number of column groups, got {groups}"),
+            ));
+        }
+        let geo = self.geometry(layout, w_dtype, swiglu);
+        if !geo.x_chunk.is_multiple_of(4) {
+            return Err(bad(
+                "gemv",
+                format!(
+                    "split_k x unroll = {} must be a multiple of 4 for [e, k, n] weights",
+                    geo.x_chunk
+                ),
+            ));
+        }
+        limits.check_workgroup("gemv", self.workgroup, geo.workgroup_bytes)
+    }
+}
+
+impl GemmConfig {
+    /// Invocations per workgroup.
+    pub fn workgroup(&self) -> u32 {
+        (self.tm / self.rm.max(1)) * (self.tn / self.rn.max(1))
+    }
+
+    /// Output columns per tile.
+    pub fn out_cols(&self, swiglu: bool) -> u32 {
+        if swiglu { self.tn / 2 } else { self.tn }
+    }
+
+    /// Workgroup memory in bytes.
+    pub fn workgroup_bytes(&self) -> u64 {
+        4 * self.tk as u64 * (self.tm as u64 + self.tn as u64)
+    }
+
+    /// Check the configuration against the kernel's rules and the device limits.
+    pub fn validate(&self, swiglu: bool, limits: &KernelLimits) -> Result<()> {
+        if ![4, 8].contains(&self.rm) || ![4, 8].contains(&self.rn) {
+            return Err(bad(
+                "gemm",
+                format!("rm and rn must be 4 or 8, got {} and {}", self.rm, self.rn),
+            ));
+        }
+        if self.tm == 0
+            || !self.tm.is_multiple_of(self.rm)
+            || self.tn == 0
+            || !self.tn.is_multiple_of(self.rn)
+        {
+            return Err(bad(
+                "gemm",
+                format!(
+                    "tm {} and tn {} must be multiples of rm {} and rn {}",
+                    self.tm, self.tn, self.rm, self.rn
+                ),
+            ));
+        }
+        if self.tk == 0 || !self.tk.is_multiple_of(8) || !self.tn.is_multiple_of(8) {
+            return Err(bad(
+                "gemm",
+                format!(
+                    "tk {} and tn {} must be multiples of 8 (one weight vector)",
+                    self.tk, self.tn
+                ),
+            ));
+        }
+        // Each invocation stages at most 8 vectors per operand (f32 weights: 4 per vector).
+        let wg = self.workgroup().max(1);
+        let x_loads = (self.tm * self.tk / 4).div_ceil(wg);
+        let w_loads = (self.tk * self.tn / 4).div_ceil(wg);
+        if x_loads > MAX_GEMM_STAGE_LOADS || w_loads > MAX_GEMM_STAGE_LOADS {
+            return Err(bad(
+                "gemm",
+                format!(
+                    "a stage of {}x{}x{} needs {} x and {} weight loads per invocation, at most {}",
+                    self.tm, self.tn, self.tk, x_loads, w_loads, MAX_GEMM_STAGE_LOADS
+                ),
+            ));
+        }
+        if swiglu && (self.rn != 8 || !self.tn.is_multiple_of(16)) {
+            return Err(bad(
+                "gemm",
+                format!(
+                    "SwiGLU needs rn = 8 and tn a multiple of 16, got rn {} tn {}",
+                    self.rn, self.tn
+                ),
+            ));
+        }
+        limits.check_workgroup("gemm", self.workgroup(), self.workgroup_bytes())
+    }
+}
+
+impl TileConfig {
+    /// Check both paths and the threshold.
+    pub fn validate(
+        &self,
+        layout: Layout,
+        w_dtype: DType,
+        swiglu: bool,
+        limits: &KernelLimits,
+    ) -> Result<()> {
+        if self.threshold > self.gemv.rows {
+            return Err(bad(
+                "threshold",
+                format!(
+                    "{} exceeds the GEMV row block {}",
+                    self.threshold, self.gemv.rows
+                ),
+            ));
+        }
+        self.gemv.validate(layout, w_dtype, swiglu, limits)?;
+        self.gemm.validate(swiglu, limits)
+    }
+
+    /// Short description for reports, e.g. `gemv<=8 r8/256/sk16/u2, gemm 64x128x16/4x8`.
+    pub fn describe(&self) -> String {
+        let v = &self.gemv;
+        let m = &self.gemm;
+        format!(
+            "gemv<={} r{}/{}/sk{}/u{}, gemm {}x{}x{}/{}x{}",
+            self.threshold, v.rows, v.workgroup, v.split_k, v.unroll, m.tm, m.tn, m.tk, m.rm, m.rn
+        )
+    }
+}
+
+/// What a tiling is chosen for: the cache key (with the adapter).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct ShapeKey {
+    pub x_dtype: DType,
+    pub w_dtype: DType,
+    pub layout: Layout,
+    pub k: u32,
+    pub n: u32,
+    /// Average rows per group, rounded up to a power of two (see [`rows_bucket`]).
+    pub rows_bucket: u32,
+}
+
+/// The bucket of `routed_rows / experts`: the next power of two, at least 1, at most 65536.
+pub fn rows_bucket(routed_rows: usize, experts: usize) -> u32 {
+    let avg = routed_rows.div_ceil(experts.max(1)).clamp(1, 1 << 16);
+    avg.next_power_of_two() as u32
+}
+
+/// The configuration used when the cache has none for a shape.
+pub fn default_config(gpu: &Gpu, key: &ShapeKey) -> TileConfig {
+    if gpu.is_cpu() {
+        // Small workgroups: a CPU driver runs each as a loop with coroutine barriers.
+        return TileConfig {
+            threshold: 8,
+            gemv: GemvConfig {
+                rows: 8,
+                workgroup: 64,
+                split_k: 8,
+                unroll: 2,
+            },
+            gemm: GemmConfig {
+                tm: 32,
+                tn: 32,
+                tk: 16,
+                rm: 4,
+                rn: 8,
+            },
+        };
+    }
+    let gemv = match key.layout {
+        // 32 columns x (16 lanes x 16 bytes) per chunk: enough workgroups to fill a large GPU
+        // even at 1344 output columns.
+        Layout::Nk => GemvConfig {
+            rows: 8,
+            workgroup: 256,
+            split_k: 16,
+            unroll: 2,
+        },
+        // 16 column threads x 16 bytes = 256 contiguous bytes per k row, 16 k slices.
+        Layout::Kn => GemvConfig {
+            rows: 8,
+            workgroup: 256,
+            split_k: 16,
+            unroll: 4,
+        },
+    };
+    let gemm = if key.rows_bucket >= 128 {
+        GemmConfig {
+            tm: 128,
+            tn: 128,
+            tk: 16,
+            rm: 8,
+            rn: 8,
+        }
+    } else if key.rows_bucket >= 32 {
+        GemmConfig {
+            tm: 64,
+            tn: 128,
+            tk: 16,
+            rm: 4,
+            rn: 8,
+        }
+    } else {
+        GemmConfig {
+            tm: 32,
+            tn: 64,
+            tk: 32,
+            rm: 4,
+            rn: 8,
+        }
+    };
+    TileConfig {
+        threshold: 8,
+        gemv,
+        gemm,
+    }
+}
+
+/// The candidates the tuner measures for each path (the row block of the GEMV candidates is set
+/// by the tuner).
+pub fn candidates(gpu: &Gpu) -> (Vec<GemvConfig>, Vec<GemmConfig>) {
+    let gemv = |workgroup, split_k, unroll| GemvConfig {
+        rows: 8,
+        workgroup,
+        split_k,
+        unroll,
+    };
+    let gemm = |tm, tn, tk, rm, rn| GemmConfig { tm, tn, tk, rm, rn };
+    if gpu.is_cpu() {
+        return (
+            vec![gemv(64, 8, 2), gemv(128, 16, 2)],
+            vec![gemm(32, 32, 16, 4, 8), gemm(32, 64, 16, 4, 8)],
+        );
+    }
+    (
+        vec![
+            gemv(256, 16, 2),
+            gemv(256, 32, 2),
+            gemv(256, 8, 4),
+            gemv(128, 16, 4),
+        ],
+        vec![
+            gemm(32, 64, 32, 4, 8),
+            gemm(64, 64, 16, 4, 8),
+            gemm(64, 128, 16, 4, 8),
+            gemm(128, 64, 16, 8, 8),
+            gemm(128, 128, 16, 8, 8),
+        ],
+    )
+}
+
+/// Identity of the adapter in cache entries: name, backend and driver.
+pub fn adapter_id(gpu: &Gpu) -> String {
+    let i = &gpu.info;
+    format!(
+        "{} ({:?}, {} {})",
+        i.name, i.backend, i.driver, i.driver_info
+    )
+}
+
+/// One measured row count of the threshold search.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ThresholdProbe {
+    pub rows: u32,
+    pub gemv_us: f64,
+    pub gemm_us: f64,
+}
+
+/// One cache entry: the winning configuration and what was measured.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CacheEntry {
+    pub adapter: String,
+    pub key: ShapeKey,
+    pub config: TileConfig,
+    /// Median time of the best GEMV and GEMM candidates on the tuning problem (None: no
+    /// candidate of that path was valid here, the defaults are kept).
+    pub gemv_us: Option<f64>,
+    pub gemm_us: Option<f64>,
+    pub probes: Vec<ThresholdProbe>,
+    pub measured_utc: String,
+}
+
+#[derive(Serialize, Deserialize)]
+struct CacheFile {
+    version: u32,
+    entries: Vec<CacheEntry>,
+}
+
+/// Where the cache file lives, from the environment.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CacheLocation {
+    /// `FUSEDOPS_TILING_CACHE=off`: no file is read or written.
+    Disabled,
+    File(PathBuf),
+    /// No cache directory can be named (no HOME or XDG_CACHE_HOME): as disabled.
+    Unavailable,
+}
+
+impl CacheLocation {
+    /// The location from the process environment.
+    pub fn from_env() -> Self {
+        Self::from_vars(|name| std::env::var(name).ok())
+    }
+
+    /// The location from a variable lookup (tests pass their own).
+    pub fn from_vars(var: impl Fn(&str) -> Option<String>) -> Self {
+        let set = |name: &str| var(name).filter(|v| !v.trim().is_empty());
+        if let Some(v) = set("FUSEDOPS_TILING_CACHE") {
+            if ["off", "0", "false", "no"].contains(&v.trim().to_ascii_lowercase().as_str()) {
+                return CacheLocation::Disabled;
+            }
+        }
+        let dir = if let Some(d) = set("FUSEDOPS_CACHE_DIR") {
+            PathBuf::from(d)
+        } else if let Some(d) = set("XDG_CACHE_HOME") {
+            PathBuf::from(d).join("fusedops")
+        } else if let Some(h) = set("HOME") {
+            PathBuf::from(h).join(".cache").join("fusedops")
+        } else {
+            return CacheLocation::Unavailable;
+        };
+        CacheLocation::File(dir.join(CACHE_FILE))
+    }
+
+    pub fn path(&self) -> Option<&Path> {
+        match self {
+            CacheLocation::File(p) => Some(p),
+            _ => None,
+        }
+    }
+}
+
+/// The tiling cache: entries in memory, optionally backed by a JSON file.
+#[derive(Clone, Debug, Default)]
+pub struct TilingCache {
+    path: Option<PathBuf>,
+    entries: Vec<CacheEntry>,
+}
+
+fn io_error(path: &Path, source: std::io::Error) -> Error {
+    Error::Io {
+        path: path.display().to_string(),
+        source,
+    }
+}
+
+impl TilingCache {
+    /// A cache with no file.
+    pub fn in_memory() -> Self {
+        TilingCache::default()
+    }
+
+    /// The cache stored at `path`; a missing file is an empty cache, an unreadable or malformed
+    /// one an error. Entries of another format version are dropped.
+    pub fn open(path: impl Into<PathBuf>) -> Result<Self> {
+        let path = path.into();
+        let entries = match std::fs::read_to_string(&path) {
+            Ok(text) => {
+                let file: CacheFile = serde_json::from_str(&text).map_err(|e| Error::Format {
+                    what: path.display().to_string(),
+                    why: format!("tiling cache: {e}"),
+                })?;
+                if file.version == CACHE_VERSION {
+                    file.entries
+                } else {
+                    Vec::new()
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+            Err(e) => return Err(io_error(&path, e)),
+        };
+        Ok(TilingCache {
+            path: Some(path),
+            entries,
+        })
+    }
+
+    /// The cache at the environment's location (in memory when disabled or unavailable).
+    pub fn open_default() -> Result<Self> {
+        match CacheLocation::from_env() {
+            CacheLocation::File(path) => TilingCache::open(path),
+            _ => Ok(TilingCache::in_memory()),
+        }
+    }
+
+    /// The backing file, if any.
+    pub fn path(&self) -> Option<&Path> {
+        self.path.as_deref()
+    }
+
+    pub fn entries(&self) -> &[CacheEntry] {
+        &self.entries
+    }
+
+    /// The entry for this adapter and shape.
+    pub fn get(&self, adapter: &str, key: &ShapeKey) -> Option<&CacheEntry> {
+        self.entries
+            .iter()
+            .find(|e| e.adapter == adapter && &e.key == key)
+    }
+
+    /// Add an entry, replacing one for the same adapter and shape.
+    pub fn insert(&mut self, entry: CacheEntry) {
+        self.entries
+            .retain(|e| !(e.adapter == entry.adapter && e.key == entry.key));
+        self.entries.push(entry);
+    }
+
+    /// Write the entries to the file (atomically: a temporary file renamed over it). No-op for
+    /// an in-memory cache.
+    pub fn save(&self) -> Result<()> {
+        let Some(path) = &self.path else {
+            return Ok(());
+        };
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(|e| io_error(dir, e))?;
+        }
+        let file = CacheFile {
+            version: CACHE_VERSION,
+            entries: self.entries.clone(),
+        };
+        let text = serde_json::to_string_pretty(&file).map_err(|e| Error::Format {
+            what: "tiling cache".into(),
+            why: e.to_string(),
+        })?;
+        let tmp = path.with_extension(format!("json.tmp{}", std::process::id()));
+        std::fs::write(&tmp, text).map_err(|e| io_error(&tmp, e))?;
+        std::fs::rename(&tmp, path).map_err(|e| io_error(path, e))
+    }
+
+    /// Drop every entry and delete the file.
+    pub fn clear(&mut self) -> Result<()> {
+        self.entries.clear();
+        if let Some(path) = &self.path {
+            match std::fs::remove_file(path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(io_error(path, e)),
+            }
+        }
+        Ok(())
+    }
+
+    /// The cached configuration for this shape, or the result of tuning it now (then stored
+    /// and saved).
+    pub fn lookup_or_tune(
+        &mut self,
+        gpu: &Gpu,
+        key: &ShapeKey,
+        settings: &TuneSettings,
+    ) -> Result<TileConfig> {
+        if let Some(e) = self.get(&adapter_id(gpu), key) {
+            return Ok(e.config);
+        }
+        let entry = tune(gpu, key, settings)?;
+        let config = entry.config;
+        self.insert(entry);
+        self.save()?;
+        Ok(config)
+    }
+
+    /// Measure every shape this adapter has an entry for again, and save. Returns how many.
+    pub fn rebuild(&mut self, gpu: &Gpu, settings: &TuneSettings) -> Result<usize> {
+        let adapter = adapter_id(gpu);
+        let keys: Vec<ShapeKey> = self
+            .entries
+            .iter()
+            .filter(|e| e.adapter == adapter)
+            .map(|e| e.key)
+            .collect();
+        for key in &keys {
+            let entry = tune(gpu, key, settings)?;
+            self.insert(entry);
+        }
+        self.save()?;
+        Ok(keys.len())
+    }
+}
+
+/// The process-wide cache at the environment's location, loaded on first use. A malformed file
+/// counts as empty here (so running never fails because of it); tuning then replaces it.
+fn process_cache() -> &'static Mutex<TilingCache> {
+    static CACHE: OnceLock<Mutex<TilingCache>> = OnceLock::new();
+    CACHE.get_or_init(|| {
+        let cache = match CacheLocation::from_env() {
+            CacheLocation::File(path) => TilingCache::open(&path).unwrap_or_else(|_| TilingCache {
+                path: Some(path),
+                entries: Vec::new(),
+            }),
+            _ => TilingCache::in_memory(),
+        };
+        Mutex::new(cache)
+    })
+}
+
+/// The cache file at the environment's location, read now (errors if it is malformed).
+pub fn load_cache() -> Result<TilingCache> {
+    TilingCache::open_default()
+}
+
+/// Delete the cache file at the environment's location (even a malformed one) and forget the
+/// entries of this process.
+pub fn clear_cache() -> Result<()> {
+    process_cache().lock().unwrap().entries.clear();
+    match CacheLocation::from_env() {
+        CacheLocation::File(path) => TilingCache {
+            path: Some(path),
+            entries: Vec::new(),
+        }
+        .clear(),
+        _ => Ok(()),
+    }
+}
+
+/// Measure every shape of the cache file again on this adapter and save it.
+pub fn rebuild_cache(gpu: &Gpu, settings: &TuneSettings) -> Result<TilingCache> {
+    let mut cache = TilingCache::open_default()?;
+    cache.rebuild(gpu, settings)?;
+    *process_cache().lock().unwrap() = cache.clone();
+    Ok(cache)
+}
+
+/// Tune one shape now and store it in the cache at the environment's location.
+pub fn tune_shape(gpu: &Gpu, key: &ShapeKey, settings: &TuneSettings) -> Result<CacheEntry> {
+    let entry = tune(gpu, key, settings)?;
+    let mut cache = process_cache().lock().unwrap();
+    cache.insert(entry.clone());
+    cache.save()?;
+    Ok(entry)
+}
+
+/// The configuration a plan uses under `tiling`.
+pub fn resolve(gpu: &Gpu, key: &ShapeKey, tiling: &Tiling) -> Result<TileConfig> {
+    match tiling {
+        Tiling::Fixed(config) => Ok(*config),
+        Tiling::Defaults => Ok(default_config(gpu, key)),
+        Tiling::Cached => Ok(process_cache()
+            .lock()
+            .unwrap()
+            .get(&adapter_id(gpu), key)
+            .map(|e| e.config)
+            .unwrap_or_else(|| default_config(gpu, key))),
+        Tiling::Tune => {
+            process_cache()
+                .lock()
+                .unwrap()
+                .lookup_or_tune(gpu, key, &TuneSettings::for_gpu(gpu))
+        }
+    }
+}
+
+/// How much the tuner measures.
+#[derive(Clone, Debug)]
+pub struct TuneSettings {
+    pub warmup: usize,
+    pub iters: usize,
+    /// Weight bytes of the synthetic problem: enough experts to stream more than the caches hold.
+    pub weight_bytes: u64,
+    pub max_experts: usize,
+    /// Rows per group of the GEMM measurement are capped here.
+    pub max_rows: u32,
+    /// Row counts at which the two paths are compared to place the threshold.
+    pub threshold_probes: Vec<u32>,
+    /// Use at most this many candidates of each path (the candidate lists are best-first guesses).
+    pub max_candidates: usize,
+}
+
+impl TuneSettings {
+    /// Settings for this adapter (small problems on CPU drivers).
+    pub fn for_gpu(gpu: &Gpu) -> Self {
+        if gpu.is_cpu() {
+            TuneSettings {
+                warmup: 1,
+                iters: 3,
+                weight_bytes: 4 << 20,
+                max_experts: 4,
+                max_rows: 64,
+                threshold_probes: vec![1, 4, 8],
+                max_candidates: 2,
+            }
+        } else {
+            TuneSettings {
+                warmup: 3,
+                iters: 10,
+                weight_bytes: 256 << 20,
+                max_experts: 64,
+                max_rows: 2048,
+                threshold_probes: vec![1, 2, 4, 8, 16],
+                max_candidates: 8,
+            }
+        }
+    }
+}
+
+/// The synthetic problem the tuner times: `experts` groups over shared inputs.
+struct TuneProblem {
+    x: crate::tensor::DeviceTensor,
+    weights: ExpertWeights,
+    y: crate::tensor::DeviceTensor,
+    offsets: crate::tensor::DeviceTensor,
+    experts: usize,
+    layout: Layout,
+}
+
+impl TuneProblem {
+    fn new(gpu: &Gpu, key: &ShapeKey, settings: &TuneSettings, max_rows: u32) -> Result<Self> {
+        let (k, n) = (key.k as usize, key.n as usize);
+        let expert_bytes = (k * n * key.w_dtype.size()) as u64;
+        let experts = (settings.weight_bytes / expert_bytes.max(1))
+            .clamp(1, settings.max_experts.max(1) as u64) as usize;
+        let m_total = experts * max_rows as usize;
+        let x = hashed(&[m_total, k], key.x_dtype, 1, 1.0)?;
+        let w_shape = key.layout.weight_shape(experts, k, n);
+        let w = hashed(&w_shape, key.w_dtype, 2, 1.0 / (k as f32).sqrt())?;
+        Ok(TuneProblem {
+            x: gpu.upload(&x)?,
+            weights: ExpertWeights::upload(gpu, &w)?,
+            y: gpu.zeros(&[m_total, n], DType::F32)?,
+            offsets: gpu.zeros(&[experts + 1], DType::U32)?,
+            experts,
+            layout: key.layout,
+        })
+    }
+
+    /// Median microseconds of one run with `rows` rows in every group.
+    fn time(
+        &self,
+        gpu: &Gpu,
+        settings: &TuneSettings,
+        rows: u32,
+        mode: Mode,
+        config: TileConfig,
+    ) -> Result<f64> {
+        let offsets: Vec<u32> = (0..=self.experts as u32).map(|g| g * rows).collect();
+        gpu.write(
+            &self.offsets,
+            &Tensor::u32(&[self.experts + 1], offsets.clone())?,
+        )?;
+        let args = GmmArgs {
+            x: &self.x,
+            groups: super::DeviceGroups::Offsets(&self.offsets),
+            weights: &self.weights,
+            row_scale: None,
+            y: &self.y,
+            host_offsets: Some(&offsets),
+        };
+        let options = Options {
+            layout: self.layout,
+            activation: Activation::None,
+            mode,
+            tiling: Tiling::Fixed(config),
+            ..Options::default()
+        };
+        let plan = GmmPlan::new(gpu, &args, &options)?;
+        let timing = gpu.time(settings.warmup, settings.iters, |rec| plan.record(rec))?;
+        Ok(timing.median_ns() / 1e3)
+    }
+}
+
+/// Measure the candidates for `key` and return the winning entry (not stored anywhere).
+///
+/// 1. every GEMV candidate, forced, with min(bucket, 16) rows per group;
+/// 2. every GEMM candidate, forced, with the bucket's rows per group (capped);
+/// 3. the best of each at each threshold probe: the threshold is the largest probe up to which
+///    GEMV is never slower.
+pub fn tune(gpu: &Gpu, key: &ShapeKey, settings: &TuneSettings) -> Result<CacheEntry> {
+    let limits = KernelLimits::of(gpu);
+    let base = default_config(gpu, key);
+    let (gemv_all, gemm_all) = candidates(gpu);
+    let gemv_rows = key.rows_bucket.min(MAX_GEMV_ROWS);
+    let gemm_rows = key.rows_bucket.min(settings.max_rows).max(1);
+    let probe_rows = settings
+        .threshold_probes
+        .iter()
+        .copied()
+        .filter(|&r| (1..=MAX_GEMV_ROWS).contains(&r))
+        .max()
+        .unwrap_or(1);
+    let problem = TuneProblem::new(gpu, key, settings, gemm_rows.max(gemv_rows).max(probe_rows))?;
+    // Every stored configuration must also hold for SwiGLU (the key does not name the epilogue).
+    let valid = |c: &TileConfig| c.validate(key.layout, key.w_dtype, true, &limits).is_ok();
+
+    let mut best_gemv: Option<(GemvConfig, f64)> = None;
+    for cand in gemv_all.into_iter().take(settings.max_candidates.max(1)) {
+        let config = TileConfig {
+            threshold: 0,
+            gemv: GemvConfig {
+                rows: gemv_rows,
+                ..cand
+            },
+            gemm: base.gemm,
+        };
+        if !valid(&config) {
+            continue;
+        }
+        let us = problem.time(gpu, settings, gemv_rows, Mode::Gemv, config)?;
+        if best_gemv.is_none_or(|(_, b)| us < b) {
+            best_gemv = Some((cand, us));
+        }
+    }
+    let mut best_gemm: Option<(GemmConfig, f64)> = None;
+    for cand in gemm_all.into_iter().take(settings.max_candidates.max(1)) {
+        let config = TileConfig {
+            threshold: 0,
+            gemv: base.gemv,
+            gemm: cand,
+        };
+        if !valid(&config) {
+            continue;
+        }
+        let us = problem.time(gpu, settings, gemm_rows, Mode::Gemm, config)?;
+        if best_gemm.is_none_or(|(_, b)| us < b) {
+            best_gemm = Some((cand, us));
+        }
+    }
+    let (gemv, gemv_us) = best_gemv.map_or((base.gemv, None), |(c, t)| (c, Some(t)));
+    let (gemm, gemm_us) = best_gemm.map_or((base.gemm, None), |(c, t)| (c, Some(t)));
+
+    let mut probes = Vec::new();
+    let mut threshold = 0;
+    let mut gemv_still_wins = true;
+    let mut rows_list = settings.threshold_probes.clone();
+    rows_list.retain(|r| (1..=MAX_GEMV_ROWS).contains(r));
+    rows_list.sort_unstable();
+    rows_list.dedup();
+    for rows in rows_list {
+        let config = TileConfig {
+            threshold: rows,
+            gemv: GemvConfig { rows, ..gemv },
+            gemm,
+        };
+        if !valid(&config) {
+            continue;
+        }
+        let gemv_us = problem.time(gpu, settings, rows, Mode::Gemv, config)?;
+        let gemm_us = problem.time(gpu, settings, rows, Mode::Gemm, config)?;
+        probes.push(ThresholdProbe {
+            rows,
+            gemv_us,
+            gemm_us,
+        });
+        if gemv_still_wins && gemv_us <= gemm_us {
+            threshold = rows;
+        } else {
+            gemv_still_wins = false;
+        }
+    }
+    let config = TileConfig {
+        threshold,
+        gemv: GemvConfig {
+            rows: if threshold > 0 {
+                threshold
+            } else {
+                base.gemv.rows
+            },
+            ..gemv
+        },
+        gemm,
+    };
+    Ok(CacheEntry {
+        adapter: adapter_id(gpu),
+        key: *key,
+        config,
+        gemv_us,
+        gemm_us,
+        probes,
+        measured_utc: crate::bench::utc_now(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bucket_is_a_power_of_two_of_the_average() {
+        assert_eq!(rows_bucket(0, 8), 1);
+        assert_eq!(rows_bucket(128, 64), 2);
+        assert_eq!(rows_bucket(130, 64), 4);
+        assert_eq!(rows_bucket(32768, 64), 512);
+        assert_eq!(rows_bucket(usize::MAX / 2, 1), 1 << 16);
+    }
+
+    #[test]
+    fn location_follows_the_environment() {
+        let vars = |pairs: &'static [(&'static str, &'static str)]| {
+            move |name: &str| {
+                pairs
+                    .iter()
+                    .find(|(k, _)| *k == name)
+                    .map(|(_, v)| v.to_string())
+            }
+        };
+        assert_eq!(
+            CacheLocation::from_vars(vars(&[("FUSEDOPS_CACHE_DIR", "/c"), ("HOME", "/h")])),
+            CacheLocation::File(PathBuf::from("/c").join(CACHE_FILE))
+        );
+        assert_eq!(
+            CacheLocation::from_vars(vars(&[("XDG_CACHE_HOME", "/x"), ("HOME", "/h")])),
+            CacheLocation::File(PathBuf::from("/x/fusedops").join(CACHE_FILE))
+        );
+        assert_eq!(
+            CacheLocation::from_vars(vars(&[("HOME", "/h")])),
+            CacheLocation::File(PathBuf::from("/h/.cache/fusedops").join(CACHE_FILE))
+        );
+        assert_eq!(
+            CacheLocation::from_vars(vars(&[
+                ("FUSEDOPS_TILING_CACHE", "off"),
+                ("FUSEDOPS_CACHE_DIR", "/c")
+            ])),
+            CacheLocation::Disabled
+        );
+        assert_eq!(
+            CacheLocation::from_vars(vars(&[])),
+            CacheLocation::Unavailable
+        );
+    }
+
+    fn limits() -> KernelLimits {
+        KernelLimits {
+            max_invocations: 256,
+            max_workgroup_size_x: 256,
+            max_workgroup_bytes: 32 << 10,
+        }
+    }
+
+    #[test]
+    fn candidate_rules_are_enforced() {
+        let ok = GemmConfig {
+            tm: 64,
+            tn: 64,
+            tk: 16,
+            rm: 4,
+            rn: 8,
+        };
+        assert!(ok.validate(true, &limits()).is_ok());
+        let rn4 = GemmConfig { rn: 4, ..ok };
+        assert!(rn4.validate(false, &limits()).is_ok());
+        assert!(
+            rn4.validate(true, &limits()).is_err(),
+            "SwiGLU pairs need rn 8"
+        );
+        let big = GemmConfig {
+            tm: 256,
+            tn: 256,
+            tk: 32,
+            rm: 4,
+            rn: 4,
+        };
+        assert!(matches!(
+            big.validate(false, &limits()),
+            Err(Error::Limit { .. })
+        ));
+        let deep = GemmConfig {
+            tm: 64,
+            tn: 64,
+            tk: 64,
+            rm: 8,
+            rn: 8,
+        };
+        assert!(
+            matches!(deep.validate(false, &limits()), Err(Error::Invalid { .. })),
+            "16 staged x vectors per invocation"
+        );
+        let gemv = GemvConfig {
+            rows: 8,
+            workgroup: 256,
+            split_k: 16,
+            unroll: 2,
+        };
+        assert!(
+            gemv.validate(Layout::Nk, DType::BF16, true, &limits())
+                .is_ok()
+        );
+        let rows17 = GemvConfig { rows: 17, ..gemv };
+        assert!(
+            rows17
+                .validate(Layout::Nk, DType::BF16, false, &limits())
+                .is_err()
+        );
+        let odd = GemvConfig { split_k: 3, ..gemv };
+        assert!(
+            odd.validate(Layout::Kn, DType::F16, false, &limits())
+                .is_err()
+        );
+    }
+
+    #[test]
+    fn gemv_geometry_per_layout() {
+        let c = GemvConfig {
+            rows: 8,
+            workgroup: 256,
+            split_k: 16,
+            unroll: 2,
+        };
+        let nk = c.geometry(Layout::Nk, DType::BF16, false);
+        assert_eq!((nk.weight_cols, nk.x_chunk, nk.scratch), (32, 256, 512));
+        let kn = c.geometry(Layout::Kn, DType::BF16, true);
+        assert_eq!((kn.weight_cols, kn.out_cols, kn.x_chunk), (128, 64, 32));
+        let kn32 = c.geometry(Layout::Kn, DType::F32, false);
+        assert_eq!(kn32.weight_cols, 64);
+    }
+
+    #[test]
+    fn cache_file_round_trip_and_clear() {
+        let dir = std::env::temp_dir().join(format!("swiftgmm-tiling-unit-{}", std::process::id()));
+        let path = dir.join(CACHE_FILE);
+        let mut cache = TilingCache::open(&path).unwrap();
+        assert!(cache.entries().is_empty());
+        let key = ShapeKey {
+            x_dtype: DType::BF16,
+            w_dtype: DType::BF16,
+            layout: Layout::Nk,
+            k: 64,
+            n: 32,
+            rows_bucket: 2,
+        };
+        let entry = CacheEntry {
+            adapter: "test adapter".into(),
+            key,
+            config: TileConfig {
+                threshold: 4,
+                gemv: GemvConfig {
+                    rows: 4,
+                    workgroup: 64,
+                    split_k: 8,
+                    unroll: 1,
+                },
+                gemm: GemmConfig {
+                    tm: 32,
+                    tn: 32,
+                    tk: 16,
+                    rm: 4,
+                    rn: 8,
+                },
+            },
+            gemv_us: Some(1.0),
+            gemm_us: None,
+            probes: vec![],
+            measured_utc: "2026-01-01 00:00:00".into(),
+        };
+        cache.insert(entry.clone());
+        cache.insert(entry.clone());
+        assert_eq!(cache.entries().len(), 1, "same key replaces");
+        cache.save().unwrap();
+        let back = TilingCache::open(&path).unwrap();
+        assert_eq!(back.get("test adapter", &key), Some(&entry));
+        assert!(back.get("other adapter", &key).is_none());
+        std::fs::write(&path, "{not json").unwrap();
+        assert!(matches!(
+            TilingCache::open(&path),
+            Err(Error::Format { .. })
+        ));
+        let mut stale = back.clone();
+        stale.clear().unwrap();
+        assert!(!path.exists() && stale.entries().is_empty());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
