@@ -147,6 +147,8 @@ pub struct BenchRow {
     pub baseline_time: Option<TimeSummary>,
     /// Baseline time / fused time.
     pub speedup: Option<f64>,
+    /// Tokens per second, for cases that name their token count (param `tokens`).
+    pub tokens_per_s: Option<f64>,
 }
 
 /// Benchmark settings.
@@ -206,6 +208,12 @@ fn bench_prepared(
     let speedup = baseline_timing
         .as_ref()
         .map(|b| b.median_ns() / timing.median_ns());
+    let tokens_per_s = info
+        .params
+        .iter()
+        .find(|(k, _)| k == "tokens")
+        .and_then(|(_, v)| v.parse::<f64>().ok())
+        .map(|tokens| tokens / secs);
     Ok(BenchRow {
         check: CheckRow {
             case: info,
@@ -224,6 +232,7 @@ fn bench_prepared(
         baseline,
         baseline_time: baseline_timing.as_ref().map(TimeSummary::from),
         speedup,
+        tokens_per_s,
     })
 }
 
@@ -252,6 +261,7 @@ pub fn bench_case(
         baseline: None,
         baseline_time: None,
         speedup: None,
+        tokens_per_s: None,
     })
 }
 

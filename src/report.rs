@@ -41,13 +41,14 @@ impl BenchReport {
     }
 }
 
-const HEADER: [&str; 10] = [
+const HEADER: [&str; 11] = [
     "op",
     "case",
     "path",
     "time us (min-max)",
     "GB/s",
     "TFLOP/s",
+    "tokens/s",
     "roof",
     "vs baseline",
     "check",
@@ -75,6 +76,7 @@ fn cells(r: &BenchRow) -> Vec<String> {
         time,
         fmt_num(r.gbps),
         fmt_num(r.tflops),
+        fmt_num(r.tokens_per_s),
         roof,
         speedup,
         if r.check.pass { "pass" } else { "FAIL" }.to_string(),
