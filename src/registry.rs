@@ -162,5 +162,5 @@ pub trait Operator: Sync {
 
 /// Every registered operator.
 pub fn operators() -> Vec<&'static dyn Operator> {
-    vec![]
+    vec![&crate::ops::amla::OPERATOR]
 }
