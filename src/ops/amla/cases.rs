@@ -537,6 +537,12 @@ fn bench_cases(gpu: &Gpu) -> Vec<AmlaCase> {
         p_precision: PPrecision::F16,
         ..amla
     };
+    // The multiply variant as cases of its own too, so that criterion lists it next to AMLA
+    // (`fusedops bench` also times it as every AMLA case's baseline).
+    let multiply = AmlaParams {
+        rescale: Rescale::Multiply,
+        ..amla
+    };
     // CPU adapters get the same mix at a size they finish.
     let (b, sk, b_big_h) = if gpu.is_cpu() {
         (4, 512, 2)
@@ -545,8 +551,10 @@ fn bench_cases(gpu: &Gpu) -> Vec<AmlaCase> {
     };
     vec![
         AmlaCase::new(d, &vec![sk; b], 1, 16, 64, DType::BF16, amla, 30),
+        AmlaCase::new(d, &vec![sk; b], 1, 16, 64, DType::BF16, multiply, 30),
         AmlaCase::new(d, &vec![sk; b], 1, 16, 64, DType::BF16, amla16, 30),
         AmlaCase::new(d, &vec![sk; b_big_h], 1, 128, 64, DType::BF16, amla, 31),
+        AmlaCase::new(d, &vec![sk; b_big_h], 1, 128, 64, DType::BF16, multiply, 31),
         AmlaCase::new(d, &spread(b, 2 * sk, 32), 1, 16, 64, DType::BF16, amla, 32),
         AmlaCase::new(
             d,

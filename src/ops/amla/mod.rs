@@ -16,7 +16,7 @@
 //!   ([`schedule::plan_work`], the counterpart of `get_mla_metadata`);
 //! - [`AmlaPlan::record`] per layer: checks the device tensors and records the passes.
 //!
-//! [`amla`] does all of it for host tensors. [`reference`] holds the exact f64 reference and an
+//! [`amla`] does all of it for host tensors. [`mod@reference`] holds the exact f64 reference and an
 //! emulation of the kernel's AMLA steps in its block order. The kernel design and numerics are in
 //! `docs/amla.md`.
 //!
@@ -356,7 +356,7 @@ pub struct DecodeParams {
     pub num_items: u32,
     /// 1: causal masking for s_q > 1.
     pub causal: u32,
-    /// Offset of cache_seqlens [b] in the schedule buffer (words).
+    /// Offset of cache_seqlens `[b]` in the schedule buffer (words).
     pub seqlens_at: u32,
     /// Offset of block_table [b, max_blocks] in the schedule buffer (words).
     pub table_at: u32,
