@@ -163,6 +163,7 @@ pub trait Operator: Sync {
 /// Every registered operator.
 pub fn operators() -> Vec<&'static dyn Operator> {
     vec![
+        &crate::ops::amla::OPERATOR,
         &crate::ops::merrouter::OPERATOR,
         &crate::ops::swiftgmm::OPERATOR,
     ]

@@ -1,0 +1,804 @@
+//! AMLA decode on the default adapter (lavapipe in CI): every variant against the exact f64
+//! reference and against the emulation of the kernel's steps, on NaN-padded paged caches with
+//! shuffled block tables; the corner cases of the issue; every error path, with nothing
+//! dispatched.
+
+mod common;
+
+use common::{gpu, gpu_without};
+use fusedops::check::{Comparison, compare};
+use fusedops::error::Error;
+use fusedops::gpu::{Feature, Gpu, Recorder};
+use fusedops::ops::amla::cases::{
+    emulation_lse_tolerance, emulation_out_tolerance, lse_tolerance, out_tolerance, round_to,
+};
+use fusedops::ops::amla::inputs::{AmlaInputs, ColumnFill, InputSpec, Pattern};
+use fusedops::ops::amla::reference::{self, AmlaStats};
+use fusedops::ops::amla::{
+    self, AmlaParams, AmlaPlan, AmlaShape, PPrecision, Rescale, Split, TileConfig,
+};
+use fusedops::registry::{NamedTensors, Operator, Scale};
+use fusedops::tensor::{DType, Tensor};
+
+const ALL_VARIANTS: [(Rescale, PPrecision); 4] = [
+    (Rescale::Amla, PPrecision::F32),
+    (Rescale::Amla, PPrecision::F16),
+    (Rescale::Multiply, PPrecision::F32),
+    (Rescale::Multiply, PPrecision::F16),
+];
+
+fn params(rescale: Rescale, p: PPrecision, split: Split, causal: bool) -> AmlaParams {
+    AmlaParams {
+        softmax_scale: None,
+        causal,
+        rescale,
+        p_precision: p,
+        split,
+    }
+}
+
+fn amla16(split: Split) -> AmlaParams {
+    params(Rescale::Amla, PPrecision::F16, split, false)
+}
+
+fn must_pass(what: &str, c: &Comparison, shape: &[usize]) {
+    assert!(c.pass, "{what}: {}", c.summary(shape));
+}
+
+/// What one checked run produced.
+struct Checked {
+    x: AmlaInputs,
+    got: amla::AmlaOutput,
+    stats: AmlaStats,
+}
+
+/// Run on the GPU with tiles `tiles` (default: chosen from the device limits) and check against
+/// both references.
+fn check_with(
+    g: &Gpu,
+    label: &str,
+    spec: &InputSpec,
+    p: AmlaParams,
+    seed: u64,
+    tiles: Option<TileConfig>,
+) -> Checked {
+    let x = AmlaInputs::generate(spec, seed).unwrap();
+    let shape = AmlaShape::of(&x.q, &x.kv_cache, &x.block_table, &x.cache_seqlens).unwrap();
+    let tiles = tiles.unwrap_or_else(|| {
+        TileConfig::choose(shape.rows(), shape.kv_dtype, g.caps.max_workgroup_storage).unwrap()
+    });
+    let plan = AmlaPlan::with_tiles(g, &shape, &p, tiles).unwrap();
+    let schedule = plan.schedule(g, &x.block_table, &x.cache_seqlens).unwrap();
+    let (q, kv) = (g.upload(&x.q).unwrap(), g.upload(&x.kv_cache).unwrap());
+    let out = g.zeros(&shape.out_shape(), shape.out_dtype).unwrap();
+    let lse = g.zeros(&shape.lse_shape(), DType::F32).unwrap();
+    g.run(|rec| plan.record(g, rec, &schedule, &q, &kv, &out, &lse))
+        .unwrap_or_else(|e| panic!("{label}: {e}"));
+    let got = amla::AmlaOutput {
+        out: g.download(&out).unwrap(),
+        lse: g.download(&lse).unwrap(),
+    };
+    let exact = reference::exact(&x.q, &x.kv_cache, &x.block_table, &x.cache_seqlens, &p).unwrap();
+    let emu = reference::emulate(
+        &x.q,
+        &x.kv_cache,
+        &x.block_table,
+        &x.cache_seqlens,
+        &p,
+        &tiles,
+    )
+    .unwrap();
+    let (o, l) = (got.out.to_f32(), got.lse.to_f32());
+    let (os, ls) = (shape.out_shape(), shape.lse_shape());
+    let label = format!(
+        "{label} {:?} p={:?} {:?} tn={}",
+        p.rescale, p.p_precision, p.split, tiles.tile_keys
+    );
+    must_pass(
+        &format!("{label} out/exact"),
+        &compare(&o, &exact.out, out_tolerance()),
+        &os,
+    );
+    must_pass(
+        &format!("{label} lse/exact"),
+        &compare(&l, &exact.lse, lse_tolerance()),
+        &ls,
+    );
+    let emu_out = round_to(shape.out_dtype, &emu.out);
+    let tol = emulation_out_tolerance(shape.out_dtype, p.p_precision, emu.max_score);
+    must_pass(
+        &format!("{label} out/emulation"),
+        &compare(&o, &emu_out, tol),
+        &os,
+    );
+    must_pass(
+        &format!("{label} lse/emulation"),
+        &compare(&l, &emu.lse, emulation_lse_tolerance()),
+        &ls,
+    );
+    Checked {
+        x,
+        got,
+        stats: emu.stats,
+    }
+}
+
+fn check(g: &Gpu, label: &str, spec: &InputSpec, p: AmlaParams, seed: u64) -> Checked {
+    check_with(g, label, spec, p, seed, None)
+}
+
+#[test]
+fn variants_on_variable_lengths_with_nan_padding() {
+    let g = gpu();
+    // Lengths 0 and 1, lengths around and not at multiples of the page, several pages.
+    let seqlens = [0, 1, 15, 16, 17, 64, 129, 203];
+    let mut spec = InputSpec::new(&seqlens, 1, 16, 16, DType::BF16);
+    // f32 q (so f32 out): the emulation check sees the kernel's own f32 result.
+    spec.q_dtype = DType::F32;
+    for (i, (rescale, p)) in ALL_VARIANTS.into_iter().enumerate() {
+        for split in [Split::Off, Split::Chunk { keys: 48 }] {
+            check(
+                g,
+                "bf16 cache",
+                &spec,
+                params(rescale, p, split, false),
+                i as u64,
+            );
+        }
+    }
+    for dtype in [DType::F16, DType::F32] {
+        spec.kv_dtype = dtype;
+        check(g, "cache", &spec, amla16(Split::Chunk { keys: 32 }), 5);
+        check(
+            g,
+            "cache",
+            &spec,
+            params(Rescale::Multiply, PPrecision::F32, Split::Off, false),
+            6,
+        );
+    }
+}
+
+#[test]
+fn sixteen_bit_q_and_out() {
+    let g = gpu();
+    for dtype in [DType::BF16, DType::F16] {
+        let spec = InputSpec::new(&[33, 0, 100], 1, 16, 64, dtype);
+        check(g, "16-bit out", &spec, amla16(Split::default()), 3);
+        check(
+            g,
+            "16-bit out",
+            &spec,
+            params(Rescale::Multiply, PPrecision::F32, Split::Off, false),
+            4,
+        );
+    }
+}
+
+#[test]
+fn head_counts_1_16_64_128() {
+    let g = gpu();
+    for (h, seqlens) in [
+        (1, vec![7, 300]),
+        (16, vec![90]),
+        (64, vec![40, 2]),
+        (128, vec![77, 20]),
+    ] {
+        let spec = InputSpec::new(&seqlens, 1, h, 64, DType::BF16);
+        let split = Split::Auto {
+            target_workgroups: 8,
+        };
+        check(g, &format!("h={h}"), &spec, amla16(split), h as u64);
+        check(
+            g,
+            &format!("h={h}"),
+            &spec,
+            params(Rescale::Multiply, PPrecision::F32, split, false),
+            h as u64,
+        );
+    }
+}
+
+#[test]
+fn causal_query_tokens_1_2_4() {
+    let g = gpu();
+    for s_q in [1, 2, 4] {
+        // Length 1 and 3 are shorter than s_q = 4: those rows see few or no keys.
+        let spec = InputSpec::new(&[1, 3, 70, 33], s_q, 8, 32, DType::BF16);
+        for (rescale, p) in [
+            (Rescale::Amla, PPrecision::F16),
+            (Rescale::Multiply, PPrecision::F32),
+        ] {
+            let c = check(
+                g,
+                &format!("s_q={s_q} causal"),
+                &spec,
+                params(rescale, p, Split::Chunk { keys: 32 }, true),
+                s_q as u64,
+            );
+            let lse = c.got.lse.to_f32();
+            // Sequence 0 (1 key): token t sees 1 + t - (s_q - 1) keys, none for t < s_q - 1.
+            for h in 0..8 {
+                for t in 0..s_q {
+                    let v = lse[h * s_q + t];
+                    assert_eq!(
+                        v == f32::NEG_INFINITY,
+                        t + 1 < s_q,
+                        "s_q={s_q} h={h} t={t}: {v}"
+                    );
+                }
+            }
+        }
+    }
+    // Non-causal s_q = 2 for contrast: every row sees every key.
+    let spec = InputSpec::new(&[1, 50], 2, 16, 16, DType::F16);
+    check(g, "s_q=2 not causal", &spec, amla16(Split::Off), 9);
+}
+
+#[test]
+fn rising_max_hits_the_minus_30_clamp() {
+    let g = gpu();
+    // Scores rise 2.5 binades per key (every tile lifts the max by 20 to 80 binades), then 10
+    // per key: a jump of 160+ binades per tile, which would wrap even O entries near 1 without
+    // the clamp.
+    for (ramp, variants) in [(2.5, &ALL_VARIANTS[..]), (10.0, &ALL_VARIANTS[..2])] {
+        let mut spec = InputSpec::new(&[300, 130], 1, 16, 64, DType::BF16);
+        spec.pattern = Pattern {
+            ramp_log2_per_key: ramp,
+            column: None,
+        };
+        for &(rescale, p) in variants {
+            for split in [Split::Off, Split::Chunk { keys: 96 }] {
+                let label = format!("rising max {ramp}");
+                let c = check(g, &label, &spec, params(rescale, p, split, false), 11);
+                if rescale == Rescale::Amla {
+                    let s = c.stats;
+                    assert!(
+                        s.clamped_steps > 0 && 2 * s.clamped_steps > s.exponent_steps,
+                        "{s:?}"
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn slow_rise_steps_the_exponent_every_tile() {
+    let g = gpu();
+    // The max grows a little in every tile, so every tile applies a small exponent step with
+    // its rounding compensation; with f16 P some O entries cancel to exactly 0 on the way.
+    let mut spec = InputSpec::new(&[400, 300, 350], 1, 16, 64, DType::BF16);
+    spec.q_dtype = DType::F32;
+    for ramp in [0.02, 0.1] {
+        spec.pattern = Pattern {
+            ramp_log2_per_key: ramp,
+            column: None,
+        };
+        for p in [PPrecision::F16, PPrecision::F32] {
+            let c = check(
+                g,
+                &format!("ramp {ramp}"),
+                &spec,
+                params(Rescale::Amla, p, Split::Off, false),
+                5,
+            );
+            assert!(
+                c.stats.exponent_steps > c.stats.tiles * 9 / 10,
+                "{:?}",
+                c.stats
+            );
+        }
+    }
+}
+
+#[test]
+fn zero_and_denormal_v_columns() {
+    let g = gpu();
+    // A mild ramp makes the max grow in every tile (about 5 binades per 16 keys, 45 in all).
+    // (a) V column 7 is 0 in the first 40 keys: O is exactly 0 there while the exponent steps
+    // go on, then gets contributions; AMLA's add must leave the zero alone, or it wraps, swallows
+    // the later contributions and the guard zeroes the entry. (b) column 7 = 1e-39 in every key
+    // (a denormal bf16 holds): O is denormal, the add wraps its exponent and the guard zeroes it
+    // (the true value is about 1e-39).
+    let mut spec = InputSpec::new(&[150, 97, 0], 1, 16, 128, DType::BF16);
+    spec.q_dtype = DType::F32;
+    for (value, keys) in [(0.0, 40), (1e-39, usize::MAX)] {
+        spec.pattern = Pattern {
+            ramp_log2_per_key: 0.3,
+            column: Some(ColumnFill {
+                column: 7,
+                value,
+                keys,
+            }),
+        };
+        for p in [PPrecision::F32, PPrecision::F16] {
+            for split in [Split::Off, Split::Chunk { keys: 64 }] {
+                let label = format!("column {value:e}");
+                let c = check(g, &label, &spec, params(Rescale::Amla, p, split, false), 12);
+                assert_eq!(
+                    c.stats.guard_zeroed > 0,
+                    value != 0.0,
+                    "{label}: {:?}",
+                    c.stats
+                );
+                let column: Vec<f32> = c.got.out.to_f32().chunks(512).map(|row| row[7]).collect();
+                if value == 0.0 {
+                    assert!(column[..32].iter().all(|&v| v != 0.0), "{label}");
+                } else {
+                    assert!(column.iter().all(|v| v.abs() <= 1e-30), "{label}");
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn long_sequences_take_hundreds_of_tiles() {
+    let g = gpu();
+    // 256+ tiles per sequence: a drift of a few ulps per tile (e.g. applying the 1e-6 of the
+    // exponent step in tiles where the max did not change) would show against the emulation.
+    let mut spec = InputSpec::new(&[4100, 2500], 1, 4, 64, DType::BF16);
+    spec.q_dtype = DType::F32;
+    for (rescale, p) in ALL_VARIANTS {
+        check(g, "long", &spec, params(rescale, p, Split::Off, false), 21);
+    }
+    check(g, "long split", &spec, amla16(Split::default()), 22);
+}
+
+#[test]
+fn empty_sequences_give_zero_and_minus_infinity() {
+    let g = gpu();
+    let spec = InputSpec::new(&[0, 5, 0, 40], 1, 16, 16, DType::BF16);
+    for split in [Split::Off, Split::Chunk { keys: 16 }] {
+        for (rescale, p) in [
+            (Rescale::Amla, PPrecision::F16),
+            (Rescale::Multiply, PPrecision::F32),
+        ] {
+            let c = check(g, "empty", &spec, params(rescale, p, split, false), 13);
+            let (out, lse) = (c.got.out.to_f32(), c.got.lse.to_f32());
+            for seq in [0, 2] {
+                assert!(
+                    out[seq * 16 * 512..(seq + 1) * 16 * 512]
+                        .iter()
+                        .all(|&v| v == 0.0)
+                );
+                assert!(
+                    lse[seq * 16..(seq + 1) * 16]
+                        .iter()
+                        .all(|&v| v == f32::NEG_INFINITY)
+                );
+            }
+            assert!(lse[16..32].iter().all(|v| v.is_finite()));
+        }
+    }
+    // A batch of nothing but empty sequences.
+    let spec = InputSpec::new(&[0, 0], 1, 4, 64, DType::F16);
+    let c = check(g, "all empty", &spec, amla16(Split::default()), 14);
+    assert!(c.got.out.to_f32().iter().all(|&v| v == 0.0));
+    assert_eq!(c.x.cache_seqlens.as_i32(), Some(&[0, 0][..]));
+}
+
+#[test]
+fn page_sizes_and_shuffled_tables() {
+    let g = gpu();
+    for page in [16, 64, 128, 256] {
+        let mut spec = InputSpec::new(&[page + 3, 2 * page - 1, 5], 1, 4, page, DType::BF16);
+        spec.spare_blocks = 3;
+        spec.spare_columns = 2;
+        check(
+            g,
+            &format!("page {page}"),
+            &spec,
+            amla16(Split::Chunk { keys: 64 }),
+            page as u64,
+        );
+    }
+}
+
+#[test]
+fn every_key_tile_size_that_fits() {
+    let g = gpu();
+    let spec = InputSpec::new(&[45, 100], 1, 16, 16, DType::BF16);
+    let narrow = InputSpec::new(&[45, 100], 2, 2, 16, DType::F16);
+    // Head block 8 for 16 rows is what a device with 16 KiB of workgroup memory gets.
+    for (spec, head_block) in [(&spec, 16), (&spec, 8), (&narrow, 4)] {
+        for tn in [8, 16, 32] {
+            let tiles = TileConfig::new(head_block, tn, spec.kv_dtype).unwrap();
+            if tiles.workgroup_bytes > g.caps.max_workgroup_storage {
+                // Too big for this device: refused before anything runs.
+                let x = AmlaInputs::generate(spec, 1).unwrap();
+                let shape =
+                    AmlaShape::of(&x.q, &x.kv_cache, &x.block_table, &x.cache_seqlens).unwrap();
+                let err = AmlaPlan::with_tiles(g, &shape, &amla16(Split::Off), tiles).unwrap_err();
+                assert!(matches!(err, Error::Limit { .. }), "{err}");
+                continue;
+            }
+            let split = Split::Chunk { keys: 24 };
+            check_with(
+                g,
+                &format!("hb={head_block}"),
+                spec,
+                amla16(split),
+                15,
+                Some(tiles),
+            );
+            let multiply = params(Rescale::Multiply, PPrecision::F32, split, true);
+            check_with(
+                g,
+                &format!("hb={head_block}"),
+                spec,
+                multiply,
+                16,
+                Some(tiles),
+            );
+        }
+    }
+}
+
+#[test]
+fn auto_split_balances_a_mixed_batch() {
+    let g = gpu();
+    let spec = InputSpec::new(&[600, 3, 4, 17, 9], 1, 16, 64, DType::BF16);
+    let x = AmlaInputs::generate(&spec, 17).unwrap();
+    let shape = AmlaShape::of(&x.q, &x.kv_cache, &x.block_table, &x.cache_seqlens).unwrap();
+    let p = amla16(Split::Auto {
+        target_workgroups: 16,
+    });
+    let plan = AmlaPlan::new(g, &shape, &p).unwrap();
+    let schedule = plan.schedule(g, &x.block_table, &x.cache_seqlens).unwrap();
+    let work = schedule.work();
+    assert!(work.ranges[0].len() > 4, "{:?}", work.ranges[0]);
+    assert!(work.ranges[1..].iter().all(|r| r.len() == 1));
+    assert!(!work.combines.is_empty());
+    check(g, "auto split", &spec, p, 17);
+}
+
+#[test]
+fn one_plan_serves_many_schedules_and_layers() {
+    let g = gpu();
+    let spec = InputSpec::new(&[70, 5], 1, 16, 16, DType::BF16);
+    let a = AmlaInputs::generate(&spec, 1).unwrap();
+    // The next step: other lengths (within the same pages) and another q, same shapes.
+    let b = AmlaInputs {
+        q: AmlaInputs::generate(&spec, 2).unwrap().q,
+        cache_seqlens: Tensor::i32(&[2], vec![60, 3]).unwrap(),
+        ..a.clone()
+    };
+    let p = amla16(Split::Chunk { keys: 32 });
+    let shape = AmlaShape::of(&a.q, &a.kv_cache, &a.block_table, &a.cache_seqlens).unwrap();
+    let plan = AmlaPlan::new(g, &shape, &p).unwrap();
+    let sched_a = plan.schedule(g, &a.block_table, &a.cache_seqlens).unwrap();
+    let sched_b = plan.schedule(g, &b.block_table, &b.cache_seqlens).unwrap();
+    let dev = |x: &AmlaInputs| (g.upload(&x.q).unwrap(), g.upload(&x.kv_cache).unwrap());
+    let ((qa, kva), (qb, kvb)) = (dev(&a), dev(&b));
+    let outs: Vec<_> = (0..2)
+        .map(|_| {
+            (
+                g.zeros(&shape.out_shape(), shape.out_dtype).unwrap(),
+                g.zeros(&shape.lse_shape(), DType::F32).unwrap(),
+            )
+        })
+        .collect();
+    // Two "layers" in one command buffer, sharing the plan's workspace.
+    g.run(|rec| {
+        plan.record(g, rec, &sched_a, &qa, &kva, &outs[0].0, &outs[0].1)?;
+        plan.record(g, rec, &sched_b, &qb, &kvb, &outs[1].0, &outs[1].1)
+    })
+    .unwrap();
+    for (x, (out, lse)) in [&a, &b].into_iter().zip(&outs) {
+        let exact =
+            reference::exact(&x.q, &x.kv_cache, &x.block_table, &x.cache_seqlens, &p).unwrap();
+        let o = g.download_f32(out).unwrap();
+        must_pass(
+            "layer out",
+            &compare(&o, &exact.out, out_tolerance()),
+            &shape.out_shape(),
+        );
+        let l = g.download_f32(lse).unwrap();
+        must_pass(
+            "layer lse",
+            &compare(&l, &exact.lse, lse_tolerance()),
+            &shape.lse_shape(),
+        );
+    }
+    // A schedule belongs to its plan.
+    let other = AmlaPlan::new(g, &shape, &p).unwrap();
+    let mut encoder = g.device.create_command_encoder(&Default::default());
+    let mut rec = Recorder::new(&mut encoder);
+    let err = other
+        .record(g, &mut rec, &sched_a, &qa, &kva, &outs[0].0, &outs[0].1)
+        .unwrap_err();
+    assert!(matches!(err, Error::Invalid { .. }), "{err}");
+    assert!(rec.pass_labels().is_empty());
+}
+
+#[test]
+fn plain_path_without_optional_features() {
+    let g = gpu_without(&[
+        Feature::Subgroups,
+        Feature::ShaderF16,
+        Feature::CooperativeMatrix,
+    ]);
+    let spec = InputSpec::new(&[20, 66], 2, 16, 16, DType::F16);
+    check(
+        &g,
+        "no features",
+        &spec,
+        params(Rescale::Amla, PPrecision::F16, Split::default(), true),
+        18,
+    );
+    let paths = fusedops::ops::amla::OPERATOR.paths(&g);
+    assert!(
+        paths
+            .iter()
+            .any(|(what, how)| what == "reductions" && how.contains("any subgroup size"))
+    );
+    assert!(
+        paths
+            .iter()
+            .any(|(what, how)| what.starts_with("decode") && how.contains("f32 SIMT"))
+    );
+}
+
+// ---- errors: typed, before anything is recorded ----
+
+fn good() -> AmlaInputs {
+    AmlaInputs::generate(&InputSpec::new(&[20, 33], 1, 4, 16, DType::BF16), 19).unwrap()
+}
+
+fn run_host(x: &AmlaInputs) -> Result<amla::AmlaOutput, Error> {
+    amla::amla(
+        gpu(),
+        &x.q,
+        &x.kv_cache,
+        &x.block_table,
+        &x.cache_seqlens,
+        &AmlaParams::default(),
+    )
+}
+
+fn with_table(x: &AmlaInputs, edit: impl FnOnce(&mut Vec<i32>)) -> AmlaInputs {
+    let mut table = x.block_table.as_i32().unwrap().to_vec();
+    edit(&mut table);
+    AmlaInputs {
+        block_table: Tensor::i32(x.block_table.shape(), table).unwrap(),
+        ..x.clone()
+    }
+}
+
+fn bf16(shape: &[usize]) -> Tensor {
+    Tensor::zeros(shape, DType::BF16)
+}
+
+#[test]
+fn bad_indices_are_typed_errors() {
+    let x = good();
+    let width = x.block_table.shape()[1];
+    // A used block id out of range, negative, and a length beyond its row's pages.
+    let num_blocks = x.kv_cache.shape()[0] as i32;
+    let out_of_range = with_table(&x, |t| t[width] = num_blocks);
+    assert!(matches!(
+        run_host(&out_of_range),
+        Err(Error::Invalid { .. })
+    ));
+    let negative = with_table(&x, |t| t[0] = -1);
+    assert!(matches!(run_host(&negative), Err(Error::Invalid { .. })));
+    let too_long = AmlaInputs {
+        cache_seqlens: Tensor::i32(&[2], vec![20, (width * 16 + 1) as i32]).unwrap(),
+        ..x.clone()
+    };
+    assert!(matches!(run_host(&too_long), Err(Error::Invalid { .. })));
+    let negative_len = AmlaInputs {
+        cache_seqlens: Tensor::i32(&[2], vec![-3, 4]).unwrap(),
+        ..x.clone()
+    };
+    assert!(matches!(
+        run_host(&negative_len),
+        Err(Error::Invalid { .. })
+    ));
+    // Unused entries may hold anything (vLLM pads with -1).
+    let padded = with_table(&x, |t| t[width - 1] = -7);
+    run_host(&padded).unwrap();
+}
+
+#[test]
+fn bad_shapes_and_dtypes_are_typed_errors() {
+    let x = good();
+    let cases: Vec<(&str, AmlaInputs)> = vec![
+        (
+            "q head dim 512",
+            AmlaInputs {
+                q: bf16(&[2, 1, 4, 512]),
+                ..x.clone()
+            },
+        ),
+        (
+            "cache head dim 512",
+            AmlaInputs {
+                kv_cache: bf16(&[9, 16, 512]),
+                ..x.clone()
+            },
+        ),
+        (
+            "q batch 3",
+            AmlaInputs {
+                q: bf16(&[3, 1, 4, 576]),
+                ..x.clone()
+            },
+        ),
+        (
+            "seqlens batch 3",
+            AmlaInputs {
+                cache_seqlens: Tensor::i32(&[3], vec![1, 1, 1]).unwrap(),
+                ..x.clone()
+            },
+        ),
+        (
+            "block table batch 1",
+            AmlaInputs {
+                block_table: Tensor::i32(&[1, 3], vec![0, 1, 2]).unwrap(),
+                ..x.clone()
+            },
+        ),
+    ];
+    for (what, bad) in cases {
+        assert!(matches!(run_host(&bad), Err(Error::Shape { .. })), "{what}");
+    }
+    for page in [0, 8, 48] {
+        let bad = AmlaInputs {
+            kv_cache: bf16(&[9, page, 576]),
+            ..x.clone()
+        };
+        assert!(
+            matches!(run_host(&bad), Err(Error::Invalid { .. })),
+            "page {page}"
+        );
+    }
+    let f32_table = AmlaInputs {
+        block_table: Tensor::f32(x.block_table.shape(), vec![0.0; x.block_table.numel()]).unwrap(),
+        ..x.clone()
+    };
+    assert!(matches!(
+        run_host(&f32_table),
+        Err(Error::Unsupported { .. })
+    ));
+    let int_q = AmlaInputs {
+        q: Tensor::zeros(&[2, 1, 4, 576], DType::I32),
+        ..x.clone()
+    };
+    assert!(matches!(run_host(&int_q), Err(Error::Unsupported { .. })));
+    let bad_scale = AmlaParams {
+        softmax_scale: Some(f32::NAN),
+        ..AmlaParams::default()
+    };
+    let err = amla::amla(
+        gpu(),
+        &x.q,
+        &x.kv_cache,
+        &x.block_table,
+        &x.cache_seqlens,
+        &bad_scale,
+    );
+    assert!(matches!(err, Err(Error::Invalid { .. })));
+    let zero_target = amla16(Split::Auto {
+        target_workgroups: 0,
+    });
+    let err = amla::amla(
+        gpu(),
+        &x.q,
+        &x.kv_cache,
+        &x.block_table,
+        &x.cache_seqlens,
+        &zero_target,
+    );
+    assert!(matches!(err, Err(Error::Invalid { .. })));
+}
+
+#[test]
+fn bad_device_tensors_record_nothing_and_leave_the_output_alone() {
+    let g = gpu();
+    let x = good();
+    let shape = AmlaShape::of(&x.q, &x.kv_cache, &x.block_table, &x.cache_seqlens).unwrap();
+    let plan = AmlaPlan::new(g, &shape, &AmlaParams::default()).unwrap();
+    let schedule = plan.schedule(g, &x.block_table, &x.cache_seqlens).unwrap();
+    let q = g.upload(&x.q).unwrap();
+    let kv = g.upload(&x.kv_cache).unwrap();
+    let sentinel =
+        Tensor::from_f32(&shape.out_shape(), &vec![7.0; 2 * 4 * 512], DType::BF16).unwrap();
+    let out = g.upload(&sentinel).unwrap();
+    let lse = g.zeros(&shape.lse_shape(), DType::F32).unwrap();
+    let wrong_out = g.zeros(&[2, 1, 4, 576], DType::BF16).unwrap();
+    let wrong_lse = g.zeros(&shape.lse_shape(), DType::F16).unwrap();
+    let wrong_q = g
+        .upload(&Tensor::zeros(&[2, 1, 4, 576], DType::F16))
+        .unwrap();
+    let wrong_kv = g.upload(&bf16(&[9, 16, 512])).unwrap();
+    let attempts = [
+        (&q, &kv, &wrong_out, &lse),
+        (&q, &kv, &out, &wrong_lse),
+        (&wrong_q, &kv, &out, &lse),
+        (&q, &wrong_kv, &out, &lse),
+    ];
+    for (i, (q, kv, o, l)) in attempts.into_iter().enumerate() {
+        let err = g.run(|rec| {
+            let r = plan.record(g, rec, &schedule, q, kv, o, l);
+            assert!(rec.pass_labels().is_empty(), "attempt {i} recorded a pass");
+            r
+        });
+        assert!(
+            matches!(err, Err(Error::Shape { .. } | Error::Unsupported { .. })),
+            "{i}: {err:?}"
+        );
+    }
+    assert_eq!(g.download(&out).unwrap(), sentinel);
+    // A schedule is validated against the plan's shapes.
+    let wide = Tensor::i32(&[2, 7], vec![0; 14]).unwrap();
+    assert!(matches!(
+        plan.schedule(g, &wide, &x.cache_seqlens),
+        Err(Error::Shape { .. })
+    ));
+}
+
+// ---- registry ----
+
+#[test]
+fn registry_ci_cases_pass() {
+    let g = gpu();
+    let op = &fusedops::ops::amla::OPERATOR;
+    let cases = op.cases(Scale::Ci, g);
+    assert!(cases.len() >= 6);
+    for case in &cases {
+        let row = fusedops::bench::check_case(case.as_ref(), g);
+        assert!(row.pass, "{}: {}", row.case.name, row.summary());
+        assert_eq!(row.checks.len(), 4);
+        assert!(case.bytes() > 0 && case.flops() > 0);
+    }
+    let bench = op.cases(Scale::Bench, g);
+    assert!(
+        bench
+            .iter()
+            .any(|c| c.info().params.contains(&("h_q".into(), "128".into())))
+    );
+}
+
+#[test]
+fn run_named_matches_reference_named() {
+    let g = gpu();
+    let op = &fusedops::ops::amla::OPERATOR;
+    let x = AmlaInputs::generate(&InputSpec::new(&[30, 9], 2, 4, 16, DType::F32), 20).unwrap();
+    let inputs = NamedTensors::from([
+        ("q".to_string(), x.q.clone()),
+        ("kv_cache".to_string(), x.kv_cache.clone()),
+        ("block_table".to_string(), x.block_table.clone()),
+        ("cache_seqlens".to_string(), x.cache_seqlens.clone()),
+    ]);
+    let params = serde_json::json!({
+        "causal": true, "rescale": "multiply", "p_precision": "f16", "split": {"chunk": 16}
+    });
+    let got = op.run_named(g, &inputs, &params).unwrap();
+    let want = op.reference_named(&inputs, &params).unwrap();
+    for name in ["out", "lse"] {
+        let c = compare(
+            &got[name].to_f32(),
+            &want[name].to_f32(),
+            op.tolerance(name, &inputs),
+        );
+        must_pass(name, &c, got[name].shape());
+    }
+    let bad = serde_json::json!({"split": "sideways"});
+    assert!(matches!(
+        op.run_named(g, &inputs, &bad),
+        Err(Error::Format { .. })
+    ));
+    let unknown = serde_json::json!({"scale": 1.0});
+    assert!(matches!(
+        op.run_named(g, &inputs, &unknown),
+        Err(Error::Format { .. })
+    ));
+    let missing = NamedTensors::from([("q".to_string(), x.q.clone())]);
+    assert!(matches!(
+        op.run_named(g, &missing, &serde_json::Value::Null),
+        Err(Error::Invalid { .. })
+    ));
+}
