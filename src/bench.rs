@@ -316,7 +316,8 @@ pub fn fmt_num(x: Option<f64>) -> String {
         None => "-".to_string(),
         Some(v) if v.abs() >= 100.0 => format!("{v:.0}"),
         Some(v) if v.abs() >= 10.0 => format!("{v:.1}"),
-        Some(v) => format!("{v:.2}"),
+        Some(v) if v.abs() >= 0.1 || v == 0.0 => format!("{v:.2}"),
+        Some(v) => format!("{v:.2e}"),
     }
 }
 
