@@ -465,7 +465,7 @@ fn run_cmd(
         let c = compare(
             &got.to_f64(),
             &want.to_f64(),
-            operator.tolerance(name, &inputs),
+            operator.tolerance(name, &inputs, &params),
         );
         if !c.pass {
             failed += 1;

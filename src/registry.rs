@@ -156,8 +156,13 @@ pub trait Operator: Sync {
         inputs: &NamedTensors,
         params: &serde_json::Value,
     ) -> Result<NamedTensors>;
-    /// Tolerance for comparing output `name` with its reference, given the inputs.
-    fn tolerance(&self, output: &str, inputs: &NamedTensors) -> Tolerance;
+    /// Tolerance for comparing output `name` with its reference, given the inputs and params.
+    fn tolerance(
+        &self,
+        output: &str,
+        inputs: &NamedTensors,
+        params: &serde_json::Value,
+    ) -> Tolerance;
 }
 
 /// Every registered operator.

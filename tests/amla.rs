@@ -782,7 +782,7 @@ fn run_named_matches_reference_named() {
         let c = compare(
             &got[name].to_f32(),
             &want[name].to_f32(),
-            op.tolerance(name, &inputs),
+            op.tolerance(name, &inputs, &params),
         );
         must_pass(name, &c, got[name].shape());
     }

@@ -903,7 +903,7 @@ fn run_named_agrees_with_reference_named() {
         let c = compare(
             &got[name].to_f32(),
             &w.to_f32(),
-            OPERATOR.tolerance(name, &inputs),
+            OPERATOR.tolerance(name, &inputs, &params),
         );
         assert!(c.pass, "{name}: {}", c.summary(w.shape()));
     }

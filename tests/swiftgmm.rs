@@ -843,7 +843,7 @@ fn named_tensor_interface_matches_its_reference() {
     let c = compare(
         &got["y"].to_f32(),
         &want["y"].to_f32(),
-        op.tolerance("y", &named),
+        op.tolerance("y", &named, &params),
     );
     assert!(c.pass, "{}", c.summary(got["y"].shape()));
     // Both group forms at once, an unknown parameter: errors.

@@ -722,7 +722,12 @@ impl Operator for AmlaOperator {
         ]))
     }
 
-    fn tolerance(&self, output: &str, _inputs: &NamedTensors) -> Tolerance {
+    fn tolerance(
+        &self,
+        output: &str,
+        _inputs: &NamedTensors,
+        _params: &serde_json::Value,
+    ) -> Tolerance {
         match output {
             "lse" => lse_tolerance(),
             _ => out_tolerance(),

@@ -770,7 +770,12 @@ impl Operator for MerRouterOp {
         Ok(named)
     }
 
-    fn tolerance(&self, output: &str, inputs: &NamedTensors) -> Tolerance {
+    fn tolerance(
+        &self,
+        output: &str,
+        inputs: &NamedTensors,
+        _params: &serde_json::Value,
+    ) -> Tolerance {
         match output {
             "topk_weights" => WEIGHT_TOLERANCE,
             "imbalance" => IMBALANCE_TOLERANCE,

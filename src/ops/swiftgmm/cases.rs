@@ -700,9 +700,18 @@ impl Operator for SwiftGmmOperator {
         Ok(NamedTensors::from([("y".to_string(), y)]))
     }
 
-    fn tolerance(&self, _output: &str, _inputs: &NamedTensors) -> Tolerance {
-        // The output dtype is a parameter, not an input: use the widest (bf16 output) bound.
-        tolerance(DType::BF16)
+    fn tolerance(
+        &self,
+        _output: &str,
+        _inputs: &NamedTensors,
+        params: &serde_json::Value,
+    ) -> Tolerance {
+        // Unparsable params never reach a comparison (run_named refuses them first).
+        let out_dtype = params_from_json::<RunParams>(OP, params)
+            .ok()
+            .and_then(|p| p.out_dtype)
+            .unwrap_or(DType::F32);
+        tolerance(out_dtype)
     }
 }
 
