@@ -279,7 +279,7 @@ fn info(json: bool, no_probes: bool) -> Result<ExitCode> {
         println!("path         {op} {what}: {choice}");
     }
     if let Some(roof) = &roof {
-        println!("roofline ({}):", env.date_utc);
+        println!("roofline ({} UTC):", env.date_utc);
         print!("{}", probe_lines(roof));
         if gpu.is_cpu() {
             println!("  (CPU adapter: these figures say nothing about GPU speed)");

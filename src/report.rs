@@ -89,9 +89,9 @@ pub fn probe_lines(roof: &Roofline) -> String {
     let mut s = String::new();
     for p in roof.probes() {
         s += &format!(
-            "  {:<9} {:>9.1} {:<8} ({}, {}, median {:.1} us{})\n",
+            "  {:<9} {:>9} {:<8} ({}, {}, median {:.1} us{})\n",
             p.name,
-            p.value,
+            significant(p.value),
             p.unit,
             p.size,
             p.clock,
@@ -136,7 +136,7 @@ pub fn markdown(report: &BenchReport) -> String {
     for p in report.roofline.probes() {
         s += &md_row(&[
             p.name.to_string(),
-            format!("{:.1} {}", p.value, p.unit),
+            format!("{} {}", significant(p.value), p.unit),
             p.size.clone(),
             p.clock.to_string(),
             if p.verified { "yes" } else { "NO" }.to_string(),
@@ -272,8 +272,8 @@ pub fn roofline_svg(report: &BenchReport) -> Result<String> {
     Ok(svg)
 }
 
-/// A value with three significant digits (roof labels span 0.01 to 1000).
-fn significant(v: f64) -> String {
+/// A value with about three significant digits (rates span 0.001 to 1000s).
+pub fn significant(v: f64) -> String {
     if v >= 100.0 {
         format!("{v:.0}")
     } else if v >= 10.0 {
