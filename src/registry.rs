@@ -164,6 +164,7 @@ pub trait Operator: Sync {
 pub fn operators() -> Vec<&'static dyn Operator> {
     vec![
         &crate::ops::merrouter::OPERATOR,
+        &crate::ops::moe::OPERATOR,
         &crate::ops::swiftgmm::OPERATOR,
     ]
 }

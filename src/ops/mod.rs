@@ -2,4 +2,5 @@
 //! `reference.rs`, and the operator's own planning code (schedules, tiling, dispatch layout).
 
 pub mod merrouter;
+pub mod moe;
 pub mod swiftgmm;
