@@ -170,6 +170,7 @@ pub fn operators() -> Vec<&'static dyn Operator> {
     vec![
         &crate::ops::amla::OPERATOR,
         &crate::ops::merrouter::OPERATOR,
+        &crate::ops::moe::OPERATOR,
         &crate::ops::swiftgmm::OPERATOR,
     ]
 }

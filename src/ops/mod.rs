@@ -3,4 +3,5 @@
 
 pub mod amla;
 pub mod merrouter;
+pub mod moe;
 pub mod swiftgmm;

@@ -322,9 +322,14 @@ impl Router {
     /// Record routing and the dispatch layout: a clear of the block counts, then one compute pass
     /// with `route`, `build_layout` and `scatter`.
     pub fn record(&self, rec: &mut Recorder) -> Result<()> {
+        self.record_as(rec, OP)
+    }
+
+    /// [`Router::record`] with the compute pass named `label` (per-step timing of a chain).
+    pub fn record_as(&self, rec: &mut Recorder, label: &str) -> Result<()> {
         rec.encoder()
             .clear_buffer(&self.layout.block_counts.buffer, 0, None);
-        let mut pass = rec.compute_pass(OP);
+        let mut pass = rec.compute_pass(label);
         self.route.record(&mut pass);
         self.layout_steps.record(&mut pass);
         Ok(())

@@ -1021,7 +1021,12 @@ impl GmmPlan {
 
     /// Record the scheduler and the dispatches of each path into one compute pass.
     pub fn record(&self, rec: &mut Recorder) -> Result<()> {
-        let mut pass = rec.compute_pass("swiftgmm");
+        self.record_as(rec, OP)
+    }
+
+    /// [`GmmPlan::record`] with the compute pass named `label` (per-step timing of a chain).
+    pub fn record_as(&self, rec: &mut Recorder, label: &str) -> Result<()> {
+        let mut pass = rec.compute_pass(label);
         pass.set_pipeline(&self.schedule);
         pass.set_bind_group(0, &self.schedule_bind, &[]);
         pass.dispatch_workgroups(1, 1, 1);

@@ -1,0 +1,1000 @@
+//! The MoE layer in the registry: the case tables of `fusedops check` / `fusedops bench`, their
+//! seeded inputs (router inputs free of near-ties, expert weights hashed one expert at a time),
+//! and the named-tensor interface of `fusedops run`.
+
+use std::cell::OnceCell;
+
+use half::{bf16, f16};
+
+use super::reference::{self, ExpertSource, Experts};
+use super::{
+    HostWeights, MoeConfig, MoeLayer, MoeOptions, MoeWeights, OP, PerExpertChain, SharedWeights,
+    tolerance,
+};
+use crate::check::{Tolerance, compare};
+use crate::error::{Error, Result};
+use crate::gpu::{Gpu, Recorder};
+use crate::ops::merrouter::reference::{LayoutRef, RoutingRef};
+use crate::ops::merrouter::{
+    self, MIN_MARGIN, RouterConfig, Selection, WEIGHT_TOLERANCE, check_router_output,
+};
+use crate::ops::swiftgmm::{ExpertWeights, Layout, Mode, Tiling};
+use crate::registry::{
+    Case, CaseInfo, Checked, NamedTensors, Operator, Prepared, Scale, input, params_from_json,
+};
+use crate::tensor::{DType, DeviceTensor, Tensor, TensorData, padded_size};
+
+/// The operator, as registered in [`crate::registry::operators`].
+pub struct MoeOperator;
+
+pub static OPERATOR: MoeOperator = MoeOperator;
+
+/// SplitMix64 of (seed, index): deterministic values without a random-number dependency.
+fn mix(seed: u64, i: u64) -> u64 {
+    let mut z = seed
+        .wrapping_mul(0xd1b5_4a32_d192_ed03)
+        .wrapping_add(i.wrapping_mul(0x9e37_79b9_7f4a_7c15));
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+/// Uniform in [-1, 1).
+fn unit(seed: u64, i: u64) -> f32 {
+    (mix(seed, i) >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+}
+
+/// Uniform integer in -m..=m.
+fn small_int(seed: u64, i: u64, m: i32) -> i32 {
+    (mix(seed, i) % (2 * m as u64 + 1)) as i32 - m
+}
+
+/// `value(i)` for every element, computed on every core in chunks of whole `align`s.
+fn filled<T: Copy + Send>(
+    len: usize,
+    align: usize,
+    zero: T,
+    value: impl Fn(usize) -> T + Sync,
+) -> Vec<T> {
+    let mut out = vec![zero; len];
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let align = align.max(1);
+    let chunk = (len.div_ceil(threads).max(1 << 14)).div_ceil(align) * align;
+    std::thread::scope(|s| {
+        for (c, part) in out.chunks_mut(chunk).enumerate() {
+            let value = &value;
+            s.spawn(move || {
+                for (j, slot) in part.iter_mut().enumerate() {
+                    *slot = value(c * chunk + j);
+                }
+            });
+        }
+    });
+    out
+}
+
+/// A tensor of `dtype` holding `value(i)` rounded to it.
+fn synthetic(shape: &[usize], dtype: DType, value: impl Fn(usize) -> f32 + Sync) -> Result<Tensor> {
+    let len = shape.iter().product();
+    let data = match dtype {
+        DType::BF16 => TensorData::BF16(filled(len, 1, bf16::ZERO, |i| bf16::from_f32(value(i)))),
+        DType::F16 => TensorData::F16(filled(len, 1, f16::ZERO, |i| f16::from_f32(value(i)))),
+        DType::F32 => TensorData::F32(filled(len, 1, 0.0, value)),
+        other => return Err(Error::unsupported(OP, format!("{other} weights"))),
+    };
+    Tensor::new(shape, data)
+}
+
+/// Host writes queued before the queue is flushed (they are staged in host memory until then).
+const FLUSH_BYTES: u64 = 1 << 30;
+/// Weights up to this size get NaN in the experts no token chooses, so a read of one would show.
+const POISON_BYTES: u64 = 64 << 20;
+
+/// Expert weights `[e, a, b]` whose values are a hash of (seed, expert, index) times `scale`:
+/// any expert can be made alone, so neither the upload nor the reference ever holds all experts
+/// of a large preset on the host.
+#[derive(Clone, Copy, Debug)]
+struct HashedExperts {
+    experts: usize,
+    dims: [usize; 2],
+    dtype: DType,
+    seed: u64,
+    scale: f32,
+}
+
+impl ExpertSource for HashedExperts {
+    fn experts(&self) -> usize {
+        self.experts
+    }
+
+    fn expert(&self, e: usize) -> Result<Tensor> {
+        let [a, b] = self.dims;
+        let base = (e * a * b) as u64;
+        synthetic(&[1, a, b], self.dtype, |i| {
+            unit(self.seed, base + i as u64) * self.scale
+        })
+    }
+}
+
+impl HashedExperts {
+    fn expert_bytes(&self) -> u64 {
+        (self.dims[0] * self.dims[1] * self.dtype.size()) as u64
+    }
+
+    fn bytes(&self) -> u64 {
+        self.experts as u64 * self.expert_bytes()
+    }
+
+    /// Upload in shards of whole experts that each fit one binding. Only the `active` experts are
+    /// made and written: the layer never reads the others, which stay zero, or NaN with `poison`.
+    fn upload(&self, gpu: &Gpu, active: &[bool], poison: bool) -> Result<ExpertWeights> {
+        let [a, b] = self.dims;
+        let slab = self.expert_bytes();
+        if !slab.is_multiple_of(4) {
+            return Err(Error::invalid(
+                OP,
+                "case weights",
+                format!("one expert is {slab} bytes; uploads need a multiple of 4"),
+            ));
+        }
+        let limit = gpu.caps.max_storage_binding.min(gpu.caps.max_buffer_size);
+        if padded_size(slab) > limit {
+            return Err(Error::Limit {
+                what: "one expert's weights in a storage binding".into(),
+                need: slab,
+                max: limit,
+            });
+        }
+        let mut per_shard = ((limit / slab) as usize).clamp(1, self.experts);
+        while per_shard > 1 && padded_size(per_shard as u64 * slab) > limit {
+            per_shard -= 1;
+        }
+        let nan = poison
+            .then(|| synthetic(&[1, a, b], self.dtype, |_| f32::NAN))
+            .transpose()?;
+        let mut shards = Vec::new();
+        let mut pending = 0;
+        for first in (0..self.experts).step_by(per_shard) {
+            let count = per_shard.min(self.experts - first);
+            let shard = gpu.zeros(&[count, a, b], self.dtype)?;
+            for (e, &active) in active.iter().enumerate().skip(first).take(count) {
+                let made;
+                let data = if active {
+                    made = self.expert(e)?;
+                    made.bytes()
+                } else if let Some(nan) = &nan {
+                    nan.bytes()
+                } else {
+                    continue;
+                };
+                let offset = (e - first) as u64 * slab;
+                gpu.checked(|| gpu.queue.write_buffer(&shard.buffer, offset, data))?;
+                pending += slab;
+                if pending >= FLUSH_BYTES {
+                    gpu.queue.submit(std::iter::empty());
+                    gpu.wait()?;
+                    pending = 0;
+                }
+            }
+            shards.push(shard);
+        }
+        gpu.queue.submit(std::iter::empty());
+        gpu.wait()?;
+        ExpertWeights::from_shards(shards)
+    }
+}
+
+/// Router inputs whose gate logits are exact in f32: hidden = `a/8` (|a| ≤ 8) and gate weight =
+/// `b/256` (|b| ≤ `m` ≤ 32), all exact in bf16, so every product is a multiple of 2⁻¹¹ and every
+/// sum of up to 2¹³·… terms stays below 2²⁴ units: the GPU's f32 logits equal the reference's.
+/// Tokens whose routing decisions are closer than [`MIN_MARGIN`] are redrawn, so the GPU must
+/// choose exactly the reference's experts (no flaky id flips).
+struct RouterInts {
+    /// `[t, h]`, in units of 1/8.
+    hidden: Vec<i32>,
+    /// `[h, e]`, in units of 1/256.
+    gate: Vec<i32>,
+    /// `[t, e]`, exact.
+    logits: Vec<f64>,
+}
+
+/// Largest hidden size whose gate sums stay exact in f32 with |a| ≤ 8, |b| ≤ 32.
+const MAX_EXACT_HIDDEN: usize = 1 << 15;
+
+impl RouterInts {
+    fn new(
+        config: &RouterConfig,
+        t: usize,
+        h: usize,
+        bias: Option<&[f64]>,
+        seed: u64,
+    ) -> Result<Self> {
+        if h > MAX_EXACT_HIDDEN {
+            return Err(Error::invalid(
+                OP,
+                "case hidden size",
+                format!("{h} is past {MAX_EXACT_HIDDEN}, where exact gate logits end"),
+            ));
+        }
+        let e = config.experts;
+        // Logits of standard deviation about 1.5 at large h: unsaturated scores.
+        let m = ((1.2e6 / h as f64).sqrt() as i32).clamp(1, 32);
+        let gate = filled(h * e, 1, 0, |i| small_int(seed ^ 0x6a7e, i as u64, m));
+        let mut hidden = filled(t * h, 1, 0, |i| small_int(seed, i as u64, 8));
+        let row_logits = |row: &[i32]| -> Vec<f64> {
+            let mut acc = vec![0i64; e];
+            for (c, &x) in row.iter().enumerate() {
+                if x != 0 {
+                    for (a, &w) in acc.iter_mut().zip(&gate[c * e..(c + 1) * e]) {
+                        *a += x as i64 * w as i64;
+                    }
+                }
+            }
+            acc.iter().map(|&a| a as f64 / 2048.0).collect()
+        };
+        let mut logits = filled(t * e, e, 0.0, |i| {
+            let token = i / e;
+            row_logits(&hidden[token * h..(token + 1) * h])[i % e]
+        });
+        let close = |logits: &[f64], token: usize| {
+            let row = &logits[token * e..(token + 1) * e];
+            merrouter::reference::route(config, 1, row, bias, None).margins[0] < MIN_MARGIN
+        };
+        let mut pending: Vec<usize> = (0..t).filter(|&token| close(&logits, token)).collect();
+        for round in 1..=64u64 {
+            if pending.is_empty() {
+                return Ok(RouterInts {
+                    hidden,
+                    gate,
+                    logits,
+                });
+            }
+            for &token in &pending {
+                let row = &mut hidden[token * h..(token + 1) * h];
+                for (c, x) in row.iter_mut().enumerate() {
+                    *x = small_int(seed ^ mix(round, token as u64), c as u64, 8);
+                }
+                let fresh = row_logits(row);
+                logits[token * e..(token + 1) * e].copy_from_slice(&fresh);
+            }
+            pending.retain(|&token| close(&logits, token));
+        }
+        Err(Error::invalid(
+            OP,
+            "case inputs",
+            format!("{} tokens keep near-ties after 64 draws", pending.len()),
+        ))
+    }
+}
+
+/// The inputs of a case, its routing and layout (made once, on first use).
+struct CaseData {
+    /// `[t, h]` in the activation dtype.
+    hidden: Tensor,
+    /// `[h, e]` in the weight dtype.
+    gate: Tensor,
+    bias: Option<Tensor>,
+    router_scale: Option<Tensor>,
+    routing: RoutingRef,
+    layout: LayoutRef,
+}
+
+/// Multiply-adds the reference may spend per case before it checks a sample of the tokens.
+const REFERENCE_MACS: u64 = 1 << 31;
+
+/// One registry case.
+struct MoeCase {
+    /// The [`MoeConfig::preset`] it starts from.
+    preset: &'static str,
+    config: MoeConfig,
+    tokens: usize,
+    act: DType,
+    weights: DType,
+    out: DType,
+    /// A bias that chooses (DeepSeek-V3), or a per-expert router scale (Pangu Pro MoE).
+    bias: bool,
+    router_scale: bool,
+    /// Every token chooses the same `k` experts (a bias of +1 on them; needs `bias`): the other
+    /// experts get no token, the chosen ones all of them.
+    hot: bool,
+    options: MoeOptions,
+    seed: u64,
+    data: OnceCell<CaseData>,
+}
+
+impl MoeCase {
+    fn new(preset: &'static str, tokens: usize) -> Self {
+        let config = MoeConfig::preset(preset).expect("the case tables name presets");
+        let deepseek = config.router.selection != Selection::Moge;
+        MoeCase {
+            preset,
+            config,
+            tokens,
+            act: DType::BF16,
+            weights: DType::BF16,
+            out: DType::BF16,
+            bias: deepseek,
+            router_scale: !deepseek,
+            hot: false,
+            options: MoeOptions {
+                tiling: Tiling::Defaults,
+                ..MoeOptions::default()
+            },
+            seed: preset
+                .bytes()
+                .fold(0x006d_6f65_u64 ^ tokens as u64, |h, b| {
+                    h.wrapping_mul(31) ^ b as u64
+                }),
+            data: OnceCell::new(),
+        }
+    }
+
+    fn dtypes(mut self, act: DType, weights: DType, out: DType) -> Self {
+        (self.act, self.weights, self.out) = (act, weights, out);
+        self
+    }
+
+    fn layout(mut self, layout: Layout) -> Self {
+        self.config.layout = layout;
+        self
+    }
+
+    fn without_shared(mut self) -> Self {
+        self.config.shared_intermediate = None;
+        self
+    }
+
+    fn block(mut self, block_size: usize) -> Self {
+        self.config.router.block_size = block_size;
+        self
+    }
+
+    fn hot(mut self) -> Self {
+        self.hot = true;
+        self
+    }
+
+    fn tiling(mut self, tiling: Tiling) -> Self {
+        self.options.tiling = tiling;
+        self
+    }
+
+    /// The experts every token chooses in a `hot` case: two in each of the first `k/2` groups
+    /// (so that those groups also win the group choice).
+    fn hot_experts(&self) -> Vec<usize> {
+        let r = &self.config.router;
+        let size = r.group_size();
+        (0..r.top_k)
+            .map(|j| (j / 2 % r.groups) * size + (1 + 7 * (j % 2)) % size)
+            .collect()
+    }
+
+    fn data(&self) -> Result<&CaseData> {
+        if let Some(data) = self.data.get() {
+            return Ok(data);
+        }
+        let data = self.make_data()?;
+        Ok(self.data.get_or_init(|| data))
+    }
+
+    fn make_data(&self) -> Result<CaseData> {
+        let (t, h, e) = (self.tokens, self.config.hidden, self.config.router.experts);
+        let bias: Option<Vec<f32>> = self.bias.then(|| {
+            let hot = if self.hot { self.hot_experts() } else { vec![] };
+            (0..e)
+                .map(|x| {
+                    let boost = if hot.contains(&x) { 1.0 } else { 0.0 };
+                    0.1 * unit(self.seed ^ 0xb1a5, x as u64) + boost
+                })
+                .collect()
+        });
+        let router_scale: Option<Vec<f32>> = self.router_scale.then(|| {
+            (0..e)
+                .map(|x| 1.0 + 0.5 * unit(self.seed ^ 0x5ca1e, x as u64))
+                .collect()
+        });
+        // The reference chooses and weighs with the f32 values the GPU gets.
+        let widen = |v: &Vec<f32>| -> Vec<f64> { v.iter().map(|&x| x as f64).collect() };
+        let bias64 = bias.as_ref().map(widen);
+        let scale64 = router_scale.as_ref().map(widen);
+        let ints = RouterInts::new(&self.config.router, t, h, bias64.as_deref(), self.seed)?;
+        let hidden = synthetic(&[t, h], self.act, |i| ints.hidden[i] as f32 / 8.0)?;
+        let gate = synthetic(&[h, e], self.weights, |i| ints.gate[i] as f32 / 256.0)?;
+        let (routing, layout) = reference::routing(
+            &self.config,
+            t,
+            &ints.logits,
+            bias64.as_deref(),
+            scale64.as_deref(),
+        );
+        Ok(CaseData {
+            hidden,
+            gate,
+            bias: bias.map(|b| Tensor::f32(&[e], b)).transpose()?,
+            router_scale: router_scale.map(|s| Tensor::f32(&[e], s)).transpose()?,
+            routing,
+            layout,
+        })
+    }
+
+    /// The hashed weights: routed gate/up and down, and the shared expert's pair. Scales keep
+    /// every product O(1): uniform in ±sqrt(8/k) over a k-long dot product of O(1) inputs.
+    fn sources(
+        &self,
+    ) -> (
+        HashedExperts,
+        HashedExperts,
+        Option<(HashedExperts, HashedExperts)>,
+    ) {
+        let c = &self.config;
+        let source = |experts, dims, seed: u64, k: usize| HashedExperts {
+            experts,
+            dims,
+            dtype: self.weights,
+            seed: self.seed ^ seed,
+            scale: (8.0 / k as f32).sqrt(),
+        };
+        let e = c.router.experts;
+        let (h, i) = (c.hidden, c.intermediate);
+        (
+            source(e, c.gate_up_dims(i), 0x1, h),
+            source(e, c.down_dims(i), 0x2, i),
+            c.shared_intermediate.map(|is| {
+                (
+                    source(1, c.gate_up_dims(is), 0x3, h),
+                    source(1, c.down_dims(is), 0x4, is),
+                )
+            }),
+        )
+    }
+
+    /// Multiply-adds of one token through the experts (routed and shared).
+    fn token_macs(&self) -> u64 {
+        let c = &self.config;
+        let (h, i) = (c.hidden as u64, c.intermediate as u64);
+        let shared = c.shared_intermediate.map_or(0, |is| 3 * h * is as u64);
+        c.router.top_k as u64 * 3 * h * i + shared
+    }
+
+    /// The tokens the reference checks: all of them, or evenly spaced ones (first and last
+    /// included) within [`REFERENCE_MACS`].
+    fn checked_tokens(&self) -> Vec<usize> {
+        let t = self.tokens;
+        let count = ((REFERENCE_MACS / self.token_macs().max(1)) as usize).max(2);
+        if count >= t {
+            return (0..t).collect();
+        }
+        let mut tokens: Vec<usize> = (0..count).map(|j| j * (t - 1) / (count - 1)).collect();
+        tokens.dedup();
+        tokens
+    }
+
+    fn name(&self) -> String {
+        let c = &self.config;
+        let mut name = format!("{} t={} {}", self.preset, self.tokens, self.act);
+        if self.weights != self.act {
+            name += &format!(" w={}", self.weights);
+        }
+        if self.out != self.act {
+            name += &format!(" out={}", self.out);
+        }
+        if c.layout != Layout::Nk {
+            name += &format!(" {}", c.layout.name());
+        }
+        if c.shared_intermediate.is_none() {
+            name += " no-shared";
+        }
+        if c.router.block_size > 1 {
+            name += &format!(" block={}", c.router.block_size);
+        }
+        if self.hot {
+            name += " hot-experts";
+        }
+        name
+    }
+}
+
+impl Case for MoeCase {
+    fn info(&self) -> CaseInfo {
+        let c = &self.config;
+        let r = &c.router;
+        let base = self.preset.trim_end_matches("-small");
+        let shared = c
+            .shared_intermediate
+            .map_or("none".to_string(), |is| is.to_string());
+        CaseInfo {
+            op: OP,
+            name: self.name(),
+            preset: base.to_string(),
+            params: vec![
+                ("tokens".into(), self.tokens.to_string()),
+                (
+                    "size".into(),
+                    if base == self.preset { "full" } else { "small" }.into(),
+                ),
+                ("e".into(), r.experts.to_string()),
+                ("k".into(), r.top_k.to_string()),
+                ("h".into(), c.hidden.to_string()),
+                ("i".into(), c.intermediate.to_string()),
+                ("shared_i".into(), shared),
+                ("act".into(), self.act.name().into()),
+                ("w".into(), self.weights.name().into()),
+                ("out".into(), self.out.name().into()),
+                ("layout".into(), c.layout.name().into()),
+                ("block".into(), r.block_size.to_string()),
+            ],
+        }
+    }
+
+    /// The weights streamed (the gate, the shared expert, and only the experts that receive a
+    /// token: the grouped matmuls never read the others) plus hidden in and out once. The
+    /// intermediates are the implementation's own traffic and are not counted.
+    fn bytes(&self) -> u64 {
+        let Ok(data) = self.data() else {
+            return 0;
+        };
+        let (gate_up, down, shared) = self.sources();
+        let active = data.layout.counts.iter().filter(|&&c| c > 0).count() as u64;
+        let c = &self.config;
+        let (t, h, e) = (self.tokens as u64, c.hidden as u64, c.router.experts as u64);
+        let weights = active * (gate_up.expert_bytes() + down.expert_bytes())
+            + shared.map_or(0, |(g, d)| g.bytes() + d.bytes())
+            + h * e * self.weights.size() as u64;
+        let router = 4 * e * (self.bias as u64 + self.router_scale as u64);
+        weights + router + t * h * (self.act.size() + self.out.size()) as u64
+    }
+
+    /// 2 per multiply-add: the gate GEMV, every token's `k` experts and the shared expert.
+    fn flops(&self) -> u64 {
+        let c = &self.config;
+        let gate = c.hidden as u64 * c.router.experts as u64;
+        2 * self.tokens as u64 * (gate + self.token_macs())
+    }
+
+    fn prepare<'g>(&self, gpu: &'g Gpu) -> Result<Box<dyn Prepared + 'g>> {
+        let data = self.data()?;
+        let (gate_up_src, down_src, shared_src) = self.sources();
+        let active: Vec<bool> = data.layout.counts.iter().map(|&c| c > 0).collect();
+        let poison = gate_up_src.bytes() + down_src.bytes() <= POISON_BYTES;
+        let gate_up = gate_up_src.upload(gpu, &active, poison)?;
+        let down = down_src.upload(gpu, &active, poison)?;
+        let shared = match &shared_src {
+            Some((g, d)) => Some((
+                g.upload(gpu, &[true], false)?,
+                d.upload(gpu, &[true], false)?,
+            )),
+            None => None,
+        };
+        let upload = |t: Option<&Tensor>| t.map(|t| gpu.upload(t)).transpose();
+        let hidden = gpu.upload(&data.hidden)?;
+        let gate = gpu.upload(&data.gate)?;
+        let bias = upload(data.bias.as_ref())?;
+        let router_scale = upload(data.router_scale.as_ref())?;
+        let out = gpu.zeros(&[self.tokens, self.config.hidden], self.out)?;
+        let weights = MoeWeights {
+            gate: &gate,
+            bias: bias.as_ref(),
+            router_scale: router_scale.as_ref(),
+            gate_up: &gate_up,
+            down: &down,
+            shared: shared
+                .as_ref()
+                .map(|(gate_up, down)| SharedWeights { gate_up, down }),
+        };
+        let layer = MoeLayer::new(gpu, &self.config, &hidden, &weights, &out, &self.options)?;
+        let host_offsets: Vec<u32> = data.layout.offsets.iter().map(|&o| o as u32).collect();
+        let baseline = layer.per_expert_baseline(gpu, &weights, &host_offsets, &self.options)?;
+        let tokens = self.checked_tokens();
+        let experts = Experts {
+            gate_up: &gate_up_src,
+            down: &down_src,
+            shared: shared_src
+                .as_ref()
+                .map(|(g, d)| (g as &dyn ExpertSource, d as &dyn ExpertSource)),
+        };
+        let expected = reference::token_outputs(
+            &self.config,
+            &data.hidden,
+            &data.routing,
+            &experts,
+            &tokens,
+            self.out,
+        )?;
+        Ok(Box::new(MoePrepared {
+            gpu,
+            layer,
+            baseline,
+            out,
+            tokens,
+            expected,
+            routing: data.routing.clone(),
+            layout: data.layout.clone(),
+            tolerance: tolerance(self.act, self.out),
+            _inputs: (hidden, gate, bias, router_scale, gate_up, down, shared),
+        }))
+    }
+}
+
+/// The device inputs the layer's bind groups read.
+type DeviceInputs = (
+    DeviceTensor,
+    DeviceTensor,
+    Option<DeviceTensor>,
+    Option<DeviceTensor>,
+    ExpertWeights,
+    ExpertWeights,
+    Option<(ExpertWeights, ExpertWeights)>,
+);
+
+struct MoePrepared<'g> {
+    gpu: &'g Gpu,
+    layer: MoeLayer,
+    baseline: PerExpertChain,
+    out: DeviceTensor,
+    tokens: Vec<usize>,
+    expected: Vec<f64>,
+    routing: RoutingRef,
+    layout: LayoutRef,
+    tolerance: Tolerance,
+    _inputs: DeviceInputs,
+}
+
+impl Prepared for MoePrepared<'_> {
+    fn variant(&self) -> String {
+        self.layer.variant()
+    }
+
+    fn record(&self, rec: &mut Recorder) -> Result<()> {
+        self.layer.record(rec)
+    }
+
+    fn verify(&self) -> Result<Vec<Checked>> {
+        let h = self.layer.config().hidden;
+        let t = self.layer.tokens();
+        let out = self.gpu.download_f32(&self.out)?;
+        let got: Vec<f32> = self
+            .tokens
+            .iter()
+            .flat_map(|&token| out[token * h..(token + 1) * h].iter().copied())
+            .collect();
+        let label = if self.tokens.len() == t {
+            "out".to_string()
+        } else {
+            format!("out ({} of {t} tokens)", self.tokens.len())
+        };
+        let mut checks = vec![Checked::new(
+            label,
+            &[self.tokens.len(), h],
+            compare(&got, &self.expected, self.tolerance),
+        )];
+        let router = self.layer.router().download(self.gpu)?;
+        checks.extend(check_router_output(&router, &self.routing, &self.layout));
+        Ok(checks)
+    }
+
+    fn baseline(&self) -> Option<String> {
+        Some(format!(
+            "per-expert matmuls ({} dispatches)",
+            self.baseline.dispatches()
+        ))
+    }
+
+    fn record_baseline(&self, rec: &mut Recorder) -> Result<()> {
+        self.layer.record_baseline(rec, &self.baseline)
+    }
+}
+
+fn ci_cases() -> Vec<MoeCase> {
+    use DType::{BF16, F16, F32};
+    vec![
+        MoeCase::new("pangu-pro-moe-small", 7),
+        MoeCase::new("deepseek-v3-small", 5),
+        MoeCase::new("pangu-pro-moe-small", 1)
+            .dtypes(F32, F32, F32)
+            .layout(Layout::Kn)
+            .without_shared(),
+        MoeCase::new("deepseek-v3-small", 33)
+            .dtypes(F16, F16, F16)
+            .block(16),
+        MoeCase::new("deepseek-v3-small", 40)
+            .dtypes(BF16, BF16, F32)
+            .hot(),
+    ]
+}
+
+impl Operator for MoeOperator {
+    fn name(&self) -> &'static str {
+        OP
+    }
+
+    fn cases(&self, scale: Scale, gpu: &Gpu) -> Vec<Box<dyn Case>> {
+        let cases: Vec<MoeCase> = match scale {
+            Scale::Ci => ci_cases(),
+            Scale::Full => vec![
+                MoeCase::new("pangu-pro-moe", 1).tiling(Tiling::Cached),
+                MoeCase::new("pangu-pro-moe", 16).tiling(Tiling::Cached),
+                MoeCase::new("deepseek-v3", 16).tiling(Tiling::Cached),
+            ],
+            Scale::Bench => {
+                let (pangu, deepseek, tokens): (_, _, &[usize]) = if gpu.is_cpu() {
+                    ("pangu-pro-moe-small", "deepseek-v3-small", &[16, 256])
+                } else {
+                    ("pangu-pro-moe", "deepseek-v3", &[16, 256, 4096])
+                };
+                let mut cases: Vec<MoeCase> = tokens
+                    .iter()
+                    .map(|&t| MoeCase::new(pangu, t).tiling(Tiling::Tune))
+                    .collect();
+                cases.push(MoeCase::new(deepseek, tokens[0]).tiling(Tiling::Tune));
+                cases.push(MoeCase::new(deepseek, tokens[tokens.len() - 1]).tiling(Tiling::Tune));
+                cases
+            }
+        };
+        cases
+            .into_iter()
+            .map(|c| Box::new(c) as Box<dyn Case>)
+            .collect()
+    }
+
+    fn paths(&self, gpu: &Gpu) -> Vec<(String, String)> {
+        let mut paths = merrouter::OPERATOR.paths(gpu);
+        paths.push((
+            "expert matmuls".into(),
+            "SwiftGMM from the router's device offsets (GEMV or GEMM per expert, indirect dispatch)"
+                .into(),
+        ));
+        paths.push((
+            "gather / combine".into(),
+            "one invocation per 32-bit word (plain WGSL)".into(),
+        ));
+        paths
+    }
+
+    fn run_named(
+        &self,
+        gpu: &Gpu,
+        inputs: &NamedTensors,
+        params: &serde_json::Value,
+    ) -> Result<NamedTensors> {
+        let named = NamedInputs::parse(inputs, params)?;
+        let out = super::run(
+            gpu,
+            &named.config,
+            named.hidden,
+            &named.weights,
+            named.out_dtype,
+            &named.options,
+        )?;
+        Ok(NamedTensors::from([
+            ("out".to_string(), out.out),
+            ("topk_ids".to_string(), out.router.topk_ids),
+            ("topk_weights".to_string(), out.router.topk_weights),
+        ]))
+    }
+
+    fn reference_named(
+        &self,
+        inputs: &NamedTensors,
+        params: &serde_json::Value,
+    ) -> Result<NamedTensors> {
+        let named = NamedInputs::parse(inputs, params)?;
+        let w = &named.weights;
+        let router = merrouter::RouterInputs {
+            scores: merrouter::Scores::Gate {
+                hidden: named.hidden,
+                weight: w.gate,
+            },
+            bias: w.bias,
+            router_scale: w.router_scale,
+        };
+        let shapes = super::WeightShapes {
+            gate_up: super::ExpertShape::of_host("gate_up weights", w.gate_up)?,
+            down: super::ExpertShape::of_host("down weights", w.down)?,
+            shared: match w.shared {
+                Some((g, d)) => Some((
+                    super::ExpertShape::of_host("shared gate_up weights", g)?,
+                    super::ExpertShape::of_host("shared down weights", d)?,
+                )),
+                None => None,
+            },
+        };
+        let t = super::check_layer(
+            &named.config,
+            named.hidden,
+            &router,
+            &shapes,
+            named.out_dtype,
+        )?;
+        let r = reference::layer(&named.config, named.hidden, w, named.out_dtype)?;
+        let k = named.config.router.top_k;
+        let out: Vec<f32> = r.out.iter().map(|&v| v as f32).collect();
+        let weights: Vec<f32> = r.routing.weights.iter().map(|&v| v as f32).collect();
+        Ok(NamedTensors::from([
+            (
+                "out".to_string(),
+                Tensor::from_f32(&[t, named.config.hidden], &out, named.out_dtype)?,
+            ),
+            ("topk_ids".to_string(), Tensor::i32(&[t, k], r.routing.ids)?),
+            ("topk_weights".to_string(), Tensor::f32(&[t, k], weights)?),
+        ]))
+    }
+
+    fn tolerance(&self, output: &str, inputs: &NamedTensors) -> Tolerance {
+        match output {
+            "topk_ids" => Tolerance::EXACT,
+            "topk_weights" => WEIGHT_TOLERANCE,
+            _ => {
+                // The output dtype is a parameter the hook does not see: it defaults to hidden's.
+                let act = inputs.get("hidden").map_or(DType::F32, |h| h.dtype());
+                tolerance(act, act)
+            }
+        }
+    }
+}
+
+/// `fusedops run` parameters (JSON); every field optional.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
+struct RunParams {
+    /// A [`MoeConfig::preset`] (default `pangu-pro-moe`): its routing and layout. The sizes come
+    /// from the tensors.
+    preset: Option<String>,
+    /// A whole [`RouterConfig`] in place of the preset's.
+    router: Option<RouterConfig>,
+    layout: Option<Layout>,
+    /// Default: hidden's dtype.
+    out_dtype: Option<DType>,
+    mode: Mode,
+    tiling: Tiling,
+}
+
+/// The named inputs of `fusedops run` and the config they describe.
+struct NamedInputs<'a> {
+    config: MoeConfig,
+    hidden: &'a Tensor,
+    weights: HostWeights<'a>,
+    out_dtype: DType,
+    options: MoeOptions,
+}
+
+impl<'a> NamedInputs<'a> {
+    fn parse(inputs: &'a NamedTensors, params: &serde_json::Value) -> Result<Self> {
+        let p: RunParams = params_from_json(OP, params)?;
+        let mut config = MoeConfig::preset(p.preset.as_deref().unwrap_or("pangu-pro-moe"))?;
+        if let Some(router) = &p.router {
+            config.router = router.clone();
+        }
+        config.layout = p.layout.unwrap_or(config.layout);
+        let hidden = input(OP, inputs, "hidden")?;
+        let down = input(OP, inputs, "down")?;
+        // The intermediate size of down weights [e, h, i] (nk) or [e, i, h] (kn).
+        let intermediate = |what: &str, w: &Tensor| match *w.shape() {
+            [_, a, b] => Ok(match config.layout {
+                Layout::Nk => b,
+                Layout::Kn => a,
+            }),
+            _ => Err(Error::shape(OP, what, w.shape(), "[experts, a, b]")),
+        };
+        config.hidden = match *hidden.shape() {
+            [_, h] => h,
+            _ => return Err(Error::shape(OP, "hidden", hidden.shape(), "[t, h]")),
+        };
+        config.intermediate = intermediate("down", down)?;
+        let shared = match (inputs.get("shared_gate_up"), inputs.get("shared_down")) {
+            (Some(g), Some(d)) => Some((g, d)),
+            (None, None) => None,
+            _ => {
+                return Err(Error::invalid(
+                    OP,
+                    "inputs",
+                    "give both \"shared_gate_up\" and \"shared_down\", or neither",
+                ));
+            }
+        };
+        config.shared_intermediate = shared
+            .map(|(_, d)| intermediate("shared_down", d))
+            .transpose()?;
+        Ok(NamedInputs {
+            out_dtype: p.out_dtype.unwrap_or(hidden.dtype()),
+            hidden,
+            weights: HostWeights {
+                gate: input(OP, inputs, "gate_weight")?,
+                bias: inputs.get("bias"),
+                router_scale: inputs.get("router_scale"),
+                gate_up: input(OP, inputs, "gate_up")?,
+                down,
+                shared,
+            },
+            config,
+            options: MoeOptions {
+                tiling: p.tiling,
+                mode: p.mode,
+                max_workgroups: None,
+            },
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ops::merrouter::GroupScore;
+
+    #[test]
+    fn router_inputs_are_exact_and_tie_free() {
+        let config = MoeConfig::preset("deepseek-v3-small").unwrap();
+        let bias: Vec<f64> = (0..256).map(|x| 0.001 * x as f64).collect();
+        let ints = RouterInts::new(&config.router, 20, 96, Some(&bias), 5).unwrap();
+        for token in 0..20 {
+            let row = &ints.logits[token * 256..(token + 1) * 256];
+            let r = merrouter::reference::route(&config.router, 1, row, Some(&bias), None);
+            assert!(r.margins[0] >= MIN_MARGIN);
+            // Exact: the f32 sum in any order gives the same value.
+            let h = &ints.hidden[token * 96..(token + 1) * 96];
+            let f32_sum: f32 = (0..96)
+                .map(|c| h[c] as f32 / 8.0 * (ints.gate[c * 256 + 7] as f32 / 256.0))
+                .sum();
+            assert_eq!(f32_sum as f64, row[7]);
+        }
+    }
+
+    #[test]
+    fn hashed_experts_are_made_one_at_a_time() {
+        let w = HashedExperts {
+            experts: 3,
+            dims: [4, 6],
+            dtype: DType::BF16,
+            seed: 9,
+            scale: 0.5,
+        };
+        let one = w.expert(2).unwrap();
+        assert_eq!(one.shape(), &[1, 4, 6]);
+        assert!(one.to_f32().iter().all(|v| v.abs() <= 0.5));
+        assert_ne!(one.to_f32(), w.expert(1).unwrap().to_f32());
+        assert_eq!(w.bytes(), 3 * 48);
+    }
+
+    #[test]
+    fn hot_experts_sit_in_k_over_2_groups() {
+        let case = MoeCase::new("deepseek-v3-small", 4).hot();
+        let hot = case.hot_experts();
+        assert_eq!(hot.len(), 8);
+        let mut groups: Vec<usize> = hot.iter().map(|x| x / 32).collect();
+        groups.dedup();
+        assert_eq!(groups, vec![0, 1, 2, 3]);
+        let Selection::GroupLimited {
+            k_group,
+            group_score,
+        } = case.config.router.selection
+        else {
+            panic!("deepseek routing");
+        };
+        assert_eq!((k_group, group_score), (4, GroupScore::SumTop2));
+    }
+
+    #[test]
+    fn large_cases_check_a_sample_of_tokens() {
+        let case = MoeCase::new("pangu-pro-moe", 4096);
+        let tokens = case.checked_tokens();
+        assert!(tokens.len() >= 2 && tokens.len() < 16, "{tokens:?}");
+        assert_eq!((tokens[0], *tokens.last().unwrap()), (0, 4095));
+        assert_eq!(
+            MoeCase::new("pangu-pro-moe-small", 7)
+                .checked_tokens()
+                .len(),
+            7
+        );
+        // bytes() counts only the experts that receive tokens: one of each group at t = 1.
+        let small = MoeCase::new("pangu-pro-moe-small", 1);
+        let (g, d, shared) = small.sources();
+        let (sg, sd) = shared.unwrap();
+        let (h, e) = (96, 64);
+        let want = 8 * (g.expert_bytes() + d.expert_bytes())
+            + sg.bytes()
+            + sd.bytes()
+            + h * e * 2
+            + 4 * e
+            + h * (2 + 2);
+        assert_eq!(small.bytes(), want);
+    }
+}
