@@ -582,12 +582,12 @@ fn run_named_matches_reference_named() {
         let c = compare(
             &got[name].to_f64(),
             &w.to_f64(),
-            OPERATOR.tolerance(name, &inputs),
+            OPERATOR.tolerance(name, &inputs, &params),
         );
         assert!(c.pass, "{name}: {}", c.summary(w.shape()));
     }
     assert_eq!(
-        OPERATOR.tolerance("topk_weights", &inputs),
+        OPERATOR.tolerance("topk_weights", &inputs, &params),
         WEIGHT_TOLERANCE
     );
     // Half a shared expert is refused.

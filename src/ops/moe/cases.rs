@@ -819,14 +819,23 @@ impl Operator for MoeOperator {
         ]))
     }
 
-    fn tolerance(&self, output: &str, inputs: &NamedTensors) -> Tolerance {
+    fn tolerance(
+        &self,
+        output: &str,
+        inputs: &NamedTensors,
+        params: &serde_json::Value,
+    ) -> Tolerance {
         match output {
             "topk_ids" => Tolerance::EXACT,
             "topk_weights" => WEIGHT_TOLERANCE,
             _ => {
-                // The output dtype is a parameter the hook does not see: it defaults to hidden's.
                 let act = inputs.get("hidden").map_or(DType::F32, |h| h.dtype());
-                tolerance(act, act)
+                // Unparsable params never reach a comparison (run_named refuses them first).
+                let out = params_from_json::<RunParams>(OP, params)
+                    .ok()
+                    .and_then(|p| p.out_dtype)
+                    .unwrap_or(act);
+                tolerance(act, out)
             }
         }
     }
