@@ -106,10 +106,53 @@ pub fn probe_lines(roof: &Roofline) -> String {
     s
 }
 
-/// The terminal table.
+/// Median time per compute pass of every case that records several (GPU timestamps only), e.g.
+/// the steps of the MoE layer: `op case: step a us, step b us, ...`.
+pub fn pass_split_lines(report: &BenchReport) -> Vec<String> {
+    report
+        .cases
+        .iter()
+        .filter_map(|r| {
+            let t = r.time.as_ref()?;
+            (t.passes.len() > 1).then(|| {
+                let steps: Vec<String> = t
+                    .passes
+                    .iter()
+                    .map(|(label, us)| format!("{label} {us:.1} us"))
+                    .collect();
+                format!(
+                    "{} {}: {}",
+                    r.check.case.op,
+                    r.check.case.name,
+                    steps.join(", ")
+                )
+            })
+        })
+        .collect()
+}
+
+/// The terminal table, then the per-pass split of multi-pass cases.
 pub fn text(report: &BenchReport) -> String {
-    let rows: Vec<Vec<String>> = report.cases.iter().map(cells).collect();
-    text_table(&HEADER, &rows)
+    // Long path descriptions (the MoE layer names every step's) are cut in the terminal table;
+    // the Markdown and JSON reports keep them whole.
+    let rows: Vec<Vec<String>> = report
+        .cases
+        .iter()
+        .map(|r| {
+            let mut row = cells(r);
+            row[2] = shorten(&row[2], 64);
+            row
+        })
+        .collect();
+    let mut s = text_table(&HEADER, &rows);
+    let split = pass_split_lines(report);
+    if !split.is_empty() {
+        s += "\ntime per pass (median):\n";
+        for line in split {
+            s += &format!("  {line}\n");
+        }
+    }
+    s
 }
 
 fn md_row(cells: &[String]) -> String {
@@ -147,6 +190,13 @@ pub fn markdown(report: &BenchReport) -> String {
     s += &format!("|{}\n", "---|".repeat(HEADER.len()));
     for r in &report.cases {
         s += &md_row(&cells(r));
+    }
+    let split = pass_split_lines(report);
+    if !split.is_empty() {
+        s += "\nTime per compute pass (median):\n\n";
+        for line in split {
+            s += &format!("- {line}\n");
+        }
     }
     s
 }
@@ -282,5 +332,15 @@ pub fn significant(v: f64) -> String {
         format!("{v:.2}")
     } else {
         format!("{v:.3}")
+    }
+}
+
+/// `text` cut to at most `max` characters, with an ellipsis when cut.
+fn shorten(text: &str, max: usize) -> String {
+    if text.chars().count() <= max {
+        text.to_string()
+    } else {
+        let cut: String = text.chars().take(max.saturating_sub(1)).collect();
+        format!("{cut}…")
     }
 }
