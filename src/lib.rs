@@ -6,7 +6,8 @@
 //! - **AMLA**: MLA decode attention over a paged latent KV cache, with the online-softmax rescale
 //!   done as an integer add on the f32 exponent bits;
 //! - **SwiftGMM**: grouped matmul for MoE experts, GEMV-like or tiled per expert, one dispatch;
-//! - **MerRouter**: fused MoE routing, dispatch layout and combine.
+//! - **MerRouter**: fused MoE routing, dispatch layout and combine;
+//! - **MoE layer**: router → grouped matmuls → combine in one command buffer.
 //!
 //! The data path: host [`tensor::Tensor`]s → [`gpu::Gpu::upload`] → an operator validates shapes
 //! and limits, picks a kernel variant and records its dispatches through a [`gpu::Recorder`] →
