@@ -17,8 +17,8 @@
 
 use super::chips::{ChipSpec, CoreArch, Memory};
 use super::plan::{
-    Args, CoreSplit, Dtype, Layout, OP, Peak, Roofline, first_fit, require_fractal_multiple,
-    round_up, spread, tile_candidates,
+    Args, CoreSplit, Dtype, Layout, OP, Peak, Roofline, Stage, TilingField, cube_unit, first_fit,
+    require_fractal_multiple, round_up, spread, tile_candidates, vector_unit,
 };
 use super::{AscendPlan, Preset};
 use crate::error::{Error, Result};
@@ -432,6 +432,14 @@ fn build(
         ));
     }
 
+    let shape = Shape {
+        rows_padded: rp,
+        splits,
+        units,
+        cores_used,
+        units_per_core,
+        workspace: workspace_size,
+    };
     Ok(AscendPlan {
         op: "amla",
         chip,
@@ -475,6 +483,8 @@ fn build(
             work_units: units,
             units_per_core,
         },
+        stages: stages(chip, p, &t, splits),
+        tiling: tiling_fields(p, &t, &shape),
         buffers,
         memory,
         workspace_bytes_per_core: workspace_size,
@@ -509,4 +519,232 @@ fn balanced_splits(base_units: u64, kv_tiles: u64, cores: u64) -> u64 {
                 .max_by(|&a, &b| fill(a).total_cmp(&fill(b)).then(b.cmp(&a)))
                 .unwrap_or(1)
         })
+}
+
+/// The derived sizes the tiling struct reports.
+struct Shape {
+    rows_padded: u64,
+    splits: u64,
+    units: u64,
+    cores_used: u32,
+    units_per_core: u64,
+    workspace: u64,
+}
+
+/// The Ascend C stages of the port, in the order one KV tile goes through them.
+fn stages(chip: &ChipSpec, p: &Problem, t: &Tiles, splits: u64) -> Vec<Stage> {
+    let (cube, vector) = (cube_unit(chip), vector_unit(chip));
+    let separated = chip.arch == CoreArch::Separated;
+    let s_out = if separated {
+        "Fixpipe writes S (f32) to GM workspace, then CrossCoreSetFlag(qkReady)"
+    } else {
+        "Fixpipe moves S (f32) from L0C to UB"
+    };
+    let p_out = if separated {
+        "CopyOut P to GM workspace, CrossCoreSetFlag(softmaxReady)"
+    } else {
+        "P goes UB -> L1 for the cube"
+    };
+    let rescale_work = match (p.atomic_update, p.amla_rescale) {
+        (true, _) => {
+            "Brcb the row step N to a [rows, 128] i32 tile, wait until the previous P·V has \
+             landed in O (CrossCoreWaitFlag), then SetAtomicAdd<int32_t> + DataCopy adds it to \
+             O's bits in GM; SetAtomicNone"
+        }
+        (false, true) => {
+            "CopyIn an [rows, n0] f32 chunk of O from GM, ReinterpretCast<int32_t>, Adds of N \
+             (Compare + Select keep exact zeros), add the P·V chunk, CopyOut; 2 buffers each"
+        }
+        (false, false) => {
+            "CopyIn an [rows, n0] f32 chunk of O from GM, Muls by exp(m_old - m_new), add the P·V \
+             chunk, CopyOut; 2 buffers each"
+        }
+    };
+    let pv_out = if p.atomic_update {
+        "Fixpipe with SetAtomicAdd<float> adds P·V into O in GM"
+    } else if separated {
+        "Fixpipe writes P·V (f32) to GM workspace for the rescale stage"
+    } else {
+        "Fixpipe moves P·V (f32) to UB for the rescale stage"
+    };
+    let mut list = vec![
+        Stage::new(
+            "CopyIn Q",
+            cube,
+            "amla_prep.wgsl: prep",
+            "MTE2 copies the unit's Q rows GM -> L1 once (A1 queue, 1 buffer); Q stays 16-bit \
+             because it is a cube operand, so the softmax scale moves to the softmax stage",
+        ),
+        Stage::new(
+            "CopyIn KV",
+            cube,
+            "amla_decode.wgsl: decode, step 1 (load)",
+            format!(
+                "MTE2 gathers {} keys page by page through the block table (one DataCopy per \
+                 page) into L1, 2 buffers: tile j + 1 loads while tile j computes; the same copy \
+                 feeds Q·Kᵀ and P·V",
+                t.kv_tile
+            ),
+        ),
+        Stage::new(
+            "QK",
+            cube,
+            "amla_decode.wgsl: decode, steps 2-3 (scores, d-group sums)",
+            format!(
+                "MTE1 moves Q and K in {}-deep chunks L1 -> L0A / L0B, Mmad accumulates all {D_QK} \
+                 dims in L0C (f32); {s_out}",
+                t.k0
+            ),
+        ),
+        Stage::new(
+            "softmax",
+            vector,
+            "amla_decode.wgsl: decode, steps 3-4 (mask, online softmax)",
+            format!(
+                "Muls S by the softmax scale, mask keys past the range or the causal limit, row \
+                 max m, then {}; P cast to {} (Cast), row sum l; {p_out}",
+                if p.amla_rescale {
+                    "n = round(-m / ln 2), c, ĉ = c rounded to P's type, cof = c / ĉ, P = \
+                     exp(S - m)·ĉ and the step N = max(dn, -30) + 1.5 (cof_old / cof - 1) + 1e-6"
+                } else {
+                    "P = exp(S - m) and the factor exp(m_old - m)"
+                },
+                p.dtype.name()
+            ),
+        ),
+    ];
+    // In the atomic update the step lands on O before P·V_j is added; through UB the vector
+    // core rescales O and adds P·V_j in one pass, after the cube produced it.
+    let (pv, rescale) = (
+        Stage::new(
+            "PV",
+            cube,
+            "amla_decode.wgsl: decode, step 5 (P·V FMAs)",
+            format!(
+                "wait for P, P -> L1 -> L0A, V = the first {D_V} columns of the resident KV tile \
+                 -> L0B in {}-wide chunks, Mmad; {pv_out}",
+                t.n0
+            ),
+        ),
+        Stage::new(
+            "rescale O",
+            vector,
+            "amla_decode.wgsl: decode, step 5 (rescale of o[r])",
+            rescale_work,
+        ),
+    );
+    if p.atomic_update {
+        list.extend([rescale, pv]);
+    } else {
+        list.extend([pv, rescale]);
+    }
+    list.push(Stage::new(
+        "epilogue",
+        vector,
+        "amla_decode.wgsl: decode, end (normalise, guard, write)",
+        if p.amla_rescale {
+            "after the last tile: CopyIn O, zero |O| > 1e10 (Abs, CompareScalar, Select), \
+                 Div by L = l·ĉ, Cast to the out dtype, CopyOut out and lse (or the split's \
+                 partial (O, lse))"
+        } else {
+            "after the last tile: CopyIn O, Div by l, Cast to the out dtype, CopyOut out and \
+                 lse (or the split's partial (O, lse))"
+        },
+    ));
+    if splits > 1 {
+        list.push(Stage::new(
+            "combine",
+            vector,
+            "amla_combine.wgsl: combine",
+            "after SyncAll (or in a second launch): w_i = exp(lse_i - max lse), out = Σ w_i out_i \
+             / Σ w_i, lse = max lse + ln Σ w_i, from the partials in workspace",
+        ));
+    }
+    list
+}
+
+/// The tiling struct, each field tied to the WGSL constant or host value it replaces.
+fn tiling_fields(p: &Problem, t: &Tiles, s: &Shape) -> Vec<TilingField> {
+    vec![
+        TilingField::new("batch", p.batch, "b of q [b, s_q, h_q, 576]"),
+        TilingField::new("numHeads", p.heads, "h_q (DecodeParams::h_q)"),
+        TilingField::new("qSeqLen", p.s_q, "s_q (DecodeParams::s_q)"),
+        TilingField::new(
+            "kvSeqLen",
+            p.kv_len,
+            "cache_seqlens (read per sequence at run time; the plan's length)",
+        ),
+        TilingField::new("blockSize", p.page, "page size (DecodeParams::page_shift)"),
+        TilingField::new(
+            "embedLatent",
+            D_V,
+            "D_V: V is the first 512 columns of a row",
+        ),
+        TilingField::new("embedRope", D_QK - D_V, "D_QK - D_V"),
+        TilingField::new(
+            "headTile",
+            t.head_tile,
+            "HB override (GPU: at most 16 rows, 64 O registers per invocation)",
+        ),
+        TilingField::new(
+            "rowsPerTask",
+            s.rows_padded,
+            "rows_padded of PrepParams / DecodeParams (HB x row blocks)",
+        ),
+        TilingField::new(
+            "kvTile",
+            t.kv_tile,
+            "TN override (GPU: 32, 16 or 8 keys, by workgroup memory)",
+        ),
+        TilingField::new(
+            "k0",
+            t.k0,
+            "none: DG invocations split the 576 dims, RB x CB register tiles",
+        ),
+        TilingField::new(
+            "n0",
+            t.n0,
+            "none: each of the 128 invocations owns 4 of the 512 output dims",
+        ),
+        TilingField::new(
+            "kvSplits",
+            s.splits,
+            "Split::Auto scheduler (AmlaPlan::schedule): key ranges of the WorkItems",
+        ),
+        TilingField::new(
+            "taskNum",
+            s.units,
+            "WorkPlan::items: one workgroup per (sequence, head block, key range)",
+        ),
+        TilingField::new(
+            "blockDim",
+            s.cores_used,
+            "dispatch grid: one workgroup per work item (linear_workgroup)",
+        ),
+        TilingField::new(
+            "tasksPerCore",
+            s.units_per_core,
+            "none: the GPU schedules workgroups itself",
+        ),
+        TilingField::new(
+            "rescaleMode (tiling key)",
+            if p.amla_rescale { "amla" } else { "multiply" },
+            "RESCALE_AMLA override (Rescale::Amla | Multiply)",
+        ),
+        TilingField::new(
+            "updateMode (tiling key)",
+            if p.atomic_update { "atomic" } else { "ub" },
+            "none: O stays in registers on the GPU",
+        ),
+        TilingField::new(
+            "pDtype",
+            p.dtype.name(),
+            "P_HALF override (PPrecision::F16): the cube takes P in 16 bits only",
+        ),
+        TilingField::new(
+            "workspaceBytesPerCore",
+            s.workspace,
+            "part_out / part_lse (split partials); A2 adds the S, P and O exchange",
+        ),
+    ]
 }

@@ -1,19 +1,26 @@
 //! MerRouter (MoE routing, dispatch layout and combine) on Ascend: a vector-only kernel. Each
-//! vector core takes tiles of tokens: scores (softmax or sigmoid), group selection, top-k,
-//! weights, then counts its tokens per expert for the dispatch layout.
+//! vector core owns a contiguous range of tokens and routes it tile by tile: scores (softmax or
+//! sigmoid), group selection, top-k, weights; it sorts each tile's slots by expert and counts
+//! them, publishes its counts, and after one all-core sync derives the dispatch layout (counts,
+//! offsets, sorted slots, the inverse map, block expert ids, group loads, imbalance) for its own
+//! slots. The combine is a separate kernel after the experts.
 //!
 //! Keys: `tokens`, `experts`, `groups`, `k_group` (groups kept, group-limited mode), `top_k`,
 //! `scoring` (softmax | sigmoid), `select` (moge | group-limited), `topk_impl` (sort: Sort32 +
-//! MrgSort | reduce: k rounds of a max reduction), `histogram` (atomic: int32 DMA atomic add |
-//! workspace: partial counts and a second pass), `rows` (tokens per tile), and `peak_tflops`,
-//! `mem_gbps`.
+//! MrgSort on A2, the region-proposal Sort on 310P | reduce: k rounds of a max reduction),
+//! `histogram` (workspace: each core's counts as one row of a table in workspace | atomic:
+//! int32 DMA atomic adds into zeroed GM, as the WGSL's atomicAdd; A2 only), `rows` (tokens per
+//! tile), and `peak_tflops`, `mem_gbps`.
 //!
 //! Defaults: 256 tokens, 8 groups, top-8; DeepSeek-V3 (256 experts, keep 4 groups, sigmoid,
-//! group-limited) or Pangu Pro MoE (64 experts, softmax, MoGE); Sort32 and the atomic histogram
-//! where the chip has them.
+//! group-limited) or Pangu Pro MoE (64 experts, softmax, MoGE); `topk_impl=sort` where the chip
+//! has Sort32 (else `reduce`), `histogram=workspace`.
 
 use super::chips::{ChipSpec, CoreArch, Memory};
-use super::plan::{Args, CoreSplit, Layout, OP, Peak, Roofline, first_fit, round_up, spread};
+use super::plan::{
+    Args, CoreSplit, Layout, OP, Peak, Roofline, Stage, TilingField, first_fit, round_up,
+    vector_unit,
+};
 use super::{AscendPlan, Preset};
 use crate::error::{Error, Result};
 
@@ -122,25 +129,8 @@ pub fn plan(
             "reduce"
         },
     )? == "sort";
-    if sort && !chip.features.sort32 {
-        return Err(Error::unsupported(
-            OP,
-            format!(
-                "topk_impl=sort on {}: Sort32 / MrgSort are not available on the Atlas inference \
-                 AI Core; use topk_impl=reduce",
-                chip.name
-            ),
-        ));
-    }
-    let atomic_histogram = args.choice(
-        "histogram",
-        &["atomic", "workspace"],
-        if chip.features.int32_atomic_add {
-            "atomic"
-        } else {
-            "workspace"
-        },
-    )? == "atomic";
+    let atomic_histogram =
+        args.choice("histogram", &["atomic", "workspace"], "workspace")? == "atomic";
     if atomic_histogram && !chip.features.int32_atomic_add {
         return Err(Error::unsupported(
             OP,
@@ -163,15 +153,53 @@ pub fn plan(
         sort,
         atomic_histogram,
     };
-    let per_core = tokens.div_ceil(u64::from(chip.vector_cores));
+    let tokens_per_core = tokens.div_ceil(u64::from(chip.vector_cores));
     let rows: Vec<u64> = match args.count("rows")? {
+        Some(r) if !sort_keys_exact(&problem, r) => {
+            return Err(Error::invalid(
+                OP,
+                "rows",
+                format!(
+                    "{r}: the dispatch sorts a tile's slots by the f32 key expert x (rows x \
+                     top_k) + slot, exact only while experts x rows x top_k <= 2^24"
+                ),
+            ));
+        }
         Some(r) => vec![r],
         None => [64, 32, 16, 8, 4, 2, 1]
             .into_iter()
-            .filter(|&r| r <= per_core.max(1))
+            .filter(|&r| r <= tokens_per_core.max(1) && sort_keys_exact(&problem, r))
             .collect(),
     };
     first_fit(rows, |r| build(chip, preset, &problem, r, peak.clone()))
+}
+
+/// The dispatch sorts the slots of an `r`-token tile by `expert * r * top_k + local slot` held as
+/// an f32 sort key: exact (so the order is stable whatever the merge does with ties) while the
+/// largest key stays within f32's 24-bit integer range.
+fn sort_keys_exact(p: &Problem, r: u64) -> bool {
+    p.experts * r * p.top_k <= SORT_KEY_LIMIT
+}
+
+/// Integers up to 2^24 are exact in f32.
+pub const SORT_KEY_LIMIT: u64 = 1 << 24;
+
+/// Bytes one sorted element takes in UB: a (score, index) pair from Sort32 on A2; a region
+/// proposal of eight f32 values from the high-level Sort on the Atlas inference AI Core.
+fn sort_element_bytes(chip: &ChipSpec) -> u64 {
+    if chip.features.sort32 { 8 } else { 32 }
+}
+
+/// Experts per chunk of the counts table the layout stage reads at once.
+const LAYOUT_EXPERT_CHUNK: u64 = 256;
+
+/// Sizes the tiling struct reports.
+struct Sizes {
+    rows: u64,
+    tokens_per_core: u64,
+    cores_used: u32,
+    tiles_per_core: u64,
+    workspace: u64,
 }
 
 fn build(
@@ -182,9 +210,21 @@ fn build(
     peak: Option<Peak>,
 ) -> Result<AscendPlan> {
     let e8 = round_up(p.experts, 8);
-    let e32 = round_up(p.experts, 32);
+    let g8 = round_up(p.groups, 8);
+    // Slots of one tile, in whole 32-element sort repeats.
+    let rk = round_up(r * p.top_k, 32);
+    let sort_bytes = sort_element_bytes(chip);
     let separated = chip.arch == CoreArch::Separated;
+    // Each core owns a contiguous token range, routed tile by tile.
+    let tokens_per_core = p.tokens.div_ceil(u64::from(chip.vector_cores));
+    let cores_used = p.tokens.div_ceil(tokens_per_core) as u32;
+    let tiles_per_core = tokens_per_core.div_ceil(r);
+    let last_core_tokens = p.tokens - (u64::from(cores_used) - 1) * tokens_per_core;
+    let tiles_total = (u64::from(cores_used) - 1) * tiles_per_core + last_core_tokens.div_ceil(r);
+    let chunk = e8.min(LAYOUT_EXPERT_CHUNK);
+
     let mut layout = Layout::new(chip, format!("merrouter on {} (rows={r})", chip.name));
+    // Routing.
     layout.add(
         Memory::Ub,
         "logits",
@@ -199,10 +239,16 @@ fn build(
         r * e8 * 4,
         1,
     );
-    let sel_width = if p.sort { e32 } else { e8 };
+    // The sort works group by group, each group padded to whole 32-element repeats (as
+    // MoeGatingTopK pads them).
+    let sel_width = if p.sort {
+        p.groups * round_up(p.experts / p.groups, 32)
+    } else {
+        e8
+    };
     layout.add(
         Memory::Ub,
-        "selection values",
+        "choice values",
         format!("[{r}, {sel_width}] f32"),
         r * sel_width * 4,
         1,
@@ -210,19 +256,20 @@ fn build(
     if p.sort {
         layout.add(
             Memory::Ub,
-            "sorted (score, index)",
-            format!("[{r}, {e32}] x 8 B"),
-            r * e32 * 8,
+            "sorted choices",
+            format!("[{r}, {sel_width}] x {sort_bytes} B"),
+            r * sel_width * sort_bytes,
             2,
         );
         layout.add(
             Memory::Ub,
             "expert index",
-            format!("[{e32}] u32"),
-            e32 * 4,
+            format!("[{sel_width}] u32"),
+            sel_width * 4,
             1,
         );
     } else {
+        layout.add(Memory::Ub, "expert index", format!("[{e8}] u32"), e8 * 4, 1);
         layout.add(
             Memory::Ub,
             "max and index",
@@ -231,13 +278,15 @@ fn build(
             1,
         );
     }
-    layout.add(
-        Memory::Ub,
-        "group scores",
-        format!("[{r}, {}] f32", round_up(p.groups, 8)),
-        r * round_up(p.groups, 8) * 4,
-        1,
-    );
+    if !p.moge {
+        layout.add(
+            Memory::Ub,
+            "group scores",
+            format!("[{r}, {g8}] f32"),
+            r * g8 * 4,
+            1,
+        );
+    }
     layout.add(
         Memory::Ub,
         "bias and scale",
@@ -259,6 +308,15 @@ fn build(
         r * p.top_k * 4,
         2,
     );
+    // Dispatch layout.
+    layout.add(Memory::Ub, "slot keys", format!("[{rk}] f32"), rk * 4, 1);
+    layout.add(
+        Memory::Ub,
+        "sorted slots",
+        format!("[{rk}] x {sort_bytes} B"),
+        rk * sort_bytes,
+        2,
+    );
     layout.add(
         Memory::Ub,
         "expert counts",
@@ -266,25 +324,34 @@ fn build(
         e8 * 4,
         1,
     );
+    layout.add(
+        Memory::Ub,
+        "counts of all cores",
+        format!("[{cores_used}, {chunk}] i32"),
+        u64::from(cores_used) * chunk * 4,
+        1,
+    );
+    layout.add(Memory::Ub, "expert bases", format!("[{e8}] i32"), e8 * 4, 1);
+    layout.add(Memory::Ub, "rows out", format!("[{rk}] i32"), rk * 4, 2);
     let (buffers, memory) = layout.finish()?;
 
-    let tiles = p.tokens.div_ceil(r);
-    let (cores_used, tiles_per_core) = spread(tiles, chip.vector_cores);
-    let slots = p.tokens * p.top_k;
-    let hbm_total =
-        p.tokens * p.experts * 4 + 2 * p.experts * 4 + slots * 8 + slots * 4 * 2 + p.experts * 8;
-    let share = tiles_per_core as f64 / tiles as f64;
-    let (workspace_core, workspace_size) = if p.atomic_histogram {
-        (0, 0)
-    } else {
-        (2 * p.experts * 4, p.experts * 4)
-    };
+    // The busiest core is core 0: a full token range plus the layout outputs.
+    let slots = tokens_per_core * p.top_k;
+    let layout_out = p.experts * 4 + (p.experts + 1) * 4 + p.groups * 4 + 4;
+    let hbm = tokens_per_core * p.experts * 4
+        + 2 * p.experts * 4
+        + slots * 8
+        + slots * 4 * 3
+        + layout_out;
+    let sync_flags = if separated { 0 } else { 32 };
+    let workspace_size = slots * 8 + p.experts * 4 + sync_flags;
+    let workspace_traffic = slots * 8 * 2 + p.experts * 4 + u64::from(cores_used) * p.experts * 4;
     let roofline = Roofline::estimate(
         chip,
         cores_used,
         0.0,
-        hbm_total as f64 * share,
-        workspace_core as f64,
+        hbm as f64,
+        workspace_traffic as f64,
         peak,
     );
 
@@ -312,26 +379,48 @@ fn build(
         }
     )];
     notes.push(if p.sort {
-        "top-k by Sort32 (32-element blocks, descending, ties to the lower index) and MrgSort \
-         (merges up to 4 sorted lists); the first k (score, index) pairs are the answer"
-            .into()
+        if chip.features.sort32 {
+            "top-k by Sort32 (32 per repeat, descending, equal scores keep their input order) and \
+             MrgSort (up to 4 sorted lists); the first k (score, index) pairs are the answer"
+                .into()
+        } else {
+            "top-k by the high-level Sort on region proposals (16 per repeat, 32 B per f32 \
+             element; Sort32 and the basic MrgSort do not exist on this core)"
+                .into()
+        }
     } else {
         format!(
-            "top-k by {} rounds of a max reduction with its index, masking each winner; check \
-             the tie order against the reference (lower expert index must win)",
+            "top-k by {} rounds of a max reduction; the lowest index among equal maxima comes \
+             from Compare + Select + ReduceMin over the indices (the reduction's own index on \
+             ties is not documented)",
             p.top_k
         )
     });
-    notes.push(if p.atomic_histogram {
-        "dispatch: each core counts its slots per expert in UB and adds the counts to GM with an \
-         int32 DMA atomic add (SetAtomicAdd<int32_t>); one core then turns counts into offsets \
-         and every core scatters its slots"
-            .into()
-    } else {
-        "dispatch: each core writes its partial counts to workspace; a second pass sums and \
-         prefix-sums them (no int32 atomics needed), then every core scatters its slots"
-            .into()
-    });
+    notes.push(format!(
+        "dispatch without a global sort: each core routes a contiguous range of \
+         {tokens_per_core} tokens, sorts each tile's slots by the exact key expert x {} + slot, \
+         counts per expert, publishes its counts ({}), and after SyncAll every core derives its \
+         own bases from the counts of the cores before it, so the order is stable by slot and \
+         needs no atomics",
+        r * p.top_k,
+        if p.atomic_histogram {
+            "int32 DMA atomic adds into zeroed GM, as the WGSL's atomicAdd"
+        } else {
+            "one row of a [cores, experts] table in workspace"
+        }
+    ));
+    notes.push(
+        "expert segments are not padded (block_size 1): the grouped matmul splits M by the \
+         group list at any row count, so block_experts names the expert of every row"
+            .into(),
+    );
+    if !separated {
+        notes.push(
+            "SyncAll on this core is the soft variant: a zeroed GM flag area of 32 B per core \
+             (in the workspace above)"
+                .into(),
+        );
+    }
     notes.push(
         "no cube work: the plan is bandwidth and latency bound; the vector instruction count is \
          not modelled"
@@ -345,6 +434,13 @@ fn build(
              after padding each group to 32"
         ));
     }
+    let sizes = Sizes {
+        rows: r,
+        tokens_per_core,
+        cores_used,
+        tiles_per_core,
+        workspace: workspace_size,
+    };
 
     Ok(AscendPlan {
         op: "merrouter",
@@ -390,10 +486,12 @@ fn build(
             block_dim: cores_used,
             cube_cores_used: 0,
             vector_cores_used: cores_used,
-            work_unit: format!("{r} tokens"),
-            work_units: tiles,
+            work_unit: format!("tile of up to {r} tokens"),
+            work_units: tiles_total,
             units_per_core: tiles_per_core,
         },
+        stages: stages(chip, p),
+        tiling: tiling_fields(p, &sizes),
         buffers,
         memory,
         workspace_bytes_per_core: workspace_size,
@@ -404,7 +502,8 @@ fn build(
              moe/moe_finalize_routing"
                 .into()
         } else {
-            "none: MoeGatingTopK, MoeInitRoutingV2 and MoeFinalizeRouting list Atlas A2/A3 only"
+            "MoeInitRoutingV2 only (its Ascend310P configuration: x float16 or float32); \
+             MoeGatingTopK and MoeFinalizeRouting list Atlas A2/A3 only"
                 .into()
         },
         template: "hicann/ops-transformer moe/moe_gating_top_k (op_kernel), \
@@ -412,4 +511,203 @@ fn build(
             .into(),
         notes,
     })
+}
+
+/// The Ascend C stages of the port: one vector kernel for routing and the dispatch layout, and
+/// the combine as its own kernel after the experts.
+fn stages(chip: &ChipSpec, p: &Problem) -> Vec<Stage> {
+    let vector = vector_unit(chip);
+    let sorter = if chip.features.sort32 {
+        "Sort32 + MrgSort"
+    } else {
+        "the region-proposal Sort"
+    };
+    let mut list = vec![
+        Stage::new(
+            "CopyIn logits",
+            vector,
+            "merrouter_route.wgsl: route (load_logits)",
+            "MTE2 copies a tile of the core's tokens' logits GM -> UB (VECIN queue, 2 buffers)",
+        ),
+        Stage::new(
+            "scores",
+            vector,
+            "merrouter_route.wgsl: route (compute_scores)",
+            if p.sigmoid {
+                "Sigmoid (or Muls -1, Exp, Adds 1, Reciprocal); choice values = score + bias \
+                 (Add); NaN inputs replaced by -inf through Compare(x, x) + Select before ranking"
+            } else {
+                "softmax per row: ReduceMax, Sub (Brcb), Exp, ReduceSum, Div; choice values = \
+                 the logits (same order); NaN inputs replaced by -inf through Compare(x, x) + \
+                 Select before ranking"
+            },
+        ),
+    ];
+    if !p.moge {
+        list.push(Stage::new(
+            "group select",
+            vector,
+            "merrouter_route.wgsl: route (score_groups, mask_unkept_groups)",
+            "per group: the max (WholeReduceMax) or the sum of the best two (the head of the \
+             group's sorted run); keep the best k_group groups (a sort of the group scores, or \
+             k_group max rounds); Select sets the other groups' choice values to -inf",
+        ));
+    }
+    list.extend([
+        Stage::new(
+            "top-k",
+            vector,
+            "merrouter_route.wgsl: route (select_experts, select_round)",
+            match (p.sort, p.moge) {
+                (true, false) => format!(
+                    "{sorter} of each group's choice values with the expert index (groups \
+                     padded to 32 with -inf; equal values keep their input order inside a sort \
+                     repeat), MrgSort of the kept groups' runs; the first {} entries",
+                    p.top_k
+                ),
+                (true, true) => format!(
+                    "{sorter} of each group's choice values with the expert index (groups \
+                     padded to 32 with -inf; equal values keep their input order inside a sort \
+                     repeat); the first {} entries of every group's run, group by group",
+                    p.top_k / p.groups
+                ),
+                (false, false) => format!(
+                    "{} rounds: ReduceMax, Compare == max + Select(index, e) + ReduceMin for the \
+                     lowest tied index, Select masks the winner",
+                    p.top_k
+                ),
+                (false, true) => format!(
+                    "{} round(s) in each of the {} groups, group by group: ReduceMax over the \
+                     group, Compare == max + Select(index, e) + ReduceMin for the lowest tied \
+                     index, Select masks the winner",
+                    p.top_k / p.groups,
+                    p.groups
+                ),
+            },
+        ),
+        Stage::new(
+            "weights",
+            vector,
+            "merrouter_route.wgsl: route (final_weight, write_outputs)",
+            "Gather the unbiased scores of the chosen ids, ReduceSum + Div when renormalising, \
+             Muls routed_scaling_factor, Mul by the gathered router_scale when given; CopyOut \
+             topk_ids and topk_weights (VECOUT, 2 buffers)",
+        ),
+        Stage::new(
+            "count",
+            vector,
+            "merrouter_route.wgsl: route (atomicAdd into block_counts)",
+            format!(
+                "{sorter} of the tile's slots by the key expert x (rows x top_k) + slot: expert \
+                 by expert, ascending slot; CopyOut the sorted run to workspace; add the run \
+                 length of each expert (Compare of neighbours + GatherMask) to the core's counts"
+            ),
+        ),
+        Stage::new(
+            "publish counts",
+            vector,
+            "(the pass boundary between route and build_layout)",
+            if p.atomic_histogram {
+                "SetAtomicAdd<int32_t> + DataCopy of the core's counts into a zeroed [blocks, \
+                 experts] table in GM; SyncAll"
+            } else {
+                "CopyOut the core's counts as its row of a [cores, experts] table in workspace; \
+                 SyncAll"
+            },
+        ),
+        Stage::new(
+            "layout",
+            vector,
+            "merrouter_layout.wgsl: build_layout",
+            "every core: CopyIn the counts table in expert chunks; column sums = counts, \
+             exclusive scan over experts = offsets, own base = offset + counts of the cores \
+             before it; core 0 CopyOut counts, offsets, group_loads (ReduceSum per group) and \
+             imbalance ((max - min) / tokens)",
+        ),
+        Stage::new(
+            "scatter",
+            vector,
+            "merrouter_scatter.wgsl: scatter",
+            "per tile: CopyIn its sorted run; the row of entry i = base + running count + rank \
+             inside the expert's segment; CopyOut sorted_slots and block_experts one expert \
+             segment at a time (DataCopyPad), and slot_rows in slot order (Scatter on 310P; A2 \
+             has no vector Scatter: sort the (slot, row) pairs back); running counts += segment \
+             lengths",
+        ),
+        Stage::new(
+            "combine",
+            vector,
+            "merrouter_combine.wgsl: combine",
+            "its own kernel after the experts: per token, CopyIn the k rows of y named by \
+             slot_rows (one DataCopy each), Muls by the weight and Add in slot order (f32), \
+             Cast, CopyOut",
+        ),
+    ]);
+    list
+}
+
+/// The tiling struct, each field tied to the WGSL constant or host value it replaces.
+fn tiling_fields(p: &Problem, s: &Sizes) -> Vec<TilingField> {
+    vec![
+        TilingField::new("tokens", p.tokens, "t (Params::tokens)"),
+        TilingField::new("experts", p.experts, "E override"),
+        TilingField::new("groups", p.groups, "G override"),
+        TilingField::new("kGroup", p.k_group, "K_GROUP override"),
+        TilingField::new("topK", p.top_k, "K override"),
+        TilingField::new(
+            "scoring (tiling key)",
+            if p.sigmoid { "sigmoid" } else { "softmax" },
+            "SCORING override",
+        ),
+        TilingField::new(
+            "select (tiling key)",
+            if p.moge { "moge" } else { "group-limited" },
+            "SELECTION override",
+        ),
+        TilingField::new(
+            "topkImpl (tiling key)",
+            if p.sort { "sort" } else { "reduce" },
+            "none: the WGSL takes k arg-max rounds over order keys (as reduce)",
+        ),
+        TilingField::new(
+            "histogram (tiling key)",
+            if p.atomic_histogram {
+                "atomic"
+            } else {
+                "workspace"
+            },
+            "atomicAdd into block_counts [blocks, e] in route",
+        ),
+        TilingField::new(
+            "rowsPerTile",
+            s.rows,
+            "TILE override (1 token per workgroup from logits, up to 8 with the fused gate)",
+        ),
+        TilingField::new(
+            "tokensPerCore",
+            s.tokens_per_core,
+            "BT override: tokens per scatter block (256, fewer when e needs it)",
+        ),
+        TilingField::new(
+            "tilesPerCore",
+            s.tiles_per_core,
+            "none: one workgroup per token in route",
+        ),
+        TilingField::new(
+            "blockDim",
+            s.cores_used,
+            "route: t workgroups; scatter: ceil(t / BT) workgroups",
+        ),
+        TilingField::new("blockSize", 1, "block_size (padding of expert segments)"),
+        TilingField::new(
+            "sortKeySpan",
+            p.experts * s.rows * p.top_k,
+            "none: the WGSL scatter ranks with per-block bitmasks (atomicOr, popcount)",
+        ),
+        TilingField::new(
+            "workspaceBytesPerCore",
+            s.workspace,
+            "block_counts [blocks, e] (cleared before route)",
+        ),
+    ]
 }

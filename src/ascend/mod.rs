@@ -3,13 +3,16 @@
 //!
 //! [`plan_command`] is what `fusedops ascend-plan` calls: it takes an operator (`amla`,
 //! `swiftgmm`, `merrouter`), a chip (`910B2`, `910B4`, `310P3`), a preset (`deepseek-v3`,
-//! `pangu-pro-moe`) and `key=value` shape flags, and returns an [`AscendPlan`]: per-core tile
-//! sizes with double buffering, each buffer's bytes and aligned offset in UB / L1 / L0A / L0B /
-//! L0C against the chip's capacity, the core split, the CANN built-in to compare with, the
-//! template to port from, and a roofline estimate of the busiest core. A request that cannot be
-//! planned is an error: a tile that does not fit is [`Error::Limit`](crate::Error::Limit) naming
-//! the memory and its buffers; a feature the chip lacks (bf16, int32 atomics or Sort32 on 310P)
-//! is [`Error::Unsupported`](crate::Error::Unsupported).
+//! `pangu-pro-moe`) and `key=value` shape flags, and returns an [`AscendPlan`]: the stages of the
+//! Ascend C kernel with the WGSL each replaces, the tiling struct with the origin of each field
+//! in our code, per-core tile sizes with double buffering, each buffer's bytes and aligned
+//! offset in UB / L1 / L0A / L0B / L0C against the chip's capacity, the core split, the CANN
+//! built-in to compare with, the template to port from, and a roofline estimate of the busiest
+//! core. A request that cannot be planned is an error: a tile that does not fit is
+//! [`Error::Limit`](crate::Error::Limit) naming the memory and its buffers; a feature the chip
+//! lacks (bf16 or int32 atomics on 310P) is [`Error::Unsupported`](crate::Error::Unsupported).
+//! The porting notes in `docs/ascend/` embed tables from [`AscendPlan::stages_markdown`],
+//! [`AscendPlan::tiling_markdown`] and [`AscendPlan::buffers_markdown`].
 //!
 //! ```
 //! let shape = [("batch".to_string(), "8".to_string())];
@@ -33,7 +36,7 @@ use serde::Serialize;
 use crate::bench::text_table;
 use crate::error::{Error, Result};
 use chips::ChipSpec;
-use plan::{Bound, Buffer, CoreSplit, MemoryUse, Roofline};
+use plan::{Bound, Buffer, CoreSplit, MemoryUse, Roofline, Stage, TilingField};
 
 /// The operators a plan can be made for.
 pub const OPERATORS: [&str; 3] = ["amla", "swiftgmm", "merrouter"];
@@ -78,6 +81,10 @@ pub struct AscendPlan {
     /// Variants and tile sizes chosen (or given), `key = value`.
     pub choices: Vec<(String, String)>,
     pub split: CoreSplit,
+    /// The stages of the Ascend C kernel, each with the WGSL it replaces.
+    pub stages: Vec<Stage>,
+    /// The host-side tiling struct the kernel reads, each field with its origin in our code.
+    pub tiling: Vec<TilingField>,
     /// On-chip buffers of one core of each kind.
     pub buffers: Vec<Buffer>,
     /// How full each memory of each core kind is.
@@ -163,10 +170,94 @@ fn pairs(items: &[(String, String)]) -> String {
         .join(" ")
 }
 
+/// A markdown table; `|` inside cells is escaped.
+pub fn markdown_table(header: &[&str], rows: &[Vec<String>]) -> String {
+    let line = |cells: Vec<String>| -> String {
+        let escaped: Vec<String> = cells.iter().map(|c| c.replace('|', "\\|")).collect();
+        format!("| {} |\n", escaped.join(" | "))
+    };
+    let mut out = line(header.iter().map(|h| h.to_string()).collect());
+    out.push_str(&format!("|{}\n", "---|".repeat(header.len())));
+    for row in rows {
+        out.push_str(&line(row.clone()));
+    }
+    out
+}
+
 impl AscendPlan {
     /// The plan as pretty JSON.
     pub fn to_json(&self) -> String {
         serde_json::to_string_pretty(self).expect("plans serialise")
+    }
+
+    /// The kernel's stages as a markdown table (the docs under `docs/ascend/` embed these).
+    pub fn stages_markdown(&self) -> String {
+        let rows: Vec<Vec<String>> = self
+            .stages
+            .iter()
+            .map(|st| {
+                vec![
+                    st.name.clone(),
+                    st.unit.clone(),
+                    format!("`{}`", st.wgsl),
+                    st.work.clone(),
+                ]
+            })
+            .collect();
+        markdown_table(&["stage", "runs on", "replaces (WGSL)", "work"], &rows)
+    }
+
+    /// The tiling struct as a markdown table.
+    pub fn tiling_markdown(&self) -> String {
+        let rows: Vec<Vec<String>> = self
+            .tiling
+            .iter()
+            .map(|f| vec![format!("`{}`", f.name), f.value.clone(), f.origin.clone()])
+            .collect();
+        markdown_table(&["field", "value", "from (our code)"], &rows)
+    }
+
+    /// The on-chip buffers and each memory's use as markdown tables.
+    pub fn buffers_markdown(&self) -> String {
+        let rows: Vec<Vec<String>> = self
+            .buffers
+            .iter()
+            .map(|b| {
+                vec![
+                    b.core.name().to_string(),
+                    b.memory.name().to_string(),
+                    b.name.clone(),
+                    format!("`{}`", b.shape),
+                    fmt_bytes(b.aligned_bytes),
+                    b.copies.to_string(),
+                    b.offset.to_string(),
+                ]
+            })
+            .collect();
+        let mut out = markdown_table(
+            &[
+                "core", "memory", "buffer", "shape", "bytes", "copies", "offset",
+            ],
+            &rows,
+        );
+        out.push('\n');
+        let rows: Vec<Vec<String>> = self
+            .memory
+            .iter()
+            .map(|m| {
+                vec![
+                    m.core.name().to_string(),
+                    m.memory.name().to_string(),
+                    fmt_bytes(m.used),
+                    fmt_bytes(m.capacity),
+                ]
+            })
+            .collect();
+        out.push_str(&markdown_table(
+            &["core", "memory", "used", "capacity"],
+            &rows,
+        ));
+        out
     }
 
     /// The plan as text tables for the terminal.
@@ -197,6 +288,20 @@ impl AscendPlan {
             s.work_unit,
             s.units_per_core
         ));
+        let rows: Vec<Vec<String>> = self
+            .stages
+            .iter()
+            .map(|st| vec![st.name.clone(), st.unit.clone(), st.wgsl.clone()])
+            .collect();
+        out.push_str(&text_table(&["stage", "runs on", "replaces (WGSL)"], &rows));
+        out.push('\n');
+        let rows: Vec<Vec<String>> = self
+            .tiling
+            .iter()
+            .map(|f| vec![f.name.clone(), f.value.clone(), f.origin.clone()])
+            .collect();
+        out.push_str(&text_table(&["tiling field", "value", "from"], &rows));
+        out.push('\n');
         let rows: Vec<Vec<String>> = self
             .buffers
             .iter()

@@ -464,3 +464,64 @@ pub fn first_fit<T, P>(
     }
     Err(last.unwrap_or_else(|| Error::invalid(OP, "tiles", "no tile size to try")))
 }
+
+/// One stage of the Ascend C kernel a plan describes, and the WGSL it replaces.
+#[derive(Clone, Debug, Serialize)]
+pub struct Stage {
+    /// Stage name in the Ascend C kernel.
+    pub name: String,
+    /// The unit that runs it: `AIC` or `AIV` on A2, `AI core (cube)` or `AI core (vector)` on
+    /// 310P.
+    pub unit: String,
+    /// The WGSL entry point and step it replaces (`file: entry, step`).
+    pub wgsl: String,
+    /// What it does on Ascend: queues, pipes, copies, flags.
+    pub work: String,
+}
+
+impl Stage {
+    pub fn new(name: &str, unit: &str, wgsl: &str, work: impl Into<String>) -> Self {
+        Stage {
+            name: name.to_string(),
+            unit: unit.to_string(),
+            wgsl: wgsl.to_string(),
+            work: work.into(),
+        }
+    }
+}
+
+/// One field of the host-side tiling struct (`TilingData`) a port hands to its kernel.
+#[derive(Clone, Debug, Serialize)]
+pub struct TilingField {
+    /// Field name in the tiling struct.
+    pub name: String,
+    pub value: String,
+    /// Where the value comes from in our WGSL configuration or host code.
+    pub origin: String,
+}
+
+impl TilingField {
+    pub fn new(name: &str, value: impl ToString, origin: &str) -> Self {
+        TilingField {
+            name: name.to_string(),
+            value: value.to_string(),
+            origin: origin.to_string(),
+        }
+    }
+}
+
+/// The unit that runs cube work on `chip`.
+pub fn cube_unit(chip: &ChipSpec) -> &'static str {
+    match chip.arch {
+        CoreArch::Separated => "AIC",
+        CoreArch::Coupled => "AI core (cube)",
+    }
+}
+
+/// The unit that runs vector work on `chip`.
+pub fn vector_unit(chip: &ChipSpec) -> &'static str {
+    match chip.arch {
+        CoreArch::Separated => "AIV",
+        CoreArch::Coupled => "AI core (vector)",
+    }
+}

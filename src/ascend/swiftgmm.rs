@@ -1,8 +1,10 @@
 //! SwiftGMM (grouped matmul over MoE experts) on Ascend: one launch walks all
 //! (expert, m-tile, n-tile) items. Experts with few rows take the GEMV-like mode (16-row tiles,
 //! wide N tiles, deep K staging: the expert's weights stream through once); experts with many
-//! rows take the tiled GEMM mode. The epilogue (SwiGLU for the gate/up projection, the routing
-//! weight as a row scale) runs on the vector cores.
+//! rows take the tiled GEMM mode. As in the WGSL schedule the path is chosen per group at run
+//! time, so with `mode=auto` the plan carries both tile shapes in its tiling struct and reports
+//! the buffers of the path uniform routing takes. The epilogue (SwiGLU for the gate/up
+//! projection, the routing weight as a row scale) runs on the vector cores.
 //!
 //! Keys: `tokens`, `top_k`, `experts` (experts on this device), `proj` (gate_up | down), `k`, `n`
 //! (override the preset's projection), `dtype` (f16|bf16), `mode` (auto | gemv | gemm), tiles
@@ -14,8 +16,8 @@
 
 use super::chips::{ChipSpec, CoreArch, Memory};
 use super::plan::{
-    Args, CoreSplit, Layout, OP, Peak, Roofline, first_fit, require_fractal_multiple, round_up,
-    spread, tile_candidates,
+    Args, Buffer, CoreSplit, Layout, MemoryUse, OP, Peak, Roofline, Stage, TilingField, cube_unit,
+    first_fit, require_fractal_multiple, round_up, spread, tile_candidates, vector_unit,
 };
 use super::{AscendPlan, Preset};
 use crate::error::{Error, Result};
@@ -90,30 +92,75 @@ pub fn plan(
     let active = experts.min(rows_total);
     // Uniform routing: the busiest expert sets the tile count.
     let rows_per_expert = rows_total.div_ceil(active);
-    let mode = args.choice("mode", &["auto", "gemv", "gemm"], "auto")?;
-    let gemv = match mode {
-        "gemv" => true,
-        "gemm" => false,
-        _ => rows_per_expert <= GEMV_ROWS,
+    let forced = match args.choice("mode", &["auto", "gemv", "gemm"], "auto")? {
+        "gemv" => Some(true),
+        "gemm" => Some(false),
+        _ => None,
     };
+    let gemv = forced.unwrap_or(rows_per_expert <= GEMV_ROWS);
+    let given = Tiles {
+        m0: args.count("m0")?.unwrap_or(0),
+        n0: args.count("n0")?.unwrap_or(0),
+        k0: args.count("k0")?.unwrap_or(0),
+        k1: args.count("k1")?.unwrap_or(0),
+    };
+    let problem = Problem {
+        tokens,
+        top_k,
+        experts,
+        active,
+        rows_per_expert,
+        k,
+        n,
+        gate_up,
+        gemv,
+        both_paths: forced.is_none(),
+        dtype,
+    };
+    let combos = candidates(gemv, &given, round_up(rows_per_expert, 16))?;
+    // With mode=auto the kernel holds both tile shapes, as the WGSL schedule does: each group
+    // takes its path at run time from its row count. The path uniform routing does not use
+    // gets the largest automatic tiles that fit (groups above 16 rows may have any size).
+    let other = if problem.both_paths {
+        let auto = Tiles {
+            m0: 0,
+            n0: 0,
+            k0: 0,
+            k1: 0,
+        };
+        let other_combos = candidates(!gemv, &auto, round_up(rows_total, 16))?;
+        Some(first_fit(other_combos, |t| {
+            layout(chip, &problem, t, !gemv).map(|_| t)
+        })?)
+    } else {
+        None
+    };
+    first_fit(combos, |tiles| {
+        build(chip, preset, &problem, tiles, other, peak.clone())
+    })
+}
+
+/// The tile combinations to try for one path, best first; a given size (non-zero in `given`)
+/// replaces the automatic candidates. `m_cap` bounds the GEMM path's automatic row tiles.
+fn candidates(gemv: bool, given: &Tiles, m_cap: u64) -> Result<Vec<Tiles>> {
+    let fixed = |v: u64| (v > 0).then_some(v);
     let m0s = if gemv {
-        match args.count("m0")? {
-            Some(m) if m != 16 => {
+        match fixed(given.m0) {
+            Some(m) if m != GEMV_ROWS => {
                 return Err(Error::invalid(
                     OP,
                     "m0",
                     format!("{m}: the GEMV-like mode uses one 16-row fractal (m0=16)"),
                 ));
             }
-            _ => vec![16],
+            _ => vec![GEMV_ROWS],
         }
     } else {
-        let cap = round_up(rows_per_expert, 16);
         let auto: Vec<u64> = [128, 64, 32, 16]
             .into_iter()
-            .filter(|&m| m <= cap.max(16))
+            .filter(|&m| m <= m_cap.max(16))
             .collect();
-        tile_candidates(args.count("m0")?, &auto)
+        tile_candidates(fixed(given.m0), &auto)
     };
     let (n_auto, k0_auto, k1_auto): (&[u64], &[u64], &[u64]) = if gemv {
         (
@@ -124,15 +171,14 @@ pub fn plan(
     } else {
         (&[256, 128, 64, 32, 16], &[64, 32, 16], &[256, 128, 64])
     };
-    let n0s = tile_candidates(args.count("n0")?, n_auto);
-    let k0s = tile_candidates(args.count("k0")?, k0_auto);
-    let k1s = tile_candidates(args.count("k1")?, k1_auto);
+    let n0s = tile_candidates(fixed(given.n0), n_auto);
+    let k0s = tile_candidates(fixed(given.k0), k0_auto);
+    let k1s = tile_candidates(fixed(given.k1), k1_auto);
     for (key, values) in [("m0", &m0s), ("n0", &n0s), ("k0", &k0s), ("k1", &k1s)] {
         for &v in values.iter() {
             require_fractal_multiple(key, v)?;
         }
     }
-
     let mut combos = Vec::new();
     for &m0 in &m0s {
         for &n0 in &n0s {
@@ -152,21 +198,7 @@ pub fn plan(
             "k1 must be a multiple of k0 (L1 holds whole L0 chunks)",
         ));
     }
-    let problem = Problem {
-        tokens,
-        top_k,
-        experts,
-        active,
-        rows_per_expert,
-        k,
-        n,
-        gate_up,
-        gemv,
-        dtype,
-    };
-    first_fit(combos, |tiles| {
-        build(chip, preset, &problem, tiles, peak.clone())
-    })
+    Ok(combos)
 }
 
 struct Problem {
@@ -178,20 +210,22 @@ struct Problem {
     k: u64,
     n: u64,
     gate_up: bool,
+    /// The path uniform routing takes (or the forced one).
     gemv: bool,
+    /// mode=auto: both paths are compiled and chosen per group at run time.
+    both_paths: bool,
     dtype: super::plan::Dtype,
 }
 
-fn build(
-    chip: &'static ChipSpec,
-    preset: Option<Preset>,
+/// The on-chip buffers of one path's tile configuration, checked against the chip.
+fn layout(
+    chip: &ChipSpec,
     p: &Problem,
     t: Tiles,
-    peak: Option<Peak>,
-) -> Result<AscendPlan> {
+    gemv: bool,
+) -> Result<(Vec<Buffer>, Vec<MemoryUse>)> {
     let e = p.dtype.bytes();
     let dt = p.dtype.name();
-    let separated = chip.arch == CoreArch::Separated;
     // The epilogue takes an output tile in two row halves: one per AIV on A2, one after the
     // other on a coupled core.
     let rows_v = t.m0 / 2;
@@ -199,8 +233,13 @@ fn build(
     let mut layout = Layout::new(
         chip,
         format!(
-            "swiftgmm on {} (m0={} n0={} k0={} k1={})",
-            chip.name, t.m0, t.n0, t.k0, t.k1
+            "swiftgmm {} path on {} (m0={} n0={} k0={} k1={})",
+            if gemv { "GEMV" } else { "GEMM" },
+            chip.name,
+            t.m0,
+            t.n0,
+            t.k0,
+            t.k1
         ),
     );
     layout.add(
@@ -277,7 +316,21 @@ fn build(
         rows_v * 4,
         1,
     );
-    let (buffers, memory) = layout.finish()?;
+    layout.finish()
+}
+
+fn build(
+    chip: &'static ChipSpec,
+    preset: Option<Preset>,
+    p: &Problem,
+    t: Tiles,
+    other: Option<Tiles>,
+    peak: Option<Peak>,
+) -> Result<AscendPlan> {
+    let e = p.dtype.bytes();
+    let dt = p.dtype.name();
+    let separated = chip.arch == CoreArch::Separated;
+    let (buffers, memory) = layout(chip, p, t, p.gemv)?;
 
     let n_out = if p.gate_up { p.n / 2 } else { p.n };
     let tiles_per_item = if p.gate_up { 2 } else { 1 };
@@ -313,11 +366,22 @@ fn build(
         p.active,
         p.experts
     )];
-    notes.push(
-        "one launch: each cube core walks (expert, m-tile, n-tile) items, reading the group \
-         offsets from GM; the mode is a tiling key, the tile sizes a host-side tiling struct"
-            .into(),
-    );
+    notes.push(if p.both_paths {
+        format!(
+            "one launch: each cube core reads the group list from GM and walks (expert, m-tile, \
+             n-tile) items; a group of at most {GEMV_ROWS} rows takes the GEMV-like tiles, a \
+             larger one the GEMM tiles (chosen per group at run time, like the WGSL schedule's \
+             threshold), so the kernel holds both tile shapes; the buffers above are the {} \
+             path's",
+            if p.gemv { "GEMV-like" } else { "GEMM" }
+        )
+    } else {
+        format!(
+            "one launch: each cube core reads the group list from GM and walks (expert, m-tile, \
+             n-tile) items; mode={} forces every group onto one path (Options::mode)",
+            if p.gemv { "gemv" } else { "gemm" }
+        )
+    });
     if p.gemv {
         notes.push(format!(
             "weights stream through once: L1 stages {} K rows of one expert's [{}, {}] slice, \
@@ -369,7 +433,16 @@ fn build(
             ("dtype".into(), dt.into()),
         ],
         choices: vec![
-            ("mode".into(), if p.gemv { "gemv" } else { "gemm" }.into()),
+            (
+                "mode".into(),
+                match (p.both_paths, p.gemv) {
+                    (true, true) => "auto (uniform routing: gemv)",
+                    (true, false) => "auto (uniform routing: gemm)",
+                    (false, true) => "gemv",
+                    (false, false) => "gemm",
+                }
+                .into(),
+            ),
             ("m0".into(), t.m0.to_string()),
             ("n0".into(), t.n0.to_string()),
             ("k0".into(), t.k0.to_string()),
@@ -394,6 +467,8 @@ fn build(
             work_units: items,
             units_per_core: items_per_core,
         },
+        stages: stages(chip, p, &t),
+        tiling: tiling_fields(p, &t, other, items, cores_used, items_per_core),
         buffers,
         memory,
         workspace_bytes_per_core: workspace_size,
@@ -403,11 +478,185 @@ fn build(
              hicann/ops-transformer gmm/grouped_matmul"
                 .into()
         } else {
-            "none: grouped_matmul lists Atlas A2/A3 only".into()
+            "aclnnGroupedMatmulV4 with its Ascend310P configuration: float16 only, weight in \
+             FRACTAL_NZ, no activation (hicann/ops-transformer gmm/grouped_matmul op_host)"
+                .into()
         },
         template: "hicann/catlass examples/02_grouped_matmul_slice_m; hicann/ops-transformer \
                    gmm/grouped_matmul_swiglu_quant for a fused SwiGLU epilogue"
             .into(),
         notes,
     })
+}
+
+/// The Ascend C stages of the port, in the order one tile goes through them.
+fn stages(chip: &ChipSpec, p: &Problem, t: &Tiles) -> Vec<Stage> {
+    let (cube, vector) = (cube_unit(chip), vector_unit(chip));
+    let separated = chip.arch == CoreArch::Separated;
+    let fixpipe = if separated {
+        "Fixpipe writes the f32 tile(s) to GM workspace, then CrossCoreSetFlag"
+    } else {
+        "Fixpipe moves the f32 tile(s) from L0C to UB"
+    };
+    let epilogue = if p.gate_up {
+        "CopyIn the gate and up halves (one row half per vector core on A2), silu(gate)·up \
+         (Exp, Adds, Div, Mul), Mul by the routing weight (Brcb), Cast to y's dtype, CopyOut to \
+         the group's rows"
+    } else {
+        "CopyIn the tile (one row half per vector core on A2), Mul by the routing weight \
+         (Brcb), Cast to y's dtype, CopyOut to the group's rows"
+    };
+    vec![
+        Stage::new(
+            "schedule",
+            cube,
+            "swiftgmm_schedule.wgsl: schedule",
+            "scalar code at kernel start: read the group list (cumsum or counts) from GM, walk \
+             the groups in order and take every blockDim-th tile of the running tile count; \
+             no separate launch, no indirect dispatch",
+        ),
+        Stage::new(
+            "CopyIn x",
+            cube,
+            "swiftgmm_matmul.wgsl: stage_x | gemm_load_x",
+            format!(
+                "MTE2 copies the tile's rows [{}, {}] GM -> L1 (ND -> NZ), 2 buffers",
+                t.m0, t.k1
+            ),
+        ),
+        Stage::new(
+            "CopyIn w",
+            cube,
+            "swiftgmm_matmul.wgsl: gemv_nk_load / gemv_kn_load | gemm_load_w",
+            format!(
+                "MTE2 copies [{}, {}] of expert g's weights GM -> L1, 2 buffers: the next k1 \
+                 slice loads while this one is multiplied{}",
+                t.k1,
+                t.n0,
+                if p.gate_up {
+                    "; gate and up slices n/2 apart"
+                } else {
+                    ""
+                }
+            ),
+        ),
+        Stage::new(
+            "Mmad",
+            cube,
+            "swiftgmm_matmul.wgsl: gemv_nk / gemv_kn (tile FMAs, split-k reduction) | gemm (gemm_tile)",
+            format!(
+                "MTE1 L1 -> L0A / L0B in {}-deep chunks, Mmad accumulates the whole k in L0C \
+                 (f32): no split-k partial sums to reduce",
+                t.k0
+            ),
+        ),
+        Stage::new("Fixpipe", cube, "-", fixpipe),
+        Stage::new(
+            "epilogue",
+            vector,
+            "swiftgmm_matmul.wgsl: gemv_epilogue | gemm_tile stores (silu, row_scale, store_pair)",
+            epilogue,
+        ),
+    ]
+}
+
+/// The tiling struct, each field tied to the WGSL constant or host value it replaces.
+fn tiling_fields(
+    p: &Problem,
+    t: &Tiles,
+    other: Option<Tiles>,
+    items: u64,
+    cores_used: u32,
+    items_per_core: u64,
+) -> Vec<TilingField> {
+    let n_out = if p.gate_up { p.n / 2 } else { p.n };
+    let mut fields = vec![
+        TilingField::new(
+            "groupNum",
+            p.experts,
+            "e: GmmParams::experts (offsets [e + 1])",
+        ),
+        TilingField::new(
+            "groupListType",
+            "0 (cumsum) or 1 (counts)",
+            "Groups::Offsets | Groups::Counts (ScheduleParams::counts)",
+        ),
+        TilingField::new(
+            "m",
+            p.tokens * p.top_k,
+            "m_total: rows of x (tokens x top_k)",
+        ),
+        TilingField::new("k", p.k, "GmmParams::k"),
+        TilingField::new("n", p.n, "GmmParams::n"),
+        TilingField::new("nOut", n_out, "GmmParams::n_out (n / 2 with SwiGLU)"),
+        TilingField::new(
+            "swiglu",
+            u8::from(p.gate_up),
+            "SWIGLU override (Activation::SwiGlu)",
+        ),
+        TilingField::new(
+            "mode (tiling key)",
+            if p.both_paths {
+                "auto"
+            } else if p.gemv {
+                "gemv"
+            } else {
+                "gemm"
+            },
+            "MODE override of swiftgmm_schedule.wgsl (Options::mode)",
+        ),
+    ];
+    if p.both_paths {
+        fields.push(TilingField::new(
+            "gemvMaxRows",
+            GEMV_ROWS,
+            "THRESHOLD override (TileConfig::threshold; GPU default 8, tuned per adapter)",
+        ));
+    }
+    let (gemv, gemm) = match (p.gemv, other) {
+        (true, other) => (Some(*t), other),
+        (false, other) => (other, Some(*t)),
+    };
+    if let Some(g) = gemv {
+        fields.extend([
+            TilingField::new("gemvM0", g.m0, "GEMV_ROWS (TileConfig::gemv.rows)"),
+            TilingField::new("gemvN0", g.n0, "GEMV_NBW (weight columns per GEMV tile)"),
+            TilingField::new(
+                "gemvK0",
+                g.k0,
+                "none: GEMV_SPLIT_K lanes split k, reduced in workgroup memory",
+            ),
+            TilingField::new("gemvK1", g.k1, "GEMV_XC (k per staged chunk of x)"),
+        ]);
+    }
+    if let Some(g) = gemm {
+        fields.extend([
+            TilingField::new("gemmM0", g.m0, "TM (TileConfig::gemm.tm)"),
+            TilingField::new("gemmN0", g.n0, "TN (TileConfig::gemm.tn)"),
+            TilingField::new(
+                "gemmK0",
+                g.k0,
+                "none: RM x RN register blocks per invocation",
+            ),
+            TilingField::new("gemmK1", g.k1, "TK (k per workgroup-memory stage)"),
+        ]);
+    }
+    fields.extend([
+        TilingField::new(
+            "tiles",
+            items,
+            "GEMV / GEMM tile prefix sums in sched (uniform routing here)",
+        ),
+        TilingField::new(
+            "blockDim",
+            cores_used,
+            "indirect dispatch args: min(tiles, max_workgroups)",
+        ),
+        TilingField::new(
+            "tilesPerCore",
+            items_per_core,
+            "persistent loop: workgroup w takes tiles w, w + grid, ...",
+        ),
+    ]);
+    fields
 }
