@@ -106,6 +106,23 @@ fn bench_writes_json_and_svg_with_one_point_per_case() {
         ));
     }
 
+    // The full key structure is pinned by a golden file: a renamed or removed field fails here.
+    // After a deliberate change, regenerate it with FUSEDOPS_BLESS=1.
+    let golden = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden/bench_report_keys.txt");
+    let mut keys = Vec::new();
+    key_paths(&report, "", &mut keys);
+    keys.sort();
+    keys.dedup();
+    let keys = keys.join("\n") + "\n";
+    if std::env::var_os("FUSEDOPS_BLESS").is_some() {
+        std::fs::write(&golden, &keys).unwrap();
+    }
+    assert_eq!(
+        keys,
+        std::fs::read_to_string(&golden).unwrap(),
+        "bench JSON keys differ from {golden:?} (FUSEDOPS_BLESS=1 regenerates it)"
+    );
+
     let svg = std::fs::read_to_string(&svg).unwrap();
     assert!(svg.starts_with("<svg"), "not an SVG document");
     // One labelled point per case: each case's label appears once.
@@ -115,6 +132,35 @@ fn bench_writes_json_and_svg_with_one_point_per_case() {
             case["check"]["case"]["name"].as_str().unwrap()
         );
         assert_eq!(svg.matches(&label).count(), 1, "point for {label}");
+    }
+}
+
+/// Every object key path of a JSON value (`cases[].check.pass`), scalars' types left out so that
+/// optional numbers (null or not) do not matter. What depends on the adapter is normalised: the
+/// probes under `roofline` (f16 and cooperative-matrix probes exist only where supported) all
+/// become `roofline.*`, and the elements of the cooperative-matrix list are not descended into.
+fn key_paths(value: &serde_json::Value, prefix: &str, out: &mut Vec<String>) {
+    if prefix == "environment.capabilities.coop_matrix" {
+        return;
+    }
+    match value {
+        serde_json::Value::Object(map) => {
+            for (k, v) in map {
+                let path = match prefix {
+                    "" => k.clone(),
+                    "roofline" => "roofline.*".to_string(),
+                    _ => format!("{prefix}.{k}"),
+                };
+                out.push(path.clone());
+                key_paths(v, &path, out);
+            }
+        }
+        serde_json::Value::Array(items) => {
+            for item in items {
+                key_paths(item, &format!("{prefix}[]"), out);
+            }
+        }
+        _ => {}
     }
 }
 
