@@ -857,22 +857,29 @@ fn unfused_chain_matches_the_reference() {
 #[test]
 fn registry_cases_and_baselines_pass() {
     let g = gpu();
-    for case in OPERATOR.cases(Scale::Ci, g) {
+    let cases = OPERATOR.cases(Scale::Ci, g);
+    assert!(!cases.is_empty());
+    let mut baselines = 0;
+    for case in cases {
         let info = case.info();
         let row = fusedops::bench::check_case(case.as_ref(), g);
         assert!(row.pass, "{}: {}", info.name, row.summary());
         let prepared = case.prepare(g).unwrap();
         if prepared.baseline().is_some() {
             g.run(|rec| prepared.record_baseline(rec)).unwrap();
-            for checked in prepared.verify().unwrap() {
+            let checks = prepared.verify().unwrap();
+            assert!(!checks.is_empty(), "{}: nothing verified", info.name);
+            for checked in checks {
                 assert!(
                     checked.comparison.pass,
                     "{} baseline {}",
                     info.name, checked.output
                 );
             }
+            baselines += 1;
         }
     }
+    assert!(baselines > 0, "no CI case has a baseline to check");
 }
 
 #[test]
