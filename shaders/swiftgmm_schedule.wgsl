@@ -91,12 +91,13 @@ fn schedule(@builtin(local_invocation_index) tid: u32) {
     scan_a[tid] = part;
     workgroupBarrier();
     for (var step = 1u; step < SCHED_WG; step *= 2u) {
-        let other = select(0u, scan_a[tid - step], tid >= step);
+        // select() evaluates both operands: the index is kept in range for tid < step.
+        let other = select(0u, scan_a[tid - min(step, tid)], tid >= step);
         workgroupBarrier();
         scan_a[tid] = combine(scan_a[tid], other);
         workgroupBarrier();
     }
-    var run = select(0u, scan_a[tid - 1u], tid > 0u);
+    var run = select(0u, scan_a[max(tid, 1u) - 1u], tid > 0u);
     for (var i = begin; i < end; i++) {
         run = combine(run, offset_term(i));
         sched[i] = run;
@@ -112,8 +113,8 @@ fn schedule(@builtin(local_invocation_index) tid: u32) {
     scan_b[tid] = tiles.y;
     workgroupBarrier();
     for (var step = 1u; step < SCHED_WG; step *= 2u) {
-        let other_a = select(0u, scan_a[tid - step], tid >= step);
-        let other_b = select(0u, scan_b[tid - step], tid >= step);
+        let other_a = select(0u, scan_a[tid - min(step, tid)], tid >= step);
+        let other_b = select(0u, scan_b[tid - min(step, tid)], tid >= step);
         workgroupBarrier();
         scan_a[tid] += other_a;
         scan_b[tid] += other_b;

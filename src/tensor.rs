@@ -135,7 +135,7 @@ pub struct Tensor {
 impl Tensor {
     /// A tensor from its shape and data; the element count must match the shape.
     pub fn new(shape: &[usize], data: TensorData) -> Result<Self> {
-        let numel: usize = shape.iter().product();
+        let numel = checked_numel("tensor", shape)?;
         if numel != data.len() {
             return Err(Error::shape(
                 "tensor",
@@ -325,7 +325,7 @@ impl Tensor {
 
     /// The same data viewed with another shape of the same element count.
     pub fn reshape(mut self, shape: &[usize]) -> Result<Self> {
-        let n: usize = shape.iter().product();
+        let n = checked_numel("reshape", shape)?;
         if n != self.numel() {
             return Err(Error::shape(
                 "tensor",
@@ -380,6 +380,15 @@ impl DeviceTensor {
     }
 }
 
+/// The element count of `shape`, or an error if it does not fit `usize` (a wrapped product would
+/// let a huge shape pass with a few elements of data).
+pub fn checked_numel(op: &'static str, shape: &[usize]) -> Result<usize> {
+    shape
+        .iter()
+        .try_fold(1usize, |n, &d| n.checked_mul(d))
+        .ok_or_else(|| Error::shape(op, "shape", shape, "an element count that fits in usize"))
+}
+
 /// Buffer size for `bytes` of data: rounded up to 16 and never zero (wgpu rejects empty bindings).
 pub fn padded_size(bytes: u64) -> u64 {
     bytes.max(1).div_ceil(16) * 16
@@ -410,6 +419,13 @@ mod tests {
         ));
         assert!(Tensor::from_bytes(&[4], DType::F32, &[0u8; 15]).is_err());
         assert!(Tensor::from_f32(&[1], &[1.0], DType::I32).is_err());
+        // A shape whose element count wraps around usize is refused, not taken as 0 elements.
+        let huge = [1usize << 40, 1 << 40];
+        assert!(matches!(
+            Tensor::f32(&huge, vec![]),
+            Err(Error::Shape { .. })
+        ));
+        assert!(Tensor::f32(&[0], vec![]).unwrap().reshape(&huge).is_err());
     }
 
     #[test]

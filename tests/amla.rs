@@ -802,3 +802,138 @@ fn run_named_matches_reference_named() {
         Err(Error::Invalid { .. })
     ));
 }
+
+// ---- hand-built plan inputs (AmlaShape and TileConfig have public fields) ----
+
+#[test]
+fn hand_built_shapes_are_validated_by_the_plan() {
+    let g = gpu();
+    let x = good();
+    let shape = AmlaShape::of(&x.q, &x.kv_cache, &x.block_table, &x.cache_seqlens).unwrap();
+    let p = AmlaParams::default();
+    // A page size of 0 would divide by zero in the schedule; one that is not a power of two
+    // would make the kernel's page shift read other rows of the block table.
+    let bad = [
+        AmlaShape {
+            page_size: 0,
+            ..shape
+        },
+        AmlaShape {
+            page_size: 48,
+            ..shape
+        },
+        AmlaShape {
+            num_blocks: 0,
+            ..shape
+        },
+        AmlaShape {
+            max_blocks: 0,
+            ..shape
+        },
+        AmlaShape { batch: 0, ..shape },
+        AmlaShape { h_q: 0, ..shape },
+        AmlaShape {
+            q_dtype: DType::I32,
+            ..shape
+        },
+        AmlaShape {
+            kv_dtype: DType::U32,
+            ..shape
+        },
+    ];
+    for s in bad {
+        let err = AmlaPlan::new(g, &s, &p).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                Error::Shape { .. } | Error::Invalid { .. } | Error::Unsupported { .. }
+            ),
+            "{s:?}: {err}"
+        );
+    }
+}
+
+#[test]
+fn hand_built_tile_configs_are_refused() {
+    let g = gpu();
+    let x = good();
+    let shape = AmlaShape::of(&x.q, &x.kv_cache, &x.block_table, &x.cache_seqlens).unwrap();
+    let p = AmlaParams::default();
+    let tiles = TileConfig::new(4, 16, shape.kv_dtype).unwrap();
+    AmlaPlan::with_tiles(g, &shape, &p, tiles).unwrap();
+    // Fields that do not come from TileConfig::new: a head block past the kernel's 16 register
+    // rows, rows per thread past its 8, a workgroup-memory size that understates the kernel's.
+    let bad = [
+        TileConfig {
+            head_block: 32,
+            ..tiles
+        },
+        TileConfig {
+            rows_per_thread: 16,
+            ..tiles
+        },
+        TileConfig {
+            d_groups: 3,
+            ..tiles
+        },
+        TileConfig {
+            workgroup_bytes: 16,
+            ..tiles
+        },
+        TileConfig {
+            kv_stride: 1,
+            ..tiles
+        },
+    ];
+    for t in bad {
+        let err = AmlaPlan::with_tiles(g, &shape, &p, t).unwrap_err();
+        assert!(matches!(err, Error::Invalid { .. }), "{t:?}: {err}");
+    }
+    // The emulation takes tiles too (a zero-key tile would divide by zero).
+    let zero_keys = TileConfig {
+        tile_keys: 0,
+        ..tiles
+    };
+    let emulated = |t: &TileConfig| {
+        reference::emulate(&x.q, &x.kv_cache, &x.block_table, &x.cache_seqlens, &p, t)
+    };
+    assert!(matches!(emulated(&zero_keys), Err(Error::Invalid { .. })));
+    emulated(&tiles).unwrap();
+}
+
+#[test]
+fn the_largest_chunk_is_one_split() {
+    // u32::MAX keys round up to 2^32 (a whole number of tiles): that must not wrap to 0.
+    let spec = InputSpec::new(&[45, 3], 1, 4, 16, DType::BF16);
+    let p = amla16(Split::Chunk { keys: u32::MAX });
+    let checked = check(gpu(), "chunk u32::MAX", &spec, p, 23);
+    let shape = AmlaShape::of(
+        &checked.x.q,
+        &checked.x.kv_cache,
+        &checked.x.block_table,
+        &checked.x.cache_seqlens,
+    )
+    .unwrap();
+    let plan = AmlaPlan::new(gpu(), &shape, &p).unwrap();
+    let schedule = plan
+        .schedule(gpu(), &checked.x.block_table, &checked.x.cache_seqlens)
+        .unwrap();
+    assert!(schedule.work().combines.is_empty());
+}
+
+#[test]
+fn index_slices_of_the_wrong_length_are_errors() {
+    let x = good();
+    let shape = AmlaShape::of(&x.q, &x.kv_cache, &x.block_table, &x.cache_seqlens).unwrap();
+    let table = x.block_table.as_i32().unwrap();
+    let lens = x.cache_seqlens.as_i32().unwrap();
+    assert!(matches!(
+        shape.validate_indices(&table[1..], lens),
+        Err(Error::Shape { .. })
+    ));
+    assert!(matches!(
+        shape.validate_indices(table, &lens[1..]),
+        Err(Error::Shape { .. })
+    ));
+    assert_eq!(shape.validate_indices(table, lens).unwrap(), vec![20, 33]);
+}

@@ -126,6 +126,11 @@ fn oversized_binding_is_refused() {
         .storage_buffer("huge", g.caps.max_buffer_size + 16)
         .unwrap_err();
     assert!(matches!(err, Error::Limit { .. }));
+    // A shape whose size wraps around usize must not become a 16-byte buffer with that shape.
+    let err = g.zeros(&[1 << 40, 1 << 40], DType::F32).unwrap_err();
+    assert!(matches!(err, Error::Shape { .. }), "{err}");
+    let err = g.zeros(&[1 << 62], DType::F32).unwrap_err();
+    assert!(matches!(err, Error::Shape { .. }), "{err}");
 }
 
 #[test]

@@ -668,6 +668,54 @@ fn dispatch_of_given_ids_matches_the_reference() {
     }
 }
 
+/// Device ids cannot be checked on the host: out-of-range ids must stay out of the layout (their
+/// slots get row -1) and a repeated expert shares one row, with every row and slot in range.
+#[test]
+fn bad_device_ids_stay_out_of_the_layout() {
+    let g = gpu();
+    let (t, k, e, block) = (5, 3, 4, 2);
+    #[rustfmt::skip]
+    let ids = vec![
+        0, 1, 2,
+        -5, 3, 4,           // negative, then one past the experts
+        1, 1, i32::MAX,     // repeated, then far out of range
+        i32::MIN, 2, 0,
+        3, 2, 1,
+    ];
+    let dev = g
+        .upload(&Tensor::i32(&[t, k], ids.clone()).unwrap())
+        .unwrap();
+    let dispatcher = Dispatcher::new(g, &dev, e, 1, block).unwrap();
+    g.run(|rec| dispatcher.record(rec)).unwrap();
+    let layout = dispatcher.layout().download(g).unwrap();
+    let (offsets, sorted, rows) = (
+        ints(&layout.offsets),
+        ints(&layout.sorted_slots),
+        ints(&layout.slot_rows),
+    );
+    let sentinel = (t * k) as i32;
+    let capacity = sorted.len() as i32;
+    assert!(offsets.windows(2).all(|w| w[0] <= w[1]) && offsets[e] <= capacity);
+    assert!(sorted.iter().all(|&s| (0..=sentinel).contains(&s)));
+    for (slot, (&id, &row)) in ids.iter().zip(&rows).enumerate() {
+        if !(0..e as i32).contains(&id) {
+            assert_eq!(row, -1, "slot {slot} (id {id})");
+            continue;
+        }
+        let x = id as usize;
+        assert!(
+            (offsets[x]..offsets[x + 1]).contains(&row),
+            "slot {slot}: row {row} outside expert {x}"
+        );
+    }
+    // The repeated expert of token 2 (slots 6 and 7) shares one row, which holds one of them.
+    assert_eq!(rows[6], rows[7]);
+    assert!([6, 7].contains(&sorted[rows[6] as usize]));
+    // The counts hold the valid ids only, each (token, expert) pair once.
+    let counts = ints(&layout.counts);
+    assert_eq!(counts, vec![2, 3, 3, 2]);
+}
+
 #[test]
 fn moge_is_balanced_and_group_limited_is_not() {
     let g = gpu();
@@ -780,6 +828,20 @@ fn host_combine_skips_missing_rows() {
     let y = Tensor::f32(&[3, 2], vec![1.0, 2.0, 10.0, 20.0, 100.0, 200.0]).unwrap();
     let out = merrouter::combine(g, &weights, &rows, &y, DType::F32).unwrap();
     assert_eq!(out.to_f32(), vec![5.0, 10.0, 301.0, 602.0]);
+    // Device rows are not checked on the host: rows past y (or below -1) contribute nothing.
+    let bad_rows = Tensor::i32(&[2, 2], vec![1, 3, i32::MIN, 2]).unwrap();
+    let (w_dev, rows_dev, y_dev) = (
+        g.upload(&weights).unwrap(),
+        g.upload(&bad_rows).unwrap(),
+        g.upload(&y).unwrap(),
+    );
+    let out_dev = g.zeros(&[2, 2], DType::F32).unwrap();
+    let combiner = Combiner::new(g, &w_dev, &rows_dev, &y_dev, &out_dev).unwrap();
+    g.run(|rec| combiner.record(rec)).unwrap();
+    assert_eq!(
+        g.download_f32(&out_dev).unwrap(),
+        vec![5.0, 10.0, 300.0, 600.0]
+    );
 }
 
 /// The unfused baseline chain writes the same outputs; it must be correct to be a fair baseline.
@@ -857,22 +919,29 @@ fn unfused_chain_matches_the_reference() {
 #[test]
 fn registry_cases_and_baselines_pass() {
     let g = gpu();
-    for case in OPERATOR.cases(Scale::Ci, g) {
+    let cases = OPERATOR.cases(Scale::Ci, g);
+    assert!(!cases.is_empty());
+    let mut baselines = 0;
+    for case in cases {
         let info = case.info();
         let row = fusedops::bench::check_case(case.as_ref(), g);
         assert!(row.pass, "{}: {}", info.name, row.summary());
         let prepared = case.prepare(g).unwrap();
         if prepared.baseline().is_some() {
             g.run(|rec| prepared.record_baseline(rec)).unwrap();
-            for checked in prepared.verify().unwrap() {
+            let checks = prepared.verify().unwrap();
+            assert!(!checks.is_empty(), "{}: nothing verified", info.name);
+            for checked in checks {
                 assert!(
                     checked.comparison.pass,
                     "{} baseline {}",
                     info.name, checked.output
                 );
             }
+            baselines += 1;
         }
     }
+    assert!(baselines > 0, "no CI case has a baseline to check");
 }
 
 #[test]

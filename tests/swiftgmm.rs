@@ -794,7 +794,9 @@ fn registry_cases_and_per_expert_baseline_match_the_reference() {
         let prepared = case.prepare(g).unwrap();
         assert!(prepared.baseline().is_some());
         g.run(|rec| prepared.record_baseline(rec)).unwrap();
-        for c in prepared.verify().unwrap() {
+        let checks = prepared.verify().unwrap();
+        assert!(!checks.is_empty(), "{name}: nothing verified");
+        for c in checks {
             assert!(
                 c.comparison.pass,
                 "{name} baseline: {}",
@@ -803,7 +805,9 @@ fn registry_cases_and_per_expert_baseline_match_the_reference() {
         }
         let prepared = case.prepare(g).unwrap();
         g.run(|rec| prepared.record(rec)).unwrap();
-        for c in prepared.verify().unwrap() {
+        let checks = prepared.verify().unwrap();
+        assert!(!checks.is_empty(), "{name}: nothing verified");
+        for c in checks {
             assert!(
                 c.comparison.pass,
                 "{name}: {}",

@@ -2,7 +2,7 @@
 
 use super::Gpu;
 use crate::error::{Error, Result};
-use crate::tensor::{DType, DeviceTensor, Tensor, padded_size};
+use crate::tensor::{DType, DeviceTensor, Tensor, checked_numel, padded_size};
 
 /// Usage of every tensor buffer: bound as storage, copied in and out.
 const TENSOR_USAGE: wgpu::BufferUsages = wgpu::BufferUsages::STORAGE
@@ -64,8 +64,10 @@ impl Gpu {
 
     /// A zero-filled device tensor.
     pub fn zeros(&self, shape: &[usize], dtype: DType) -> Result<DeviceTensor> {
-        let n: usize = shape.iter().product();
-        let buffer = self.storage_buffer("tensor", (n * dtype.size()) as u64)?;
+        let bytes = checked_numel("zeros", shape)?
+            .checked_mul(dtype.size())
+            .ok_or_else(|| Error::shape("zeros", "shape", shape, "a size that fits in usize"))?;
+        let buffer = self.storage_buffer("tensor", bytes as u64)?;
         Ok(DeviceTensor::from_parts(buffer, shape, dtype))
     }
 

@@ -275,6 +275,22 @@ impl AmlaShape {
     /// sequence uses within the cache (entries past the pages in use are ignored, so padding with
     /// -1 is fine). Returns the lengths.
     pub fn validate_indices(&self, block_table: &[i32], seqlens: &[i32]) -> Result<Vec<usize>> {
+        if block_table.len() != self.batch * self.max_blocks {
+            return Err(Error::shape(
+                OP,
+                "block_table",
+                [block_table.len()],
+                format!("{} x {} entries", self.batch, self.max_blocks),
+            ));
+        }
+        if seqlens.len() != self.batch {
+            return Err(Error::shape(
+                OP,
+                "cache_seqlens",
+                [seqlens.len()],
+                format!("[{}]", self.batch),
+            ));
+        }
         let capacity = self.max_blocks * self.page_size;
         let mut lengths = Vec::with_capacity(self.batch);
         for (b, &len) in seqlens.iter().enumerate() {
@@ -432,7 +448,16 @@ impl AmlaPlan {
         tiles: TileConfig,
     ) -> Result<Self> {
         params.validate()?;
+        // The fields are public: a shape not made by `AmlaShape::of` is checked the same way (a
+        // page size that is not a power of two would make the kernel's page shift wrong).
+        AmlaShape::from_parts(
+            (&shape.q_shape(), shape.q_dtype),
+            (&shape.kv_shape(), shape.kv_dtype),
+            (&[shape.batch, shape.max_blocks], DType::I32),
+            (&[shape.batch], DType::I32),
+        )?;
         expect_float("out", shape.out_dtype)?;
+        tiles.check(shape.kv_dtype)?;
         let caps = &gpu.caps;
         if tiles.workgroup_bytes > caps.max_workgroup_storage {
             return Err(Error::Limit {

@@ -392,6 +392,7 @@ pub fn emulate(
 ) -> Result<Emulation> {
     let x = Checked::new(q, kv_cache, block_table, cache_seqlens)?;
     let s = x.shape;
+    tiles.check(s.kv_dtype)?;
     let rows = s.rows();
     let work = schedule::plan_work(
         &x.lengths,

@@ -119,6 +119,24 @@ impl TileConfig {
         })
     }
 
+    /// An error unless this is exactly what [`TileConfig::new`] gives for its head block, key
+    /// tile and `kv_dtype`: the fields are public, and the kernel's register and workgroup arrays
+    /// are sized for those configurations only.
+    pub(crate) fn check(&self, kv_dtype: DType) -> Result<()> {
+        if TileConfig::new(self.head_block, self.tile_keys, kv_dtype)? != *self {
+            return Err(Error::invalid(
+                "amla",
+                "tiles",
+                format!(
+                    "{self:?} is not what TileConfig::new gives for head block {} and {}-key \
+                     tiles with a {kv_dtype} cache",
+                    self.head_block, self.tile_keys
+                ),
+            ));
+        }
+        Ok(())
+    }
+
     /// Head blocks per sequence for `rows` query rows.
     pub fn row_blocks(&self, rows: usize) -> usize {
         rows.div_ceil(self.head_block as usize)
@@ -210,7 +228,7 @@ pub fn max_partial_slots(
     match split {
         Split::Off => 0,
         Split::Chunk { keys } => {
-            let chunk = chunk_keys(keys, tile_keys) as u64;
+            let chunk = chunk_keys(keys, tile_keys);
             let splits = (max_keys as u64).div_ceil(chunk);
             if splits <= 1 {
                 0
@@ -225,8 +243,10 @@ pub fn max_partial_slots(
     }
 }
 
-fn chunk_keys(keys: u32, tile_keys: u32) -> u32 {
-    keys.max(1).div_ceil(tile_keys) * tile_keys
+/// `keys` rounded up to whole tiles, in u64: near u32::MAX the rounding passes 2^32.
+fn chunk_keys(keys: u32, tile_keys: u32) -> u64 {
+    let tile_keys = u64::from(tile_keys.max(1));
+    u64::from(keys.max(1)).div_ceil(tile_keys) * tile_keys
 }
 
 /// Split the batch: `seqlens` (validated, >= 0) in keys, `row_blocks` head blocks per sequence.
@@ -236,12 +256,15 @@ pub fn plan_work(
     tile_keys: u32,
     split: Split,
 ) -> Result<WorkPlan> {
+    if tile_keys == 0 {
+        return Err(Error::invalid("amla", "key tile", "0 keys"));
+    }
     let tile = tile_keys as usize;
     let tiles: Vec<usize> = seqlens.iter().map(|&l| l.div_ceil(tile)).collect();
     let splits: Vec<usize> = match split {
         Split::Off => vec![1; seqlens.len()],
         Split::Chunk { keys } => {
-            let chunk = chunk_keys(keys, tile_keys) as usize / tile;
+            let chunk = (chunk_keys(keys, tile_keys) / tile as u64) as usize;
             tiles.iter().map(|&t| t.div_ceil(chunk).max(1)).collect()
         }
         Split::Auto { target_workgroups } => {
@@ -459,6 +482,9 @@ mod tests {
             )
             .is_err()
         );
+        // A zero-key tile is an error, not a division by zero.
+        assert!(plan_work(&[5], 1, 0, Split::Off).is_err());
+        assert_eq!(max_partial_slots(Split::Chunk { keys: 8 }, 1, 1, 64, 0), 8);
     }
 
     #[test]

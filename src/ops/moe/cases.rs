@@ -779,34 +779,9 @@ impl Operator for MoeOperator {
     ) -> Result<NamedTensors> {
         let named = NamedInputs::parse(inputs, params)?;
         let w = &named.weights;
-        let router = merrouter::RouterInputs {
-            scores: merrouter::Scores::Gate {
-                hidden: named.hidden,
-                weight: w.gate,
-            },
-            bias: w.bias,
-            router_scale: w.router_scale,
-        };
-        let shapes = super::WeightShapes {
-            gate_up: super::ExpertShape::of_host("gate_up weights", w.gate_up)?,
-            down: super::ExpertShape::of_host("down weights", w.down)?,
-            shared: match w.shared {
-                Some((g, d)) => Some((
-                    super::ExpertShape::of_host("shared gate_up weights", g)?,
-                    super::ExpertShape::of_host("shared down weights", d)?,
-                )),
-                None => None,
-            },
-        };
-        let t = super::check_layer(
-            &named.config,
-            named.hidden,
-            &router,
-            &shapes,
-            named.out_dtype,
-        )?;
         let r = reference::layer(&named.config, named.hidden, w, named.out_dtype)?;
-        let k = named.config.router.top_k;
+        // `layer` validated hidden as [t, h].
+        let (t, k) = (named.hidden.shape()[0], named.config.router.top_k);
         let out: Vec<f32> = r.out.iter().map(|&v| v as f32).collect();
         let weights: Vec<f32> = r.routing.weights.iter().map(|&v| v as f32).collect();
         Ok(NamedTensors::from([

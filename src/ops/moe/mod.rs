@@ -334,6 +334,41 @@ struct WeightShapes {
     shared: Option<(ExpertShape, ExpertShape)>,
 }
 
+impl WeightShapes {
+    fn of_host(weights: &HostWeights<'_>) -> Result<Self> {
+        Ok(WeightShapes {
+            gate_up: ExpertShape::of_host("gate_up weights", weights.gate_up)?,
+            down: ExpertShape::of_host("down weights", weights.down)?,
+            shared: match weights.shared {
+                Some((gate_up, down)) => Some((
+                    ExpertShape::of_host("shared gate_up weights", gate_up)?,
+                    ExpertShape::of_host("shared down weights", down)?,
+                )),
+                None => None,
+            },
+        })
+    }
+}
+
+/// [`check_layer`] for host tensors: the config, hidden, gate, bias, scale and expert weights.
+fn check_host_layer(
+    config: &MoeConfig,
+    hidden: &Tensor,
+    weights: &HostWeights<'_>,
+    out_dtype: DType,
+) -> Result<usize> {
+    let router_inputs = RouterInputs {
+        scores: Scores::Gate {
+            hidden,
+            weight: weights.gate,
+        },
+        bias: weights.bias,
+        router_scale: weights.router_scale,
+    };
+    let shapes = WeightShapes::of_host(weights)?;
+    check_layer(config, hidden, &router_inputs, &shapes, out_dtype)
+}
+
 /// Check the config, hidden, router inputs, expert weights and the output dtype; returns `t`.
 fn check_layer<T: Shaped>(
     config: &MoeConfig,
@@ -791,26 +826,7 @@ pub fn run(
     out_dtype: DType,
     options: &MoeOptions,
 ) -> Result<MoeOutput> {
-    let shapes = WeightShapes {
-        gate_up: ExpertShape::of_host("gate_up weights", weights.gate_up)?,
-        down: ExpertShape::of_host("down weights", weights.down)?,
-        shared: match weights.shared {
-            Some((gate_up, down)) => Some((
-                ExpertShape::of_host("shared gate_up weights", gate_up)?,
-                ExpertShape::of_host("shared down weights", down)?,
-            )),
-            None => None,
-        },
-    };
-    let router_inputs = RouterInputs {
-        scores: Scores::Gate {
-            hidden,
-            weight: weights.gate,
-        },
-        bias: weights.bias,
-        router_scale: weights.router_scale,
-    };
-    let t = check_layer(config, hidden, &router_inputs, &shapes, out_dtype)?;
+    let t = check_host_layer(config, hidden, weights, out_dtype)?;
     check_limits(gpu, config, t, hidden.dtype(), out_dtype)?;
     let upload = |t: Option<&Tensor>| t.map(|t| gpu.upload(t)).transpose();
     let hidden_dev = gpu.upload(hidden)?;

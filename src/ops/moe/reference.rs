@@ -233,18 +233,10 @@ pub fn layer(
     weights: &HostWeights<'_>,
     out_dtype: DType,
 ) -> Result<LayerRef> {
-    let &[t, h] = hidden.shape() else {
-        return Err(Error::shape(OP, "hidden", hidden.shape(), "[t, h]"));
-    };
-    let e = config.router.experts;
-    if weights.gate.shape() != [h, e] {
-        return Err(Error::shape(
-            OP,
-            "gate",
-            weights.gate.shape(),
-            format!("[{h}, {e}]"),
-        ));
-    }
+    // The same checks as the GPU layer: the routing reference divides by the group count and
+    // indexes the bias and the experts without checking.
+    let t = super::check_host_layer(config, hidden, weights, out_dtype)?;
+    let (h, e) = (config.hidden, config.router.experts);
     let logits = router_ref::gate_logits(t, h, e, &hidden.to_f64(), &weights.gate.to_f64());
     let bias = weights.bias.map(Tensor::to_f64);
     let scale = weights.router_scale.map(Tensor::to_f64);
@@ -322,6 +314,45 @@ mod tests {
         ];
         for (a, b) in r.out.iter().zip(want) {
             assert!((a - b).abs() < 1e-6, "{:?} vs {want:?}", r.out);
+        }
+    }
+
+    #[test]
+    fn invalid_layers_are_errors_not_panics() {
+        let hidden = Tensor::f32(&[1, 2], vec![1.0, 2.0]).unwrap();
+        let gate = Tensor::f32(&[2, 2], vec![0.0; 4]).unwrap();
+        let gate_up = Tensor::f32(&[2, 2, 2], vec![0.0; 8]).unwrap();
+        let down = Tensor::f32(&[2, 2, 1], vec![0.0; 4]).unwrap();
+        let shared_gate_up = Tensor::f32(&[1, 2, 2], vec![0.0; 4]).unwrap();
+        let shared_down = Tensor::f32(&[1, 2, 1], vec![0.0; 2]).unwrap();
+        let short_bias = Tensor::f32(&[1], vec![0.0]).unwrap();
+        let small_down = Tensor::f32(&[2, 1, 1], vec![0.0; 2]).unwrap();
+        let weights = HostWeights {
+            gate: &gate,
+            bias: None,
+            router_scale: None,
+            gate_up: &gate_up,
+            down: &down,
+            shared: Some((&shared_gate_up, &shared_down)),
+        };
+        assert!(layer(&tiny(), &hidden, &weights, DType::F32).is_ok());
+        let mut no_groups = tiny();
+        no_groups.router.groups = 0;
+        let mut too_many = tiny();
+        too_many.router.top_k = 3;
+        for config in [no_groups, too_many] {
+            assert!(layer(&config, &hidden, &weights, DType::F32).is_err());
+        }
+        let bad_bias = HostWeights {
+            bias: Some(&short_bias),
+            ..weights
+        };
+        let bad_down = HostWeights {
+            down: &small_down,
+            ..weights
+        };
+        for w in [bad_bias, bad_down] {
+            assert!(layer(&tiny(), &hidden, &w, DType::F32).is_err());
         }
     }
 

@@ -64,6 +64,18 @@ pub fn grouped_matmul_rows(
             format!("k = {k}, e + 1 = {} offsets", offsets.len()),
         ));
     }
+    // Monotone and within x: the group lookup below relies on it.
+    super::check_offsets(offsets, experts, m_total)?;
+    if let Some(s) = row_scale {
+        if s.shape() != [m_total] {
+            return Err(Error::shape(
+                OP,
+                "row_scale",
+                s.shape(),
+                format!("[{m_total}]"),
+            ));
+        }
+    }
     let n_out = match activation {
         Activation::None => n,
         Activation::SwiGlu => n / 2,
@@ -195,6 +207,22 @@ mod tests {
         let x16 = Tensor::from_f32(&[3, 2], &[1.0; 6], DType::BF16).unwrap();
         let padded = grouped_matmul(&x16, &[1, 1, 2], &w, Layout::Kn, Activation::None, None);
         assert_eq!(padded.unwrap(), vec![0.0, 0.0, 1.0, 1.0, 0.0, 0.0]);
+    }
+
+    #[test]
+    fn bad_offsets_and_scales_are_errors() {
+        let x = Tensor::f32(&[3, 2], vec![1.0; 6]).unwrap();
+        let w = Tensor::f32(&[2, 2, 2], vec![1.0; 8]).unwrap();
+        let gmm = |offsets: &[u32], scale: Option<&Tensor>| {
+            grouped_matmul(&x, offsets, &w, Layout::Kn, Activation::None, scale)
+        };
+        // Not monotone (the group lookup would underflow) and past m_total.
+        assert!(gmm(&[2, 0, 3], None).is_err());
+        assert!(gmm(&[0, 1, 4], None).is_err());
+        // A row scale shorter than x.
+        let short = Tensor::f32(&[2], vec![1.0; 2]).unwrap();
+        assert!(gmm(&[0, 1, 3], Some(&short)).is_err());
+        assert!(gmm(&[0, 1, 3], None).is_ok());
     }
 
     #[test]

@@ -138,15 +138,16 @@ impl GemvConfig {
         let epv = elements_per_vector(w_dtype);
         let groups = self.workgroup / self.split_k.max(1);
         let (weight_cols, x_chunk, scratch) = match layout {
+            // Saturating: an unvalidated configuration must not overflow (validate refuses it).
             Layout::Nk => (
-                2 * groups,
-                self.split_k * epv * self.unroll,
-                2 * self.workgroup,
+                groups.saturating_mul(2),
+                self.split_k.saturating_mul(epv).saturating_mul(self.unroll),
+                self.workgroup.saturating_mul(2),
             ),
             Layout::Kn => (
-                groups * epv,
-                self.split_k * self.unroll,
-                self.workgroup * epv,
+                groups.saturating_mul(epv),
+                self.split_k.saturating_mul(self.unroll),
+                self.workgroup.saturating_mul(epv),
             ),
         };
         let out_cols = if swiglu { weight_cols / 2 } else { weight_cols };
@@ -192,6 +193,8 @@ impl GemvConfig {
                 ),
             ));
         }
+        // The invocation limit first: the geometry below multiplies the workgroup size.
+        limits.check_workgroup("gemv", self.workgroup, 0)?;
         let groups = self.workgroup / self.split_k;
         if swiglu && !groups.is_multiple_of(2) {
             return Err(bad(
@@ -216,7 +219,9 @@ impl GemvConfig {
 impl GemmConfig {
     /// Invocations per workgroup.
     pub fn workgroup(&self) -> u32 {
-        (self.tm / self.rm.max(1)) * (self.tn / self.rn.max(1))
+        let invocations = u64::from(self.tm / self.rm.max(1)) * u64::from(self.tn / self.rn.max(1));
+        // Saturating: the limit check then refuses it instead of a wrapped size passing.
+        u32::try_from(invocations).unwrap_or(u32::MAX)
     }
 
     /// Output columns per tile.
@@ -260,10 +265,11 @@ impl GemmConfig {
             ));
         }
         // Each invocation stages at most 8 vectors per operand (f32 weights: 4 per vector).
-        let wg = self.workgroup().max(1);
-        let x_loads = (self.tm * self.tk / 4).div_ceil(wg);
-        let w_loads = (self.tk * self.tn / 4).div_ceil(wg);
-        if x_loads > MAX_GEMM_STAGE_LOADS || w_loads > MAX_GEMM_STAGE_LOADS {
+        let wg = u64::from(self.workgroup().max(1));
+        let x_loads = (u64::from(self.tm) * u64::from(self.tk) / 4).div_ceil(wg);
+        let w_loads = (u64::from(self.tk) * u64::from(self.tn) / 4).div_ceil(wg);
+        let max_loads = u64::from(MAX_GEMM_STAGE_LOADS);
+        if x_loads > max_loads || w_loads > max_loads {
             return Err(bad(
                 "gemm",
                 format!(
@@ -1073,6 +1079,36 @@ mod tests {
             odd.validate(Layout::Kn, DType::F16, false, &limits())
                 .is_err()
         );
+    }
+
+    #[test]
+    fn huge_sizes_are_refused_without_overflow() {
+        // Fixed tilings come from users (`--params`): sizes whose products pass u32 must be a
+        // Limit error, not an arithmetic overflow.
+        let gemv = GemvConfig {
+            rows: 8,
+            workgroup: 1 << 31,
+            split_k: 1,
+            unroll: 4,
+        };
+        for layout in [Layout::Nk, Layout::Kn] {
+            assert!(matches!(
+                gemv.validate(layout, DType::BF16, false, &limits()),
+                Err(Error::Limit { .. })
+            ));
+        }
+        let gemm = GemmConfig {
+            tm: 1 << 20,
+            tn: 1 << 20,
+            tk: 1 << 16,
+            rm: 4,
+            rn: 8,
+        };
+        assert!(matches!(
+            gemm.validate(false, &limits()),
+            Err(Error::Limit { .. })
+        ));
+        assert_eq!(gemm.workgroup(), u32::MAX, "saturates");
     }
 
     #[test]
