@@ -36,7 +36,7 @@ fn main() -> fusedops::Result<()> {
         &logits.to_f64(),
         None,
         Some(&router_scale.to_f64()),
-    );
+    )?;
     let check = compare(ids, &want.ids, Tolerance::EXACT);
     println!(
         "ids against the CPU reference: {}",

@@ -77,7 +77,9 @@ fn draw_logits(
                 .collect();
             inject(token, &mut row);
             let clear = biases.iter().all(|b| {
-                reference::route(config, 1, &to64(&row), b.as_deref(), None).margins[0]
+                reference::route(config, 1, &to64(&row), b.as_deref(), None)
+                    .unwrap()
+                    .margins[0]
                     >= MIN_MARGIN
             });
             if clear {
@@ -122,7 +124,7 @@ impl Problem {
                 let e = self.config.experts;
                 (
                     t,
-                    reference::gate_logits(t, h, e, &hidden.to_f64(), &weight.to_f64()),
+                    reference::gate_logits(t, h, e, &hidden.to_f64(), &weight.to_f64()).unwrap(),
                 )
             }
             _ => unreachable!(),
@@ -134,9 +136,10 @@ impl Problem {
         let bias = self.bias.as_ref().map(Tensor::to_f64);
         let scale = self.router_scale.as_ref().map(Tensor::to_f64);
         let c = &self.config;
-        let routing = reference::route(c, t, &logits, bias.as_deref(), scale.as_deref());
+        let routing = reference::route(c, t, &logits, bias.as_deref(), scale.as_deref()).unwrap();
         let layout =
-            reference::dispatch(&routing.ids, t, c.top_k, c.experts, c.groups, c.block_size);
+            reference::dispatch(&routing.ids, t, c.top_k, c.experts, c.groups, c.block_size)
+                .unwrap();
         (routing, layout)
     }
 }
@@ -663,7 +666,7 @@ fn dispatch_of_given_ids_matches_the_reference() {
     for (name, t, k, e, groups, block, ids) in table {
         let host = Tensor::i32(&[t, k], ids.clone()).unwrap();
         let got = merrouter::dispatch(g, &host, e, groups, block).unwrap();
-        let want = reference::dispatch(&ids, t, k, e, groups, block);
+        let want = reference::dispatch(&ids, t, k, e, groups, block).unwrap();
         assert_layout(name, &got, &want);
     }
 }
@@ -807,7 +810,8 @@ fn combine_after_routing_matches_the_reference() {
             &to64(&weights),
             &layout.slot_rows,
             &y_host.to_f64(),
-        );
+        )
+        .unwrap();
         let got = g.download_f32(&out).unwrap();
         let cmp = compare(&got, &want, combine_tolerance(out_dtype));
         assert!(

@@ -72,17 +72,21 @@ fn redraw_close_calls(
     config: &RouterConfig,
     t: usize,
     bias: Option<&[f64]>,
-    mut logits: impl FnMut() -> Vec<f64>,
+    mut logits: impl FnMut() -> Result<Vec<f64>>,
     mut draw: impl FnMut(usize),
 ) -> Result<()> {
     let e = config.experts;
     let mut pending: Vec<usize> = (0..t).collect();
     for _ in 0..64 {
-        let all = logits();
-        pending.retain(|&token| {
+        let all = logits()?;
+        let mut close = Vec::with_capacity(pending.len());
+        for &token in &pending {
             let row = &all[token * e..(token + 1) * e];
-            reference::route(config, 1, row, bias, None).margins[0] < MIN_MARGIN
-        });
+            if reference::route(config, 1, row, bias, None)?.margins[0] < MIN_MARGIN {
+                close.push(token);
+            }
+        }
+        pending = close;
         if pending.is_empty() {
             return Ok(());
         }
@@ -115,7 +119,7 @@ pub fn tie_free_logits(
         config,
         t,
         bias,
-        || to_f64(&logits.borrow()),
+        || Ok(to_f64(&logits.borrow())),
         |token| {
             for v in &mut logits.borrow_mut()[token * e..(token + 1) * e] {
                 *v = rng.uniform(-3.0, 3.0) as f32;
@@ -306,7 +310,7 @@ fn host_inputs_of<'a>(
 }
 
 /// The reference routing and layout for host inputs.
-fn reference_of(config: &RouterConfig, inputs: &HostInputs<'_>) -> (RoutingRef, LayoutRef) {
+fn reference_of(config: &RouterConfig, inputs: &HostInputs<'_>) -> Result<(RoutingRef, LayoutRef)> {
     let e = config.experts;
     let (t, logits) = match inputs.scores {
         Scores::Logits(l) => (l.shape()[0], l.to_f64()),
@@ -314,13 +318,13 @@ fn reference_of(config: &RouterConfig, inputs: &HostInputs<'_>) -> (RoutingRef, 
             let (t, h) = (hidden.shape()[0], hidden.shape()[1]);
             (
                 t,
-                reference::gate_logits(t, h, e, &hidden.to_f64(), &weight.to_f64()),
+                reference::gate_logits(t, h, e, &hidden.to_f64(), &weight.to_f64())?,
             )
         }
     };
     let bias = inputs.bias.map(Tensor::to_f64);
     let scale = inputs.router_scale.map(Tensor::to_f64);
-    let routing = reference::route(config, t, &logits, bias.as_deref(), scale.as_deref());
+    let routing = reference::route(config, t, &logits, bias.as_deref(), scale.as_deref())?;
     let layout = reference::dispatch(
         &routing.ids,
         t,
@@ -328,8 +332,8 @@ fn reference_of(config: &RouterConfig, inputs: &HostInputs<'_>) -> (RoutingRef, 
         e,
         config.groups,
         config.block_size,
-    );
-    (routing, layout)
+    )?;
+    Ok((routing, layout))
 }
 
 impl Case for RouterCase {
@@ -435,7 +439,7 @@ impl Case for RouterCase {
     fn prepare<'g>(&self, gpu: &'g Gpu) -> Result<Box<dyn Prepared + 'g>> {
         let (scores, bias, scale) = self.host_inputs()?;
         let host = host_inputs_of(&scores, bias.as_ref(), scale.as_ref());
-        let (routing, layout) = reference_of(&self.config, &host);
+        let (routing, layout) = reference_of(&self.config, &host)?;
         match self.stage {
             Stage::Route => {
                 let first = gpu.upload(&scores.0)?;
@@ -479,7 +483,7 @@ impl Case for RouterCase {
                     &to_f64(&weights),
                     &layout.slot_rows,
                     &y.to_f64(),
-                );
+                )?;
                 let weights = gpu.upload(&Tensor::f32(&[t, k], weights)?)?;
                 let slot_rows = gpu.upload(&Tensor::i32(&[t, k], layout.slot_rows.clone())?)?;
                 let y = gpu.upload(&y)?;
@@ -725,7 +729,7 @@ impl Operator for MerRouterOp {
         let (scores, bias, scale) = named_inputs(inputs)?;
         let host = host_inputs_of(&scores, bias, scale);
         let shape = super::check_inputs(&config, &host)?;
-        let (routing, layout) = reference_of(&config, &host);
+        let (routing, layout) = reference_of(&config, &host)?;
         let (t, k) = (shape.tokens, config.top_k);
         let i32s = |shape: &[usize], v: &[i32]| Tensor::i32(shape, v.to_vec());
         let mut named = NamedTensors::new();
@@ -738,7 +742,7 @@ impl Operator for MerRouterOp {
                 &routing.weights,
                 &layout.slot_rows,
                 &y.to_f64(),
-            );
+            )?;
             let out: Vec<f32> = out.iter().map(|&v| v as f32).collect();
             named.insert(
                 "out".into(),

@@ -4,7 +4,23 @@
 
 use std::cmp::Ordering;
 
-use super::{GroupScore, RouterConfig, Scoring, Selection};
+use super::{GroupScore, OP, RouterConfig, Scoring, Selection};
+use crate::error::{Error, Result};
+
+/// An error unless `len` is `expected`: the reference is public, so bad slices are errors, never
+/// panics.
+fn check_len(what: &str, len: usize, expected: usize, shape: &str) -> Result<()> {
+    if len == expected {
+        Ok(())
+    } else {
+        Err(Error::shape(
+            OP,
+            what,
+            len,
+            format!("{expected} values ({shape})"),
+        ))
+    }
+}
 
 /// The routing of every token, as the reference computes it.
 #[derive(Clone, Debug, PartialEq)]
@@ -100,9 +116,16 @@ pub fn route(
     logits: &[f64],
     bias: Option<&[f64]>,
     router_scale: Option<&[f64]>,
-) -> RoutingRef {
+) -> Result<RoutingRef> {
+    config.validate()?;
     let (e, g, k) = (config.experts, config.groups, config.top_k);
-    assert_eq!(logits.len(), t * e, "logits must be [t, e]");
+    check_len("logits", logits.len(), t * e, "[t, e]")?;
+    if let Some(b) = bias {
+        check_len("bias", b.len(), e, "[e]")?;
+    }
+    if let Some(s) = router_scale {
+        check_len("router_scale", s.len(), e, "[e]")?;
+    }
     let size = e / g;
     let mut out = RoutingRef {
         ids: Vec::with_capacity(t * k),
@@ -197,11 +220,19 @@ pub fn route(
         }
         out.margins.push(margin);
     }
-    out
+    Ok(out)
 }
 
 /// The fused gate: `logits[t, e] = hidden[t, h] · weight[h, e]`, accumulated in f64.
-pub fn gate_logits(t: usize, h: usize, e: usize, hidden: &[f64], weight: &[f64]) -> Vec<f64> {
+pub fn gate_logits(
+    t: usize,
+    h: usize,
+    e: usize,
+    hidden: &[f64],
+    weight: &[f64],
+) -> Result<Vec<f64>> {
+    check_len("hidden", hidden.len(), t * h, "[t, h]")?;
+    check_len("gate weight", weight.len(), h * e, "[h, e]")?;
     let mut logits = vec![0.0; t * e];
     for token in 0..t {
         for x in 0..e {
@@ -210,7 +241,7 @@ pub fn gate_logits(t: usize, h: usize, e: usize, hidden: &[f64], weight: &[f64])
                 .sum();
         }
     }
-    logits
+    Ok(logits)
 }
 
 /// The dispatch layout of `ids [t, k]` (every id in `0..experts`): a stable counting sort of the
@@ -223,9 +254,23 @@ pub fn dispatch(
     experts: usize,
     groups: usize,
     block_size: usize,
-) -> LayoutRef {
+) -> Result<LayoutRef> {
     let slots = t * k;
-    assert_eq!(ids.len(), slots, "ids must be [t, k]");
+    check_len("ids", ids.len(), slots, "[t, k]")?;
+    if groups == 0 || !experts.is_multiple_of(groups) || block_size == 0 {
+        return Err(Error::invalid(
+            OP,
+            "dispatch sizes",
+            format!("{experts} experts in {groups} groups, block size {block_size}"),
+        ));
+    }
+    if let Some(&bad) = ids.iter().find(|&&x| x < 0 || x as usize >= experts) {
+        return Err(Error::invalid(
+            OP,
+            "ids",
+            format!("expert id {bad} is outside 0..{experts}"),
+        ));
+    }
     let mut counts = vec![0i32; experts];
     for &x in ids {
         counts[x as usize] += 1;
@@ -258,7 +303,7 @@ pub fn dispatch(
     let group_loads: Vec<i32> = counts.chunks(size).map(|c| c.iter().sum()).collect();
     let max = *group_loads.iter().max().unwrap_or(&0);
     let min = *group_loads.iter().min().unwrap_or(&0);
-    LayoutRef {
+    Ok(LayoutRef {
         counts,
         offsets,
         sorted_slots,
@@ -266,11 +311,12 @@ pub fn dispatch(
         block_experts,
         group_loads,
         imbalance: (max - min) as f64 / t as f64,
-    }
+    })
 }
 
 /// The combine: `out[token, c] = Σ_j weights[token, j] · y[slot_rows[token·k + j], c]`, with `y`
-/// `[rows, n]`; a slot without a row (−1) contributes nothing.
+/// `[rows, n]`; a slot without a row (−1) or with a row past `y` contributes nothing, as in the
+/// kernel.
 pub fn combine(
     t: usize,
     k: usize,
@@ -278,20 +324,25 @@ pub fn combine(
     weights: &[f64],
     slot_rows: &[i32],
     y: &[f64],
-) -> Vec<f64> {
+) -> Result<Vec<f64>> {
+    check_len("weights", weights.len(), t * k, "[t, k]")?;
+    check_len("slot_rows", slot_rows.len(), t * k, "[t, k]")?;
+    let rows = y.len().checked_div(n).unwrap_or(0);
+    check_len("y", y.len(), rows * n, "[rows, n]")?;
     let mut out = vec![0.0; t * n];
     for token in 0..t {
         for j in 0..k {
             let slot = token * k + j;
-            let Ok(row) = usize::try_from(slot_rows[slot]) else {
-                continue;
+            let row = match usize::try_from(slot_rows[slot]) {
+                Ok(row) if row < rows => row,
+                _ => continue,
             };
             for c in 0..n {
                 out[token * n + c] += weights[slot] * y[row * n + c];
             }
         }
     }
-    out
+    Ok(out)
 }
 
 #[cfg(test)]
@@ -320,7 +371,7 @@ mod tests {
     #[test]
     fn moge_takes_the_best_of_every_group_in_group_order() {
         let c = config(Selection::Moge, Scoring::Softmax, 6, 2, 2);
-        let r = route(&c, 1, &[0.1, 0.9, 0.5, 2.0, -1.0, 0.0], None, None);
+        let r = route(&c, 1, &[0.1, 0.9, 0.5, 2.0, -1.0, 0.0], None, None).unwrap();
         assert_eq!(r.ids, vec![1, 3]);
         let total: f64 = [0.1f64, 0.9, 0.5, 2.0, -1.0, 0.0]
             .iter()
@@ -342,17 +393,17 @@ mod tests {
             2,
         );
         // Group 0 has the single best expert, group 1 the better pair.
-        let r = route(&c, 1, &[3.0, -3.0, 1.0, 1.5], None, None);
+        let r = route(&c, 1, &[3.0, -3.0, 1.0, 1.5], None, None).unwrap();
         assert_eq!(r.ids, vec![3, 2]);
     }
 
     #[test]
     fn ties_go_to_the_lower_index_and_nan_comes_last() {
         let c = config(Selection::Moge, Scoring::Sigmoid, 4, 1, 3);
-        let r = route(&c, 1, &[f64::NAN, 1.0, 1.0, 0.5], None, None);
+        let r = route(&c, 1, &[f64::NAN, 1.0, 1.0, 0.5], None, None).unwrap();
         assert_eq!(r.ids, vec![1, 2, 3]);
         assert_eq!(r.margins, vec![0.0]);
-        let r = route(&c, 1, &[f64::NAN; 4], None, None);
+        let r = route(&c, 1, &[f64::NAN; 4], None, None).unwrap();
         assert_eq!(r.ids, vec![0, 1, 2]);
         assert_eq!(r.margins, vec![f64::INFINITY]);
     }
@@ -361,7 +412,7 @@ mod tests {
     fn dispatch_is_a_stable_padded_counting_sort() {
         // t = 3, k = 2, e = 3, block 2.
         let ids = [2, 0, 0, 2, 2, 1];
-        let l = dispatch(&ids, 3, 2, 3, 1, 2);
+        let l = dispatch(&ids, 3, 2, 3, 1, 2).unwrap();
         assert_eq!(l.counts, vec![2, 1, 3]);
         assert_eq!(l.offsets, vec![0, 2, 4, 8]);
         assert_eq!(l.sorted_slots, vec![1, 2, 5, 6, 0, 3, 4, 6, 6]);
@@ -374,7 +425,31 @@ mod tests {
     #[test]
     fn combine_gathers_rows_by_slot() {
         let y = [1.0, 2.0, 10.0, 20.0];
-        let out = combine(1, 2, 2, &[0.5, 0.25], &[1, 0], &y);
+        let out = combine(1, 2, 2, &[0.5, 0.25], &[1, 0], &y).unwrap();
         assert_eq!(out, vec![5.25, 10.5]);
+    }
+
+    #[test]
+    fn bad_slices_and_configs_are_errors() {
+        let c = config(Selection::Moge, Scoring::Softmax, 4, 2, 2);
+        assert!(route(&c, 2, &[0.0; 7], None, None).is_err());
+        assert!(route(&c, 1, &[0.0; 4], Some(&[0.0; 3]), None).is_err());
+        assert!(route(&c, 1, &[0.0; 4], None, Some(&[1.0; 5])).is_err());
+        let bad = config(Selection::Moge, Scoring::Softmax, 4, 0, 2);
+        assert!(route(&bad, 1, &[0.0; 4], None, None).is_err());
+        assert!(gate_logits(2, 3, 4, &[0.0; 5], &[0.0; 12]).is_err());
+        assert!(
+            dispatch(&[0, 4], 1, 2, 4, 2, 1).is_err(),
+            "id past the experts"
+        );
+        assert!(dispatch(&[0, -1], 1, 2, 4, 2, 1).is_err(), "negative id");
+        assert!(dispatch(&[0, 1], 1, 2, 4, 0, 1).is_err(), "no groups");
+        assert!(dispatch(&[0, 1], 1, 2, 4, 2, 0).is_err(), "zero block size");
+        assert!(dispatch(&[0], 1, 2, 4, 2, 1).is_err(), "short ids");
+        assert!(combine(1, 2, 2, &[0.5], &[0, 1], &[0.0; 4]).is_err());
+        assert!(combine(1, 2, 2, &[0.5, 0.5], &[0, 1], &[0.0; 3]).is_err());
+        // A row past y contributes nothing, as in the kernel.
+        let out = combine(1, 1, 2, &[1.0], &[5], &[1.0, 2.0]).unwrap();
+        assert_eq!(out, vec![0.0, 0.0]);
     }
 }

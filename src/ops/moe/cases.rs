@@ -236,11 +236,16 @@ impl RouterInts {
             let token = i / e;
             row_logits(&hidden[token * h..(token + 1) * h])[i % e]
         });
-        let close = |logits: &[f64], token: usize| {
+        let close = |logits: &[f64], token: usize| -> Result<bool> {
             let row = &logits[token * e..(token + 1) * e];
-            merrouter::reference::route(config, 1, row, bias, None).margins[0] < MIN_MARGIN
+            Ok(merrouter::reference::route(config, 1, row, bias, None)?.margins[0] < MIN_MARGIN)
         };
-        let mut pending: Vec<usize> = (0..t).filter(|&token| close(&logits, token)).collect();
+        let mut pending = Vec::new();
+        for token in 0..t {
+            if close(&logits, token)? {
+                pending.push(token);
+            }
+        }
         for round in 1..=64u64 {
             if pending.is_empty() {
                 return Ok(RouterInts {
@@ -257,7 +262,13 @@ impl RouterInts {
                 let fresh = row_logits(row);
                 logits[token * e..(token + 1) * e].copy_from_slice(&fresh);
             }
-            pending.retain(|&token| close(&logits, token));
+            let mut still_close = Vec::with_capacity(pending.len());
+            for &token in &pending {
+                if close(&logits, token)? {
+                    still_close.push(token);
+                }
+            }
+            pending = still_close;
         }
         Err(Error::invalid(
             OP,
@@ -406,7 +417,7 @@ impl MoeCase {
             &ints.logits,
             bias64.as_deref(),
             scale64.as_deref(),
-        );
+        )?;
         Ok(CaseData {
             hidden,
             gate,
@@ -911,7 +922,7 @@ mod tests {
         let ints = RouterInts::new(&config.router, 20, 96, Some(&bias), 5).unwrap();
         for token in 0..20 {
             let row = &ints.logits[token * 256..(token + 1) * 256];
-            let r = merrouter::reference::route(&config.router, 1, row, Some(&bias), None);
+            let r = merrouter::reference::route(&config.router, 1, row, Some(&bias), None).unwrap();
             assert!(r.margins[0] >= MIN_MARGIN);
             // Exact: the f32 sum in any order gives the same value.
             let h = &ints.hidden[token * 96..(token + 1) * 96];

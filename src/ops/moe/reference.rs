@@ -101,11 +101,11 @@ pub fn routing(
     logits: &[f64],
     bias: Option<&[f64]>,
     router_scale: Option<&[f64]>,
-) -> (RoutingRef, LayoutRef) {
+) -> Result<(RoutingRef, LayoutRef)> {
     let r = &config.router;
-    let routing = router_ref::route(r, t, logits, bias, router_scale);
-    let layout = router_ref::dispatch(&routing.ids, t, r.top_k, r.experts, r.groups, r.block_size);
-    (routing, layout)
+    let routing = router_ref::route(r, t, logits, bias, router_scale)?;
+    let layout = router_ref::dispatch(&routing.ids, t, r.top_k, r.experts, r.groups, r.block_size)?;
+    Ok((routing, layout))
 }
 
 /// `x` rounded as the GPU stores a value of `dtype`: to f32 (the GPU's accumulator), then to
@@ -237,10 +237,10 @@ pub fn layer(
     // indexes the bias and the experts without checking.
     let t = super::check_host_layer(config, hidden, weights, out_dtype)?;
     let (h, e) = (config.hidden, config.router.experts);
-    let logits = router_ref::gate_logits(t, h, e, &hidden.to_f64(), &weights.gate.to_f64());
+    let logits = router_ref::gate_logits(t, h, e, &hidden.to_f64(), &weights.gate.to_f64())?;
     let bias = weights.bias.map(Tensor::to_f64);
     let scale = weights.router_scale.map(Tensor::to_f64);
-    let (routing, layout) = routing(config, t, &logits, bias.as_deref(), scale.as_deref());
+    let (routing, layout) = routing(config, t, &logits, bias.as_deref(), scale.as_deref())?;
     let tokens: Vec<usize> = (0..t).collect();
     let out = token_outputs(
         config,
