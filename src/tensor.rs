@@ -182,8 +182,8 @@ impl Tensor {
     }
 
     /// A zero-filled tensor.
-    pub fn zeros(shape: &[usize], dtype: DType) -> Self {
-        let n: usize = shape.iter().product();
+    pub fn zeros(shape: &[usize], dtype: DType) -> Result<Self> {
+        let n = checked_numel("tensor", shape)?;
         let data = match dtype {
             DType::F32 => TensorData::F32(vec![0.0; n]),
             DType::F16 => TensorData::F16(vec![f16::ZERO; n]),
@@ -191,10 +191,10 @@ impl Tensor {
             DType::I32 => TensorData::I32(vec![0; n]),
             DType::U32 => TensorData::U32(vec![0; n]),
         };
-        Tensor {
+        Ok(Tensor {
             shape: shape.to_vec(),
             data,
-        }
+        })
     }
 
     pub fn shape(&self) -> &[usize] {
@@ -426,6 +426,15 @@ mod tests {
             Err(Error::Shape { .. })
         ));
         assert!(Tensor::f32(&[0], vec![]).unwrap().reshape(&huge).is_err());
+    }
+
+    #[test]
+    fn zeros_refuses_an_overflowing_shape() {
+        assert!(matches!(
+            Tensor::zeros(&[1 << 40, 1 << 40], DType::F32),
+            Err(Error::Shape { .. })
+        ));
+        assert_eq!(Tensor::zeros(&[2, 3], DType::BF16).unwrap().numel(), 6);
     }
 
     #[test]

@@ -568,7 +568,7 @@ fn with_table(x: &AmlaInputs, edit: impl FnOnce(&mut Vec<i32>)) -> AmlaInputs {
 }
 
 fn bf16(shape: &[usize]) -> Tensor {
-    Tensor::zeros(shape, DType::BF16)
+    Tensor::zeros(shape, DType::BF16).unwrap()
 }
 
 #[test]
@@ -664,7 +664,7 @@ fn bad_shapes_and_dtypes_are_typed_errors() {
         Err(Error::Unsupported { .. })
     ));
     let int_q = AmlaInputs {
-        q: Tensor::zeros(&[2, 1, 4, 576], DType::I32),
+        q: Tensor::zeros(&[2, 1, 4, 576], DType::I32).unwrap(),
         ..x.clone()
     };
     assert!(matches!(run_host(&int_q), Err(Error::Unsupported { .. })));
@@ -711,7 +711,7 @@ fn bad_device_tensors_record_nothing_and_leave_the_output_alone() {
     let wrong_out = g.zeros(&[2, 1, 4, 576], DType::BF16).unwrap();
     let wrong_lse = g.zeros(&shape.lse_shape(), DType::F16).unwrap();
     let wrong_q = g
-        .upload(&Tensor::zeros(&[2, 1, 4, 576], DType::F16))
+        .upload(&Tensor::zeros(&[2, 1, 4, 576], DType::F16).unwrap())
         .unwrap();
     let wrong_kv = g.upload(&bf16(&[9, 16, 512])).unwrap();
     let attempts = [

@@ -787,7 +787,7 @@ fn bad_input_is_refused_and_dispatches_nothing() {
 
     // The host convenience refuses before uploading or compiling anything.
     let mut host_weights = layer.weights();
-    let odd_down = Tensor::zeros(&[256, h, 47], DType::BF16);
+    let odd_down = Tensor::zeros(&[256, h, 47], DType::BF16).unwrap();
     host_weights.down = &odd_down;
     assert!(matches!(
         moe::run(
@@ -800,7 +800,7 @@ fn bad_input_is_refused_and_dispatches_nothing() {
         ),
         Err(Error::Shape { .. })
     ));
-    let flat = Tensor::zeros(&[256 * h * 48], DType::BF16);
+    let flat = Tensor::zeros(&[256 * h * 48], DType::BF16).unwrap();
     host_weights.down = &flat;
     assert!(matches!(
         moe::run(

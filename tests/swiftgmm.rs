@@ -1074,7 +1074,8 @@ fn bad_inputs_return_typed_errors_and_dispatch_nothing() {
     assert!(matches!(err, Error::Unsupported { .. }), "{err}");
 
     // Weights whose k differs from x, or given in the other layout.
-    let wrong = ExpertWeights::upload(g, &Tensor::zeros(&[3, 48, 33], DType::BF16)).unwrap();
+    let wrong =
+        ExpertWeights::upload(g, &Tensor::zeros(&[3, 48, 33], DType::BF16).unwrap()).unwrap();
     let err = plan_error(
         g,
         &GmmArgs {
@@ -1090,7 +1091,8 @@ fn bad_inputs_return_typed_errors_and_dispatch_nothing() {
     };
     let err = plan_error(g, &args, &kn);
     assert!(matches!(err, Error::Shape { .. }), "{err}");
-    let four = ExpertWeights::upload(g, &Tensor::zeros(&[4, 48, 32], DType::BF16)).unwrap();
+    let four =
+        ExpertWeights::upload(g, &Tensor::zeros(&[4, 48, 32], DType::BF16).unwrap()).unwrap();
     let err = plan_error(
         g,
         &GmmArgs {
@@ -1102,7 +1104,7 @@ fn bad_inputs_return_typed_errors_and_dispatch_nothing() {
     assert!(matches!(err, Error::Shape { .. }), "{err}");
 
     // SwiGLU with odd n; output of the wrong shape; 16-bit output with an odd row.
-    let odd = ExpertWeights::upload(g, &Tensor::zeros(&[3, 47, 32], DType::BF16)).unwrap();
+    let odd = ExpertWeights::upload(g, &Tensor::zeros(&[3, 47, 32], DType::BF16).unwrap()).unwrap();
     let y_odd = g.zeros(&[m, 47], DType::F32).unwrap();
     let swiglu = Options {
         activation: Activation::SwiGlu,
