@@ -886,7 +886,9 @@ impl GmmPlan {
 
         let weights = args.weights;
         let shards = weights.shards().len();
-        let sched = gpu.storage_buffer("swiftgmm schedule", 3 * (p.experts as u64 + 1) * 4)?;
+        let sched_bytes = 3 * (p.experts as u64 + 1) * 4;
+        gpu.check_binding("swiftgmm schedule", sched_bytes)?;
+        let sched = gpu.storage_buffer("swiftgmm schedule", sched_bytes)?;
         let dispatch_args = gpu.checked(|| {
             gpu.device.create_buffer(&wgpu::BufferDescriptor {
                 label: Some("swiftgmm dispatch args"),
