@@ -224,6 +224,7 @@ fn info(json: bool, no_probes: bool) -> Result<ExitCode> {
     if json {
         let value = serde_json::json!({
             "environment": env,
+            "coop_fragment": gpu.caps.coop_fragment().map(|f| f.name()),
             "paths": paths,
             "roofline": roof,
         });
@@ -264,6 +265,16 @@ fn info(json: bool, no_probes: bool) -> Result<ExitCode> {
             "none".to_string()
         } else {
             coop.join(", ")
+        }
+    );
+    println!(
+        "fragment     {}",
+        match c.coop_fragment() {
+            Some(f) => format!(
+                "{} f16 x f16 -> f32 (the cooperative-matrix kernels' instantiation)",
+                f.name()
+            ),
+            None => "none: every operator runs its SIMT kernel".to_string(),
         }
     );
     println!(
