@@ -1,7 +1,7 @@
 //! Safetensors files in and out of `fusedops run`: tensors a user saved elsewhere (for example
 //! with PyTorch's `safetensors.torch.save_file`) become named host tensors.
 //!
-//! f32, f16, bf16, i32 and u32 load as they are; i64 and f64 (PyTorch's defaults for index and
+//! f32, f16, bf16, i32, u32 and i8 load as they are; i64 and f64 (PyTorch's defaults for index and
 //! double tensors) are narrowed to i32 and f32, with an error naming the tensor if an integer does
 //! not fit. Other dtypes are refused with the tensor's name.
 
@@ -53,6 +53,7 @@ fn convert(name: &str, view: &TensorView<'_>) -> std::result::Result<Tensor, Str
         Dtype::BF16 => direct(DType::BF16),
         Dtype::I32 => direct(DType::I32),
         Dtype::U32 => direct(DType::U32),
+        Dtype::I8 => direct(DType::I8),
         Dtype::I64 => {
             let values: std::result::Result<Vec<i32>, String> = data
                 .chunks_exact(8)
@@ -71,7 +72,7 @@ fn convert(name: &str, view: &TensorView<'_>) -> std::result::Result<Tensor, Str
             Tensor::f32(&shape, values).map_err(|e| e.to_string())
         }
         other => Err(format!(
-            "dtype {other:?} is not supported for {name:?} (use f32, f16, bf16, i32, u32, i64 or f64)"
+            "dtype {other:?} is not supported for {name:?} (use f32, f16, bf16, i32, u32, i8, i64 or f64)"
         )),
     }
 }
@@ -83,6 +84,7 @@ fn safetensors_dtype(dtype: DType) -> Dtype {
         DType::BF16 => Dtype::BF16,
         DType::I32 => Dtype::I32,
         DType::U32 => Dtype::U32,
+        DType::I8 => Dtype::I8,
     }
 }
 

@@ -1,7 +1,9 @@
 //! Host and device tensors: a shape, a dtype and the data.
 //!
 //! 16-bit floats are stored packed, two per 32-bit word, little-endian (element 2i in the low
-//! half), which is how the shaders read them (`array<u32>`, widened in the shader).
+//! half), which is how the shaders read them (`array<u32>`, widened in the shader). int8 is packed
+//! the same way, four per word (element 4i in the low byte), the operand format of WGSL's
+//! `dot4I8Packed` and `unpack4xI8`.
 
 use half::{bf16, f16};
 
@@ -16,12 +18,15 @@ pub enum DType {
     BF16,
     I32,
     U32,
+    /// Signed 8-bit integers (quantized weights and activations; see `ops::quantize`).
+    I8,
 }
 
 impl DType {
     /// Bytes per element.
     pub fn size(self) -> usize {
         match self {
+            DType::I8 => 1,
             DType::F16 | DType::BF16 => 2,
             DType::F32 | DType::I32 | DType::U32 => 4,
         }
@@ -40,6 +45,7 @@ impl DType {
             DType::BF16 => 2,
             DType::I32 => 3,
             DType::U32 => 4,
+            DType::I8 => 5,
         }
     }
 
@@ -51,6 +57,7 @@ impl DType {
             DType::BF16 => "bf16",
             DType::I32 => "i32",
             DType::U32 => "u32",
+            DType::I8 => "i8",
         }
     }
 
@@ -62,6 +69,7 @@ impl DType {
             DType::BF16 => bf16::from_f32(x).to_f32(),
             DType::I32 => x.round(),
             DType::U32 => x.round().max(0.0),
+            DType::I8 => x.round_ties_even().clamp(-128.0, 127.0),
         }
     }
 }
@@ -75,9 +83,10 @@ impl std::str::FromStr for DType {
             "bf16" | "bfloat16" => Ok(DType::BF16),
             "i32" | "int32" => Ok(DType::I32),
             "u32" | "uint32" => Ok(DType::U32),
+            "i8" | "int8" => Ok(DType::I8),
             _ => Err(Error::Format {
                 what: "dtype".into(),
-                why: format!("unknown dtype {s:?} (expected f32, f16, bf16, i32 or u32)"),
+                why: format!("unknown dtype {s:?} (expected f32, f16, bf16, i32, u32 or i8)"),
             }),
         }
     }
@@ -97,6 +106,7 @@ pub enum TensorData {
     BF16(Vec<bf16>),
     I32(Vec<i32>),
     U32(Vec<u32>),
+    I8(Vec<i8>),
 }
 
 impl TensorData {
@@ -107,6 +117,7 @@ impl TensorData {
             TensorData::BF16(v) => v.len(),
             TensorData::I32(v) => v.len(),
             TensorData::U32(v) => v.len(),
+            TensorData::I8(v) => v.len(),
         }
     }
 
@@ -121,6 +132,7 @@ impl TensorData {
             TensorData::BF16(_) => DType::BF16,
             TensorData::I32(_) => DType::I32,
             TensorData::U32(_) => DType::U32,
+            TensorData::I8(_) => DType::I8,
         }
     }
 }
@@ -156,10 +168,10 @@ impl Tensor {
             DType::F32 => TensorData::F32(values.to_vec()),
             DType::F16 => TensorData::F16(values.iter().map(|&x| f16::from_f32(x)).collect()),
             DType::BF16 => TensorData::BF16(values.iter().map(|&x| bf16::from_f32(x)).collect()),
-            DType::I32 | DType::U32 => {
+            DType::I32 | DType::U32 | DType::I8 => {
                 return Err(Error::unsupported(
                     "tensor",
-                    format!("from_f32 into {dtype}: build integer tensors with Tensor::i32/u32"),
+                    format!("from_f32 into {dtype}: build integer tensors with Tensor::i32/u32/i8"),
                 ));
             }
         };
@@ -181,6 +193,11 @@ impl Tensor {
         Tensor::new(shape, TensorData::U32(values))
     }
 
+    /// An i8 tensor.
+    pub fn i8(shape: &[usize], values: Vec<i8>) -> Result<Self> {
+        Tensor::new(shape, TensorData::I8(values))
+    }
+
     /// A zero-filled tensor.
     pub fn zeros(shape: &[usize], dtype: DType) -> Result<Self> {
         let n = checked_numel("tensor", shape)?;
@@ -190,6 +207,7 @@ impl Tensor {
             DType::BF16 => TensorData::BF16(vec![bf16::ZERO; n]),
             DType::I32 => TensorData::I32(vec![0; n]),
             DType::U32 => TensorData::U32(vec![0; n]),
+            DType::I8 => TensorData::I8(vec![0; n]),
         };
         Ok(Tensor {
             shape: shape.to_vec(),
@@ -226,6 +244,7 @@ impl Tensor {
             TensorData::BF16(v) => v.iter().map(|x| x.to_f32()).collect(),
             TensorData::I32(v) => v.iter().map(|&x| x as f32).collect(),
             TensorData::U32(v) => v.iter().map(|&x| x as f32).collect(),
+            TensorData::I8(v) => v.iter().map(|&x| x as f32).collect(),
         }
     }
 
@@ -237,6 +256,7 @@ impl Tensor {
             TensorData::BF16(v) => v.iter().map(|x| x.to_f64()).collect(),
             TensorData::I32(v) => v.iter().map(|&x| x as f64).collect(),
             TensorData::U32(v) => v.iter().map(|&x| x as f64).collect(),
+            TensorData::I8(v) => v.iter().map(|&x| x as f64).collect(),
         }
     }
 
@@ -252,6 +272,14 @@ impl Tensor {
     pub fn as_u32(&self) -> Option<&[u32]> {
         match &self.data {
             TensorData::U32(v) => Some(v),
+            _ => None,
+        }
+    }
+
+    /// The i8 elements, if this is an i8 tensor.
+    pub fn as_i8(&self) -> Option<&[i8]> {
+        match &self.data {
+            TensorData::I8(v) => Some(v),
             _ => None,
         }
     }
@@ -272,6 +300,7 @@ impl Tensor {
             TensorData::BF16(v) => bytemuck::cast_slice(v),
             TensorData::I32(v) => bytemuck::cast_slice(v),
             TensorData::U32(v) => bytemuck::cast_slice(v),
+            TensorData::I8(v) => bytemuck::cast_slice(v),
         }
     }
 
@@ -319,6 +348,7 @@ impl Tensor {
                     .map(|c| bf16::from_bits(u16::from_le_bytes([c[0], c[1]])))
                     .collect(),
             ),
+            DType::I8 => TensorData::I8(bytes.iter().map(|&b| b as i8).collect()),
         };
         Tensor::new(shape, data)
     }
@@ -409,6 +439,23 @@ mod tests {
                 assert_eq!(*a, dtype.round(b));
             }
         }
+    }
+
+    #[test]
+    fn int8_is_one_byte_per_element_packed_four_per_word() {
+        let t = Tensor::i8(&[5], vec![-128, -1, 0, 1, 127]).unwrap();
+        assert_eq!(t.size_bytes(), 5);
+        // Element 4i is the low byte of word i, as WGSL's unpack4xI8 reads it.
+        assert_eq!(t.bytes(), &[0x80, 0xff, 0x00, 0x01, 0x7f]);
+        let back = Tensor::from_bytes(&[5], DType::I8, t.bytes()).unwrap();
+        assert_eq!(back, t);
+        assert_eq!(back.to_f32(), vec![-128.0, -1.0, 0.0, 1.0, 127.0]);
+        assert_eq!(back.as_i8(), Some(&[-128i8, -1, 0, 1, 127][..]));
+        assert_eq!("int8".parse::<DType>().unwrap(), DType::I8);
+        assert!(!DType::I8.is_float());
+        assert_eq!(DType::I8.round(2.5), 2.0, "ties to even");
+        assert_eq!(DType::I8.round(-300.0), -128.0);
+        assert_eq!(Tensor::zeros(&[3], DType::I8).unwrap().bytes(), &[0, 0, 0]);
     }
 
     #[test]

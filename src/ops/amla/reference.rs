@@ -35,6 +35,7 @@ fn values_f64(t: &Tensor, start: usize, len: usize) -> Vec<f64> {
         TensorData::BF16(v) => v[r].iter().map(|x| x.to_f64()).collect(),
         TensorData::I32(v) => v[r].iter().map(|&x| x as f64).collect(),
         TensorData::U32(v) => v[r].iter().map(|&x| x as f64).collect(),
+        TensorData::I8(v) => v[r].iter().map(|&x| x as f64).collect(),
     }
 }
 
