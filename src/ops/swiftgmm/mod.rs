@@ -137,6 +137,15 @@ impl Mode {
             Mode::Gemm => 2,
         }
     }
+
+    /// Whether the GEMV and the GEMM path are recorded.
+    fn paths(self) -> (bool, bool) {
+        match self {
+            Mode::Auto => (true, true),
+            Mode::Gemv => (true, false),
+            Mode::Gemm => (false, true),
+        }
+    }
 }
 
 /// Where a plan's tile configuration comes from.
@@ -845,6 +854,116 @@ impl<'a> Validated<'a> {
     }
 }
 
+/// The mode a plan records: with the offsets on the host, the path no group takes is left out
+/// (and the scheduler made to agree); with a threshold of 0 no group takes the GEMV path.
+fn effective_mode(mode: Mode, host_offsets: Option<&[u32]>, threshold: u32) -> Mode {
+    match (mode, host_offsets) {
+        (Mode::Auto, Some(offsets)) => {
+            let rows = offsets.windows(2).map(|w| w[1] - w[0]).filter(|&r| r > 0);
+            let (mut small, mut large) = (false, false);
+            for r in rows {
+                if r <= threshold {
+                    small = true;
+                } else {
+                    large = true;
+                }
+            }
+            match (small, large) {
+                (true, false) => Mode::Gemv,
+                (false, true) => Mode::Gemm,
+                _ => Mode::Auto,
+            }
+        }
+        (Mode::Auto, None) if threshold == 0 => Mode::Gemm,
+        (mode, _) => mode,
+    }
+}
+
+/// Byte offsets of the GEMV and GEMM paths' (x, y, z) within a shard's dispatch arguments.
+const GEMV_ARGS: u64 = 0;
+const GEMM_ARGS: u64 = 12;
+
+/// The scheduling kernel of a plan (swiftgmm_schedule.wgsl) with the schedule and the indirect
+/// dispatch arguments it writes; shared by the 16-bit and the int8 plans.
+struct Scheduler {
+    pipeline: Arc<wgpu::ComputePipeline>,
+    bind: wgpu::BindGroup,
+    sched: wgpu::Buffer,
+    args: wgpu::Buffer,
+    experts: usize,
+}
+
+impl Scheduler {
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        gpu: &Gpu,
+        weights: &ExpertWeights,
+        groups: DeviceGroups,
+        (experts, m_total): (usize, usize),
+        config: &TileConfig,
+        mode: Mode,
+        (gemv_n_tiles, gemm_n_tiles): (u32, u32),
+        max_workgroups: Option<u32>,
+    ) -> Result<Self> {
+        let shards = weights.shards().len();
+        let sched_bytes = 3 * (experts as u64 + 1) * 4;
+        gpu.check_binding("swiftgmm schedule", sched_bytes)?;
+        let sched = gpu.storage_buffer("swiftgmm schedule", sched_bytes)?;
+        let args = gpu.checked(|| {
+            gpu.device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some("swiftgmm dispatch args"),
+                size: padded_size(ARGS_PER_SHARD * shards as u64),
+                usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::INDIRECT,
+                mapped_at_creation: false,
+            })
+        })?;
+        let mut bounds: Vec<u32> = weights.ranges().map(|(lo, _, _)| lo as u32).collect();
+        bounds.push(experts as u32);
+        let shard_bounds =
+            gpu.storage_buffer_with("swiftgmm shard bounds", bytemuck::cast_slice(&bounds))?;
+        let input = groups.tensor();
+        let params = gpu.uniform(&ScheduleParams {
+            experts: experts as u32,
+            m_total: m_total as u32,
+            counts: matches!(groups, DeviceGroups::Counts(_)) as u32,
+            signed_input: (input.dtype() == DType::I32) as u32,
+            gemv_n_tiles,
+            gemm_n_tiles,
+            shards: shards as u32,
+            max_workgroups: max_workgroups
+                .unwrap_or(u32::MAX)
+                .clamp(1, gpu.caps.max_workgroups_per_dim.min(65535)),
+        })?;
+        let pipeline = gpu.pipeline(
+            &SCHEDULE,
+            "schedule",
+            &[
+                ("THRESHOLD", config.threshold as f64),
+                ("GEMV_ROWS", config.gemv.rows as f64),
+                ("GEMM_TM", config.gemm.tm as f64),
+                ("MODE", mode.code() as f64),
+            ],
+        )?;
+        let bind = gpu.bind_group(
+            &pipeline,
+            &[
+                params.as_entire_binding(),
+                input.binding(),
+                shard_bounds.as_entire_binding(),
+                sched.as_entire_binding(),
+                args.as_entire_binding(),
+            ],
+        )?;
+        Ok(Scheduler {
+            pipeline,
+            bind,
+            sched,
+            args,
+            experts,
+        })
+    }
+}
+
 impl GmmPlan {
     /// Validate everything, choose the tiling and build the dispatches. Nothing is recorded or
     /// dispatched here; an error leaves every tensor untouched.
@@ -856,86 +975,19 @@ impl GmmPlan {
         let gemv_n_tiles = (p.n_out as u32).div_ceil(gemv_geo.out_cols);
         let gemm_n_tiles = prep.gemm_n_tiles();
 
-        // With the offsets on the host, leave out the path no group takes (and make the
-        // scheduler agree).
-        let mode = match (options.mode, args.host_offsets) {
-            (Mode::Auto, Some(offsets)) => {
-                let rows = offsets.windows(2).map(|w| w[1] - w[0]).filter(|&r| r > 0);
-                let (mut small, mut large) = (false, false);
-                for r in rows {
-                    if r <= config.threshold {
-                        small = true;
-                    } else {
-                        large = true;
-                    }
-                }
-                match (small, large) {
-                    (true, false) => Mode::Gemv,
-                    (false, true) => Mode::Gemm,
-                    _ => Mode::Auto,
-                }
-            }
-            (Mode::Auto, None) if config.threshold == 0 => Mode::Gemm,
-            (mode, _) => mode,
-        };
-        let (use_gemv, use_gemm) = match mode {
-            Mode::Auto => (true, true),
-            Mode::Gemv => (true, false),
-            Mode::Gemm => (false, true),
-        };
+        let mode = effective_mode(options.mode, args.host_offsets, config.threshold);
+        let scheduler = Scheduler::new(
+            gpu,
+            args.weights,
+            args.groups,
+            (p.experts, p.m_total),
+            &config,
+            mode,
+            (gemv_n_tiles, gemm_n_tiles),
+            options.max_workgroups,
+        )?;
 
         let weights = args.weights;
-        let shards = weights.shards().len();
-        let sched_bytes = 3 * (p.experts as u64 + 1) * 4;
-        gpu.check_binding("swiftgmm schedule", sched_bytes)?;
-        let sched = gpu.storage_buffer("swiftgmm schedule", sched_bytes)?;
-        let dispatch_args = gpu.checked(|| {
-            gpu.device.create_buffer(&wgpu::BufferDescriptor {
-                label: Some("swiftgmm dispatch args"),
-                size: padded_size(ARGS_PER_SHARD * shards as u64),
-                usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::INDIRECT,
-                mapped_at_creation: false,
-            })
-        })?;
-        let mut bounds: Vec<u32> = weights.ranges().map(|(lo, _, _)| lo as u32).collect();
-        bounds.push(p.experts as u32);
-        let shard_bounds =
-            gpu.storage_buffer_with("swiftgmm shard bounds", bytemuck::cast_slice(&bounds))?;
-        let groups = args.groups.tensor();
-        let schedule_params = gpu.uniform(&ScheduleParams {
-            experts: p.experts as u32,
-            m_total: p.m_total as u32,
-            counts: matches!(args.groups, DeviceGroups::Counts(_)) as u32,
-            signed_input: (groups.dtype() == DType::I32) as u32,
-            gemv_n_tiles,
-            gemm_n_tiles,
-            shards: shards as u32,
-            max_workgroups: options
-                .max_workgroups
-                .unwrap_or(u32::MAX)
-                .clamp(1, gpu.caps.max_workgroups_per_dim.min(65535)),
-        })?;
-        let schedule = gpu.pipeline(
-            &SCHEDULE,
-            "schedule",
-            &[
-                ("THRESHOLD", config.threshold as f64),
-                ("GEMV_ROWS", config.gemv.rows as f64),
-                ("GEMM_TM", config.gemm.tm as f64),
-                ("MODE", mode.code() as f64),
-            ],
-        )?;
-        let schedule_bind = gpu.bind_group(
-            &schedule,
-            &[
-                schedule_params.as_entire_binding(),
-                groups.binding(),
-                shard_bounds.as_entire_binding(),
-                sched.as_entire_binding(),
-                dispatch_args.as_entire_binding(),
-            ],
-        )?;
-
         let placeholder = Validated::placeholder(gpu)?;
         let scale = args
             .row_scale
@@ -952,7 +1004,7 @@ impl GmmPlan {
                             params.as_entire_binding(),
                             args.x.binding(),
                             shard.tensor.binding(),
-                            sched.as_entire_binding(),
+                            scheduler.sched.as_entire_binding(),
                             scale.clone(),
                             args.y.binding(),
                         ],
@@ -960,6 +1012,7 @@ impl GmmPlan {
                 })
                 .collect::<Result<Vec<_>>>()
         };
+        let (use_gemv, use_gemm) = mode.paths();
         let mut paths = Vec::new();
         if use_gemv {
             let g = &config.gemv;
@@ -982,7 +1035,7 @@ impl GmmPlan {
             paths.push(PathDispatch {
                 pipeline,
                 binds,
-                args_offset: 0,
+                args_offset: GEMV_ARGS,
             });
         }
         if use_gemm {
@@ -991,17 +1044,38 @@ impl GmmPlan {
             paths.push(PathDispatch {
                 pipeline,
                 binds,
-                args_offset: 12,
+                args_offset: GEMM_ARGS,
             });
         }
-        let path_names = match (use_gemv, use_gemm) {
+        Ok(GmmPlan::assemble(
+            scheduler,
+            paths,
+            mode,
+            "",
+            p.layout,
+            config,
+            weights.shards().len(),
+        ))
+    }
+
+    /// A plan from its scheduler and path dispatches; `kind` prefixes the variant (e.g. `w8a8 `).
+    fn assemble(
+        scheduler: Scheduler,
+        paths: Vec<PathDispatch>,
+        mode: Mode,
+        kind: &str,
+        layout: Layout,
+        config: TileConfig,
+        shards: usize,
+    ) -> Self {
+        let path_names = match mode.paths() {
             (true, true) => "gemv+gemm",
             (true, false) => "gemv",
             _ => "gemm",
         };
         let variant = format!(
-            "{path_names} {} [{}]{}",
-            p.layout.name(),
+            "{kind}{path_names} {} [{}]{}",
+            layout.name(),
             config.describe(),
             if shards > 1 {
                 format!(", {shards} weight shards")
@@ -1009,16 +1083,16 @@ impl GmmPlan {
                 String::new()
             }
         );
-        Ok(GmmPlan {
-            schedule,
-            schedule_bind,
+        GmmPlan {
+            schedule: scheduler.pipeline,
+            schedule_bind: scheduler.bind,
             paths,
-            args: dispatch_args,
-            sched,
-            experts: p.experts,
+            args: scheduler.args,
+            sched: scheduler.sched,
+            experts: scheduler.experts,
             config,
             variant,
-        })
+        }
     }
 
     /// Record the scheduler and the dispatches of each path into one compute pass.
