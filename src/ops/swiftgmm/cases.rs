@@ -3,13 +3,14 @@
 
 use half::{bf16, f16};
 
+use super::quant::{self, Quant, QuantGmmArgs, QuantInputs, QuantWeights, QuantX};
 use super::tiling::CacheLocation;
 use super::{
     Activation, DeviceGroups, ExpertWeights, GmmArgs, GmmPlan, Groups, Layout, Mode, Options,
     PerExpertBaseline, Tiling, reference, tolerance,
 };
 use crate::check::{Tolerance, compare};
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::gpu::{Gpu, Recorder};
 use crate::registry::{
     Case, CaseInfo, Checked, NamedTensors, Operator, Prepared, Scale, input, params_from_json,
@@ -83,6 +84,17 @@ pub(crate) fn hashed(shape: &[usize], dtype: DType, seed: u64, scale: f32) -> Re
     synthetic(shape, dtype, |i| hash_value(seed, i as u64) * scale)
 }
 
+/// Hashed int8 values in -127..=127.
+fn hashed_i8(shape: &[usize], seed: u64) -> Result<Tensor> {
+    let mut v = vec![0i8; shape.iter().product()];
+    fill_parallel(&mut v, |i| {
+        (hash_value(seed, i as u64) * 127.5)
+            .round()
+            .clamp(-127.0, 127.0) as i8
+    });
+    Tensor::i8(shape, v)
+}
+
 /// How many rows each expert gets.
 fn route(tokens: usize, topk: usize, experts: usize, moge: bool, seed: u64) -> Vec<u32> {
     let mut counts = vec![0u32; experts];
@@ -134,6 +146,8 @@ struct GmmCase {
     tokens: Option<usize>,
     mode: Mode,
     tiling: Tiling,
+    /// int8 weights with per-channel scales (and int8 x with per-row scales for W8A8).
+    quant: Option<Quant>,
 }
 
 /// Above this many multiply-adds the reference checks sampled rows only.
@@ -161,6 +175,21 @@ impl GmmCase {
             offsets.push(offsets.last().unwrap() + c);
         }
         offsets
+    }
+
+    /// The same case with int8 weights (its twin in the bench). The tuner measures the 16-bit
+    /// kernels only, so a tuned case's twin takes the defaults.
+    fn quantized(mut self, quant: Quant) -> Self {
+        self.name = format!("{} {}", self.name, quant.name());
+        self.quant = Some(quant);
+        self.w_dtype = DType::I8;
+        if quant == Quant::W8A8 {
+            self.x_dtype = DType::I8;
+        }
+        if self.tiling == Tiling::Tune {
+            self.tiling = Tiling::Defaults;
+        }
+        self
     }
 
     fn options(&self) -> Options {
@@ -227,6 +256,10 @@ impl Case for GmmCase {
                 "mode".to_string(),
                 format!("{:?}", self.mode).to_lowercase(),
             ),
+            (
+                "quant".to_string(),
+                self.quant.map_or("none", Quant::name).to_string(),
+            ),
         ];
         if let Some(t) = self.tokens {
             params.push(("t".to_string(), t.to_string()));
@@ -239,12 +272,21 @@ impl Case for GmmCase {
         }
     }
 
+    /// As stored: the weights of the experts that receive rows (int8: one byte each, plus their
+    /// f32 scales), the routed x rows (int8 rows plus their f32 scales for W8A8), y, the row
+    /// scale and the offsets.
     fn bytes(&self) -> u64 {
         let active = self.counts.iter().filter(|&&c| c > 0).count() as u64;
         let routed = self.routed() as u64;
         let (k, n) = (self.k as u64, self.n as u64);
+        let scales = match self.quant {
+            None => 0,
+            Some(Quant::W8A16) => active * n * 4,
+            Some(Quant::W8A8) => active * n * 4 + routed * 4,
+        };
         active * k * n * self.w_dtype.size() as u64
             + routed * k * self.x_dtype.size() as u64
+            + scales
             + routed * self.n_out() as u64 * self.out_dtype.size() as u64
             + if self.scale { routed * 4 } else { 0 }
             + (self.experts as u64 + 1) * 4
@@ -255,12 +297,12 @@ impl Case for GmmCase {
     }
 
     fn prepare<'g>(&self, gpu: &'g Gpu) -> Result<Box<dyn Prepared + 'g>> {
+        if let Some(quant) = self.quant {
+            return self.prepare_quantized(gpu, quant);
+        }
         let (m_total, k, n) = (self.m_total(), self.k, self.n);
         let routed_end = self.pad.0 + self.routed();
-        let seed = self
-            .name
-            .bytes()
-            .fold(7u64, |h, b| h.wrapping_mul(31) ^ b as u64);
+        let seed = self.seed();
         let x = synthetic(&[m_total, k], self.x_dtype, |i| {
             let row = i / k;
             if row < self.pad.0 || row >= routed_end {
@@ -310,13 +352,116 @@ impl Case for GmmCase {
         Ok(Box::new(GmmPrepared {
             gpu,
             plan,
-            baseline,
+            baseline: Some(baseline),
             y,
             rows,
             expected,
             n_out: self.n_out(),
             tolerance: tolerance(self.out_dtype),
-            _inputs: (x_dev, weights, offsets_dev, scale_dev),
+            _inputs: Box::new((x_dev, weights, offsets_dev, scale_dev)),
+        }))
+    }
+}
+
+impl GmmCase {
+    fn seed(&self) -> u64 {
+        self.name
+            .bytes()
+            .fold(7u64, |h, b| h.wrapping_mul(31) ^ b as u64)
+    }
+
+    /// int8 weights hashed in ±127 with scales that keep outputs O(1); for W8A16 a float x
+    /// (and an offset on `[e, k, n]` cases), for W8A8 the quantization of a float x. Padding
+    /// rows are NaN in a float x, and have a NaN scale in an int8 one, so a read of one shows.
+    fn prepare_quantized<'g>(&self, gpu: &'g Gpu, quant: Quant) -> Result<Box<dyn Prepared + 'g>> {
+        let (m_total, k, n, e) = (self.m_total(), self.k, self.n, self.experts);
+        let routed_end = self.pad.0 + self.routed();
+        let seed = self.seed();
+        let x_float = if quant == Quant::W8A8 {
+            DType::F32
+        } else {
+            self.x_dtype
+        };
+        let x = synthetic(&[m_total, k], x_float, |i| {
+            let row = i / k;
+            if row < self.pad.0 || row >= routed_end {
+                f32::NAN
+            } else {
+                hash_value(seed, i as u64)
+            }
+        })?;
+        let (x, x_scale) = match quant {
+            Quant::W8A16 => (x, None),
+            Quant::W8A8 => {
+                let q = crate::ops::quantize::reference::quantize(&x)?;
+                (q.q, Some(q.scale))
+            }
+        };
+        let w = hashed_i8(&self.layout.weight_shape(e, k, n), seed ^ 1)?;
+        let unit = 1.0 / (127.0 * (k as f32).sqrt());
+        let w_scale = synthetic(&[e, n], DType::F32, |i| {
+            unit * (1.0 + 0.5 * hash_value(seed ^ 3, i as u64))
+        })?;
+        let w_offset = (quant == Quant::W8A16 && self.layout == Layout::Kn)
+            .then(|| {
+                synthetic(&[e, n], DType::F32, |i| {
+                    (hash_value(seed ^ 4, i as u64) * 4.0).round()
+                })
+            })
+            .transpose()?;
+        let row_scale = if self.scale {
+            Some(synthetic(&[m_total], DType::F32, |i| {
+                0.5 + 0.5 * hash_value(seed ^ 2, i as u64)
+            })?)
+        } else {
+            None
+        };
+        let offsets = self.offsets();
+        let groups = Groups::Offsets(offsets.clone());
+        let inputs = QuantInputs {
+            x: &x,
+            x_scale: x_scale.as_ref(),
+            groups: &groups,
+            w: &w,
+            w_scale: &w_scale,
+            w_offset: w_offset.as_ref(),
+            row_scale: row_scale.as_ref(),
+        };
+        let rows = self.checked_rows();
+        let options = self.options();
+        let expected = quant::reference::grouped_matmul_rows(&inputs, &options, &rows)?;
+        let weights = QuantWeights::upload(gpu, &w, &w_scale, w_offset.as_ref())?;
+        drop(w);
+        let x_dev = gpu.upload(&x)?;
+        let x_scale_dev = x_scale.as_ref().map(|s| gpu.upload(s)).transpose()?;
+        let scale_dev = row_scale.as_ref().map(|s| gpu.upload(s)).transpose()?;
+        let offsets_dev = gpu.upload(&Tensor::u32(&[offsets.len()], offsets.clone())?)?;
+        let y = gpu.zeros(&[m_total, self.n_out()], self.out_dtype)?;
+        let plan = GmmPlan::new_quantized(
+            gpu,
+            &QuantGmmArgs {
+                x: match &x_scale_dev {
+                    Some(scale) => QuantX::Int8 { q: &x_dev, scale },
+                    None => QuantX::Float(&x_dev),
+                },
+                groups: DeviceGroups::Offsets(&offsets_dev),
+                weights: &weights,
+                row_scale: scale_dev.as_ref(),
+                y: &y,
+                host_offsets: Some(&offsets),
+            },
+            &options,
+        )?;
+        Ok(Box::new(GmmPrepared {
+            gpu,
+            plan,
+            baseline: None,
+            y,
+            rows,
+            expected,
+            n_out: self.n_out(),
+            tolerance: tolerance(self.out_dtype),
+            _inputs: Box::new((x_dev, x_scale_dev, weights, offsets_dev, scale_dev)),
         }))
     }
 }
@@ -324,19 +469,15 @@ impl Case for GmmCase {
 struct GmmPrepared<'g> {
     gpu: &'g Gpu,
     plan: GmmPlan,
-    baseline: PerExpertBaseline,
+    /// The per-expert baseline (16-bit and f32 weights only).
+    baseline: Option<PerExpertBaseline>,
     y: DeviceTensor,
     rows: Vec<usize>,
     expected: Vec<f64>,
     n_out: usize,
     tolerance: Tolerance,
     /// The inputs the plans' bind groups read.
-    _inputs: (
-        DeviceTensor,
-        ExpertWeights,
-        DeviceTensor,
-        Option<DeviceTensor>,
-    ),
+    _inputs: Box<dyn std::any::Any>,
 }
 
 impl Prepared for GmmPrepared<'_> {
@@ -368,14 +509,19 @@ impl Prepared for GmmPrepared<'_> {
     }
 
     fn baseline(&self) -> Option<String> {
-        Some(format!(
-            "per-expert gemm ({} dispatches)",
-            self.baseline.dispatches()
-        ))
+        self.baseline
+            .as_ref()
+            .map(|b| format!("per-expert gemm ({} dispatches)", b.dispatches()))
     }
 
     fn record_baseline(&self, rec: &mut Recorder) -> Result<()> {
-        self.baseline.record(rec)
+        match &self.baseline {
+            Some(b) => b.record(rec),
+            None => Err(Error::unsupported(
+                OP,
+                "a per-expert baseline for int8 weights",
+            )),
+        }
     }
 }
 
@@ -464,6 +610,7 @@ fn preset_case(
         tokens: Some(tokens),
         mode: Mode::Auto,
         tiling,
+        quant: None,
     }
 }
 
@@ -497,6 +644,7 @@ fn ci_case(
         tokens: None,
         mode: Mode::Auto,
         tiling: Tiling::Defaults,
+        quant: None,
     }
 }
 
@@ -554,6 +702,59 @@ fn ci_cases() -> Vec<GmmCase> {
             vec![0, 9, 2, 0],
             (1, 0),
         ),
+        ci_case(
+            "decode nk swiglu",
+            (8, 64, 48),
+            Layout::Nk,
+            SwiGlu,
+            (BF16, BF16, BF16),
+            false,
+            vec![2, 0, 1, 3, 0, 1, 2, 1],
+            (0, 0),
+        )
+        .quantized(Quant::W8A8),
+        ci_case(
+            "prefill kn f16 scale offset",
+            (3, 72, 40),
+            Layout::Kn,
+            Plain,
+            (F16, F16, F16),
+            true,
+            vec![40, 0, 33],
+            (0, 0),
+        )
+        .quantized(Quant::W8A16),
+        ci_case(
+            "kn unaligned k ragged padded",
+            (5, 36, 28),
+            Layout::Kn,
+            Plain,
+            (F32, F32, F32),
+            true,
+            vec![1, 12, 0, 5, 20],
+            (3, 2),
+        )
+        .quantized(Quant::W8A8),
+        ci_case(
+            "nk unaligned k swiglu scale",
+            (4, 44, 64),
+            Layout::Nk,
+            SwiGlu,
+            (BF16, BF16, F32),
+            true,
+            vec![3, 17, 1, 9],
+            (1, 0),
+        )
+        .quantized(Quant::W8A16),
+    ]
+}
+
+/// A case followed by its W8A16 and W8A8 twins (the same shape; bytes as stored).
+fn with_twins(case: GmmCase) -> [GmmCase; 3] {
+    [
+        case.clone(),
+        case.clone().quantized(Quant::W8A16),
+        case.quantized(Quant::W8A8),
     ]
 }
 
@@ -567,12 +768,16 @@ impl Operator for SwiftGmmOperator {
             Scale::Ci => ci_cases(),
             Scale::Full => {
                 let t = Tiling::Cached;
+                let pangu16 = preset_case(&PANGU, Proj::GateUp, 16, Layout::Nk, 1, t);
                 vec![
-                    preset_case(&PANGU, Proj::GateUp, 16, Layout::Nk, 1, t),
+                    pangu16.clone(),
+                    pangu16.clone().quantized(Quant::W8A16),
+                    pangu16.quantized(Quant::W8A8),
                     preset_case(&PANGU, Proj::GateUp, 256, Layout::Nk, 1, t),
                     preset_case(&PANGU, Proj::Down, 16, Layout::Nk, 1, t),
                     preset_case(&DEEPSEEK, Proj::GateUp, 16, Layout::Nk, 1, t),
                     preset_case(&DEEPSEEK, Proj::Down, 16, Layout::Nk, 1, t),
+                    preset_case(&DEEPSEEK, Proj::Down, 16, Layout::Nk, 1, t).quantized(Quant::W8A8),
                 ]
             }
             Scale::Bench => {
@@ -582,42 +787,43 @@ impl Operator for SwiftGmmOperator {
                 } else {
                     (1, &[16, 256, 4096])
                 };
+                // Each 16-bit case is followed by its W8A16 and W8A8 twins.
                 let mut cases = Vec::new();
                 for &tok in tokens {
-                    cases.push(preset_case(
+                    cases.extend(with_twins(preset_case(
                         &PANGU,
                         Proj::GateUp,
                         tok,
                         Layout::Nk,
                         shrink,
                         t,
-                    ));
+                    )));
                 }
-                cases.push(preset_case(
+                cases.extend(with_twins(preset_case(
                     &PANGU,
                     Proj::GateUp,
                     tokens[0],
                     Layout::Kn,
                     shrink,
                     t,
-                ));
+                )));
                 for &tok in tokens {
-                    cases.push(preset_case(
+                    cases.extend(with_twins(preset_case(
                         &DEEPSEEK,
                         Proj::GateUp,
                         tok,
                         Layout::Nk,
                         shrink,
                         t,
-                    ));
-                    cases.push(preset_case(
+                    )));
+                    cases.extend(with_twins(preset_case(
                         &DEEPSEEK,
                         Proj::Down,
                         tok,
                         Layout::Nk,
                         shrink,
                         t,
-                    ));
+                    )));
                 }
                 cases
             }
@@ -628,7 +834,7 @@ impl Operator for SwiftGmmOperator {
             .collect()
     }
 
-    fn paths(&self, _gpu: &Gpu) -> Vec<(String, String)> {
+    fn paths(&self, gpu: &Gpu) -> Vec<(String, String)> {
         vec![
             (
                 "schedule".into(),
@@ -643,6 +849,13 @@ impl Operator for SwiftGmmOperator {
                 "workgroup-memory tiles, f32 register blocks (plain WGSL; no cooperative matrices)"
                     .into(),
             ),
+            (
+                "w8a16".into(),
+                "int8 weights become q + offset (f32) in registers (gemv) or while staging (gemm), \
+                 f32 sums, the per-channel scale in the epilogue (plain WGSL)"
+                    .into(),
+            ),
+            ("w8a8".into(), quant::dot_product_path(gpu)),
             (
                 "tiling cache".into(),
                 match CacheLocation::from_env() {
@@ -661,14 +874,17 @@ impl Operator for SwiftGmmOperator {
         params: &serde_json::Value,
     ) -> Result<NamedTensors> {
         let named = NamedInputs::parse(inputs, params)?;
-        let y = super::run(
-            gpu,
-            named.x,
-            &named.groups,
-            named.w,
-            named.row_scale,
-            &named.options,
-        )?;
+        let y = match named.quantized()? {
+            Some(q) => quant::run(gpu, &q, &named.options)?,
+            None => super::run(
+                gpu,
+                named.x,
+                &named.groups,
+                named.w,
+                named.row_scale,
+                &named.options,
+            )?,
+        };
         Ok(NamedTensors::from([("y".to_string(), y)]))
     }
 
@@ -678,6 +894,12 @@ impl Operator for SwiftGmmOperator {
         params: &serde_json::Value,
     ) -> Result<NamedTensors> {
         let named = NamedInputs::parse(inputs, params)?;
+        if let Some(q) = named.quantized()? {
+            let (_, shape) = quant::output_shape(&q, &named.options)?;
+            let y = quant::reference::grouped_matmul(&q, &named.options)?;
+            let y = Tensor::f32(&shape, y.iter().map(|&v| v as f32).collect())?;
+            return Ok(NamedTensors::from([("y".to_string(), y)]));
+        }
         let (problem, offsets) = super::check_host(
             named.x,
             &named.groups,
@@ -727,12 +949,16 @@ struct RunParams {
     tiling: Tiling,
 }
 
-/// The named inputs of `fusedops run`: `x`, `w`, `offsets` or `counts`, optional `row_scale`.
+/// The named inputs of `fusedops run`: `x`, `w`, `offsets` or `counts`, optional `row_scale`;
+/// quantized: int8 `w` with `w_scale` (and `w_offset`), and for int8 `x` its `x_scale`.
 struct NamedInputs<'a> {
     x: &'a Tensor,
     w: &'a Tensor,
     groups: Groups,
     row_scale: Option<&'a Tensor>,
+    x_scale: Option<&'a Tensor>,
+    w_scale: Option<&'a Tensor>,
+    w_offset: Option<&'a Tensor>,
     options: Options,
 }
 
@@ -743,7 +969,7 @@ impl<'a> NamedInputs<'a> {
             (Some(o), None) => Groups::from_tensor(o, false)?,
             (None, Some(c)) => Groups::from_tensor(c, true)?,
             _ => {
-                return Err(crate::error::Error::invalid(
+                return Err(Error::invalid(
                     OP,
                     "inputs",
                     "give exactly one of \"offsets\" [e + 1] or \"counts\" [e]",
@@ -755,6 +981,9 @@ impl<'a> NamedInputs<'a> {
             w: input(OP, inputs, "w")?,
             groups,
             row_scale: inputs.get("row_scale"),
+            x_scale: inputs.get("x_scale"),
+            w_scale: inputs.get("w_scale"),
+            w_offset: inputs.get("w_offset"),
             options: Options {
                 layout: p.layout,
                 activation: p.activation,
@@ -764,6 +993,34 @@ impl<'a> NamedInputs<'a> {
                 max_workgroups: None,
             },
         })
+    }
+
+    /// The quantized inputs, when int8 weights or any scale of them is given (int8 x with
+    /// float weights goes to the float path, which names the mismatch).
+    fn quantized(&self) -> Result<Option<QuantInputs<'_>>> {
+        let quantized = self.w.dtype() == DType::I8
+            || self.w_scale.is_some()
+            || self.w_offset.is_some()
+            || self.x_scale.is_some();
+        if !quantized {
+            return Ok(None);
+        }
+        let Some(w_scale) = self.w_scale else {
+            return Err(Error::invalid(
+                OP,
+                "input tensor \"w_scale\"",
+                "missing: int8 w needs its per-output-channel scale [e, n] f32",
+            ));
+        };
+        Ok(Some(QuantInputs {
+            x: self.x,
+            x_scale: self.x_scale,
+            groups: &self.groups,
+            w: self.w,
+            w_scale,
+            w_offset: self.w_offset,
+            row_scale: self.row_scale,
+        }))
     }
 }
 

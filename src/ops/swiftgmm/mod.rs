@@ -43,6 +43,7 @@
 //! never an access outside x, y or the weights. Offsets given on the host are validated.
 
 mod cases;
+pub mod quant;
 pub mod reference;
 pub mod tiling;
 
@@ -352,7 +353,7 @@ impl ExpertWeights {
     /// Upload with shards of at most `max_shard_bytes` (padded) each.
     pub fn upload_split(gpu: &Gpu, w: &Tensor, max_shard_bytes: u64) -> Result<Self> {
         let (experts, dims) = weight_dims(w.shape())?;
-        check_weight_dtype(w.dtype())?;
+        check_stored_weight_dtype(w.dtype())?;
         let expert_bytes = (dims[0] * dims[1] * w.dtype().size()) as u64;
         let per_shard = experts_per_shard(expert_bytes, experts, max_shard_bytes)?;
         let bytes = w.bytes();
@@ -388,7 +389,7 @@ impl ExpertWeights {
         };
         let (_, dims) = weight_dims(first.shape())?;
         let dtype = first.dtype();
-        check_weight_dtype(dtype)?;
+        check_stored_weight_dtype(dtype)?;
         let mut shards = Vec::new();
         let mut experts = 0;
         for tensor in tensors {
@@ -452,8 +453,22 @@ fn weight_dims(shape: &[usize]) -> Result<(usize, [usize; 2])> {
     }
 }
 
+/// The 16-bit and f32 kernels take float weights; int8 weights need their scales
+/// ([`quant`]).
 fn check_weight_dtype(dtype: DType) -> Result<()> {
-    if dtype.is_float() {
+    match dtype {
+        _ if dtype.is_float() => Ok(()),
+        DType::I8 => Err(Error::unsupported(
+            OP,
+            "weights of dtype i8 without scales (int8 weights: swiftgmm::quant, W8A16 or W8A8)",
+        )),
+        _ => Err(Error::unsupported(OP, format!("weight dtype {dtype}"))),
+    }
+}
+
+/// What [`ExpertWeights`] holds: float weights, or int8 ones for [`quant`].
+fn check_stored_weight_dtype(dtype: DType) -> Result<()> {
+    if dtype.is_float() || dtype == DType::I8 {
         Ok(())
     } else {
         Err(Error::unsupported(OP, format!("weight dtype {dtype}")))
@@ -525,15 +540,34 @@ impl Problem {
         y: Option<Desc>,
         options: &Options,
     ) -> Result<Self> {
+        if !x.dtype.is_float() {
+            return Err(Error::unsupported(
+                OP,
+                format!(
+                    "x dtype {} (int8 x with int8 weights: swiftgmm::quant)",
+                    x.dtype
+                ),
+            ));
+        }
+        check_weight_dtype(weights.2)?;
+        Self::check_shapes(x, weights, groups, row_scale, y, options)
+    }
+
+    /// The shape checks of [`Problem::check`], whatever the dtypes of x and the weights (the
+    /// int8 plans check those themselves).
+    fn check_shapes(
+        x: Desc,
+        weights: (usize, [usize; 2], DType),
+        groups: (Desc, bool),
+        row_scale: Option<Desc>,
+        y: Option<Desc>,
+        options: &Options,
+    ) -> Result<Self> {
         let (m_total, k) = match *x.shape {
             [m, k] if k > 0 => (m, k),
             _ => return Err(Error::shape(OP, "x", x.shape, "[m_total, k] with k >= 1")),
         };
-        if !x.dtype.is_float() {
-            return Err(Error::unsupported(OP, format!("x dtype {}", x.dtype)));
-        }
         let (experts, dims, w_dtype) = weights;
-        check_weight_dtype(w_dtype)?;
         let (wk, n) = options.layout.k_n(dims);
         if wk != k {
             let expected = match options.layout {

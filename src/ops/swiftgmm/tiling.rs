@@ -108,7 +108,7 @@ impl KernelLimits {
         }
     }
 
-    fn check_workgroup(&self, what: &str, invocations: u32, bytes: u64) -> Result<()> {
+    pub(crate) fn check_workgroup(&self, what: &str, invocations: u32, bytes: u64) -> Result<()> {
         let max = self.max_invocations.min(self.max_workgroup_size_x);
         if invocations > max {
             return Err(Error::Limit {
