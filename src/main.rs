@@ -97,9 +97,10 @@ enum Command {
         rebuild: bool,
     },
     /// Plan an operator's tiling on an Ascend NPU: per-core buffers against UB/L1/L0 capacity,
-    /// alignment, core split and a roofline estimate (docs/ascend/README.md).
+    /// alignment, core split, tiling struct and key, pipeline and a roofline estimate
+    /// (docs/ascend/README.md).
     AscendPlan {
-        /// amla | swiftgmm | merrouter
+        /// amla | swiftgmm | merrouter | moe (the MoE layer's chain of kernels)
         op: String,
         /// 910B2 | 910B4 | 310P3
         #[arg(long)]
@@ -113,6 +114,15 @@ enum Command {
         /// Print JSON instead of tables.
         #[arg(long)]
         json: bool,
+        /// Print the C++ a CANN operator project starts from instead of tables: TilingData
+        /// structs filled with this plan's values, tiling keys, blockDim, workspace sizes and
+        /// op_host registrations.
+        #[arg(long, conflicts_with = "json")]
+        tiling_data: bool,
+        /// Also draw the kernels' pipeline timeline (MTE2, MTE1, M, FIX or CO1->CO2, V, MTE3)
+        /// to this SVG file.
+        #[arg(long, value_name = "FILE.svg")]
+        timeline: Option<PathBuf>,
     },
 }
 
@@ -193,9 +203,16 @@ fn run(cli: Cli) -> Result<ExitCode> {
             preset,
             shape,
             json,
+            tiling_data,
+            timeline,
         } => {
             let plan = fusedops::ascend::plan_command(&op, &chip, preset.as_deref(), &shape)?;
-            if json {
+            if let Some(path) = &timeline {
+                write_file(path, &plan.timeline_svg()?)?;
+            }
+            if tiling_data {
+                print!("{}", plan.tiling_data_cpp());
+            } else if json {
                 println!("{}", plan.to_json());
             } else {
                 print!("{}", plan.to_text());
