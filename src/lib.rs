@@ -37,5 +37,6 @@ pub mod registry;
 pub mod report;
 pub mod roofline;
 pub mod tensor;
+pub mod util;
 
 pub use error::{Error, Result};
