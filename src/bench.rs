@@ -3,7 +3,7 @@
 
 use crate::error::Result;
 use crate::gpu::{Capabilities, Clock, Gpu, Timing};
-use crate::registry::{Bound, Case, CaseInfo, Checked, Operator, Scale, operators};
+use crate::registry::{Bound, Case, CaseInfo, Checked, Operator};
 use crate::roofline::Roofline;
 
 /// Which cases to run.
@@ -16,11 +16,11 @@ pub struct Filter {
 }
 
 impl Filter {
-    fn accepts_op(&self, op: &dyn Operator) -> bool {
+    pub fn accepts_op(&self, op: &dyn Operator) -> bool {
         self.op.as_deref().is_none_or(|o| o == op.name())
     }
 
-    fn accepts(&self, info: &CaseInfo) -> bool {
+    pub fn accepts(&self, info: &CaseInfo) -> bool {
         self.preset.as_deref().is_none_or(|p| p == info.preset) && info.matches(&self.params)
     }
 }
@@ -31,16 +31,6 @@ pub fn parse_key_value(s: &str) -> std::result::Result<(String, String), String>
         .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
         .filter(|(k, _)| !k.is_empty())
         .ok_or_else(|| format!("expected key=value, got {s:?}"))
-}
-
-/// The registered cases that pass the filter, with their operator.
-pub fn selected_cases(gpu: &Gpu, scale: Scale, filter: &Filter) -> Vec<Box<dyn Case>> {
-    operators()
-        .into_iter()
-        .filter(|op| filter.accepts_op(*op))
-        .flat_map(|op| op.cases(scale, gpu))
-        .filter(|case| filter.accepts(&case.info()))
-        .collect()
 }
 
 /// Outcome of checking one case.

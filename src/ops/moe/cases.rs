@@ -23,7 +23,7 @@ use crate::registry::{
 use crate::tensor::{DType, DeviceTensor, Tensor, padded_size};
 use crate::util::{fill_parallel, mix, synthetic, unit};
 
-/// The operator, as registered in [`crate::registry::operators`].
+/// The operator, as registered in [`crate::suite::operators`].
 pub struct MoeOperator;
 
 pub static OPERATOR: MoeOperator = MoeOperator;

@@ -20,7 +20,7 @@ const OP: &str = "swiftgmm";
 /// The registered operator.
 pub struct SwiftGmmOperator;
 
-/// The instance in `registry::operators()`.
+/// The instance in [`crate::suite::operators`].
 pub static OPERATOR: SwiftGmmOperator = SwiftGmmOperator;
 
 /// How many rows each expert gets.
