@@ -168,7 +168,7 @@ impl HashedExperts {
                     continue;
                 };
                 let offset = (e - first) as u64 * slab;
-                gpu.checked(|| gpu.queue.write_buffer(&shard.buffer, offset, data))?;
+                gpu.checked(|| gpu.queue.write_buffer(shard.buffer(), offset, data))?;
                 pending += slab;
                 if pending >= FLUSH_BYTES {
                     gpu.queue.submit(std::iter::empty());
