@@ -9,9 +9,10 @@ use fusedops::bench::{self, BenchSettings, Environment, Filter, parse_key_value}
 use fusedops::check::compare;
 use fusedops::error::{Error, Result};
 use fusedops::gpu::Gpu;
-use fusedops::registry::{Operator, Scale, operators};
+use fusedops::registry::{Operator, Scale};
 use fusedops::report::{self, BenchReport, probe_lines};
 use fusedops::roofline::{self, ProbeSizes};
+use fusedops::suite::{self, operators};
 
 #[derive(Parser)]
 #[command(
@@ -314,7 +315,7 @@ fn check(full: bool, filter: &Filter) -> Result<ExitCode> {
         return Ok(no_operators());
     }
     let scale = if full { Scale::Full } else { Scale::Ci };
-    let cases = bench::selected_cases(&gpu, scale, filter);
+    let cases = suite::selected_cases(&gpu, scale, filter);
     if cases.is_empty() {
         println!("no case matches the filter");
         return Ok(ExitCode::FAILURE);
@@ -380,7 +381,7 @@ fn bench_cmd(filter: &Filter, settings: BenchSettings, outputs: &BenchOutputs) -
     let roof = roofline::measure(&gpu, &ProbeSizes::for_gpu(&gpu))?;
     println!("roofline ({} UTC):", env.date_utc);
     print!("{}", probe_lines(&roof));
-    let cases = bench::selected_cases(&gpu, Scale::Bench, filter);
+    let cases = suite::selected_cases(&gpu, Scale::Bench, filter);
     if cases.is_empty() {
         println!("no case matches the filter");
         return Ok(ExitCode::FAILURE);
