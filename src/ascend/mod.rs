@@ -42,8 +42,8 @@ pub mod timeline;
 
 use serde::Serialize;
 
-use crate::bench::text_table;
 use crate::error::{Error, Result};
+use crate::util::text_table;
 use chips::ChipSpec;
 use plan::{Bound, Buffer, Correspondence, Kernel, MemoryUse, Roofline, Stage, StartPoint};
 
