@@ -16,6 +16,7 @@ use half::{bf16, f16};
 use crate::error::{Error, Result};
 use crate::gpu::{Gpu, Kernel, grid};
 use crate::tensor::{DType, DeviceTensor, Tensor, TensorData, padded_size};
+use crate::util::fill_parallel;
 
 const FILL: Kernel = Kernel {
     name: "seeded_fill",
@@ -78,19 +79,40 @@ impl Seeded {
 
     /// Element `i` of slab `slab`, as the kernel computes it.
     pub fn value(&self, slab: u32, i: u32) -> f32 {
-        let h = lowbias32(i ^ lowbias32(slab ^ lowbias32(self.seed)));
-        ((h >> 23) as i32 - 256) as f32 * self.scale()
+        self.level(self.slab_key(slab), i)
     }
 
-    /// Slab `slab` on the host: `dims` (whose product is the slab length) in `dtype`.
+    fn slab_key(&self, slab: u32) -> u32 {
+        lowbias32(slab ^ lowbias32(self.seed))
+    }
+
+    fn level(&self, slab_key: u32, i: u32) -> f32 {
+        ((lowbias32(i ^ slab_key) >> 23) as i32 - 256) as f32 * self.scale()
+    }
+
+    /// Slab `slab` on the host: `dims` (whose product is the slab length) in `dtype`, made on
+    /// every core.
     pub fn slab(&self, slab: usize, dims: &[usize], dtype: DType) -> Result<Tensor> {
         let len: usize = dims.iter().product();
         let (slab, _) = self.check(slab, len, 1)?;
-        let value = |i: usize| self.value(slab, i as u32);
+        let key = self.slab_key(slab);
+        let value = |i: usize| self.level(key, i as u32);
         let data = match dtype {
-            DType::F32 => TensorData::F32((0..len).map(value).collect()),
-            DType::F16 => TensorData::F16((0..len).map(|i| f16::from_f32(value(i))).collect()),
-            DType::BF16 => TensorData::BF16((0..len).map(|i| bf16::from_f32(value(i))).collect()),
+            DType::F32 => {
+                let mut v = vec![0.0; len];
+                fill_parallel(&mut v, value);
+                TensorData::F32(v)
+            }
+            DType::F16 => {
+                let mut v = vec![f16::ZERO; len];
+                fill_parallel(&mut v, |i| f16::from_f32(value(i)));
+                TensorData::F16(v)
+            }
+            DType::BF16 => {
+                let mut v = vec![bf16::ZERO; len];
+                fill_parallel(&mut v, |i| bf16::from_f32(value(i)));
+                TensorData::BF16(v)
+            }
             other => return Err(Error::unsupported("seeded inputs", format!("{other}"))),
         };
         Tensor::new(dims, data)
