@@ -113,9 +113,10 @@ enum Command {
         rebuild: bool,
     },
     /// Plan an operator's tiling on an Ascend NPU: per-core buffers against UB/L1/L0 capacity,
-    /// alignment, core split and a roofline estimate (docs/ascend/README.md).
+    /// alignment, core split, tiling struct and key, pipeline and a roofline estimate
+    /// (docs/ascend/README.md).
     AscendPlan {
-        /// amla | swiftgmm | merrouter
+        /// amla | swiftgmm | merrouter | moe (the MoE layer's chain of kernels)
         op: String,
         /// 910B2 | 910B4 | 310P3
         #[arg(long)]
@@ -129,6 +130,15 @@ enum Command {
         /// Print JSON instead of tables.
         #[arg(long)]
         json: bool,
+        /// Print the C++ a CANN operator project starts from instead of tables: TilingData
+        /// structs filled with this plan's values, tiling keys, blockDim, workspace sizes and
+        /// op_host registrations.
+        #[arg(long, conflicts_with = "json")]
+        tiling_data: bool,
+        /// Also draw the kernels' pipeline timeline (MTE2, MTE1, M, FIX or CO1->CO2, V, MTE3)
+        /// to this SVG file.
+        #[arg(long, value_name = "FILE.svg")]
+        timeline: Option<PathBuf>,
     },
 }
 
@@ -219,9 +229,16 @@ fn run(cli: Cli) -> Result<ExitCode> {
             preset,
             shape,
             json,
+            tiling_data,
+            timeline,
         } => {
             let plan = fusedops::ascend::plan_command(&op, &chip, preset.as_deref(), &shape)?;
-            if json {
+            if let Some(path) = &timeline {
+                write_file(path, &plan.timeline_svg()?)?;
+            }
+            if tiling_data {
+                print!("{}", plan.tiling_data_cpp());
+            } else if json {
                 println!("{}", plan.to_json());
             } else {
                 print!("{}", plan.to_text());
@@ -250,6 +267,7 @@ fn info(json: bool, no_probes: bool) -> Result<ExitCode> {
     if json {
         let value = serde_json::json!({
             "environment": env,
+            "coop_fragment": gpu.caps.coop_fragment().map(|f| f.name()),
             "paths": paths,
             "roofline": roof,
         });
@@ -290,6 +308,16 @@ fn info(json: bool, no_probes: bool) -> Result<ExitCode> {
             "none".to_string()
         } else {
             coop.join(", ")
+        }
+    );
+    println!(
+        "fragment     {}",
+        match c.coop_fragment() {
+            Some(f) => format!(
+                "{} f16 x f16 -> f32 (the cooperative-matrix kernels' instantiation)",
+                f.name()
+            ),
+            None => "none: every operator runs its SIMT kernel".to_string(),
         }
     );
     println!(

@@ -549,12 +549,12 @@ impl AmlaHost {
                 let last = table[seq * width + pages - 1] as usize;
                 let offset = (last * sh.page_size + sh.page_size - tail) * row_bytes;
                 let bytes = &nan.bytes()[..tail * row_bytes];
-                gpu.checked(|| gpu.queue.write_buffer(&kv.buffer, offset as u64, bytes))?;
+                gpu.checked(|| gpu.queue.write_buffer(kv.buffer(), offset as u64, bytes))?;
             }
         }
         for page in (0..sh.num_blocks).filter(|&p| !used[p]) {
             let offset = (page * page_len * sh.kv_dtype.size()) as u64;
-            gpu.checked(|| gpu.queue.write_buffer(&kv.buffer, offset, nan.bytes()))?;
+            gpu.checked(|| gpu.queue.write_buffer(kv.buffer(), offset, nan.bytes()))?;
         }
         gpu.queue.submit(std::iter::empty());
         gpu.wait()?;

@@ -113,7 +113,7 @@ impl SeededExperts {
                 let offset = (e - shard.first_expert) as u64 * slab;
                 gpu.checked(|| {
                     gpu.queue
-                        .write_buffer(&shard.tensor.buffer, offset, nan.bytes())
+                        .write_buffer(shard.tensor.buffer(), offset, nan.bytes())
                 })?;
             }
         }

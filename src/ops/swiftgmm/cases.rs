@@ -346,7 +346,7 @@ impl GmmHost {
                 let nan = vec![f32::NAN; rows.len() * k];
                 gpu.checked(|| {
                     gpu.queue.write_buffer(
-                        &x_dev.buffer,
+                        x_dev.buffer(),
                         (rows.start * k * 4) as u64,
                         bytemuck::cast_slice(&nan),
                     )
@@ -885,7 +885,7 @@ mod tests {
         let corrupt = |row: usize| {
             let bytes = (row * case.n_out() * 4) as u64;
             gpu.queue
-                .write_buffer(&prepared.y.buffer, bytes + 8, bytemuck::bytes_of(&1e3f32));
+                .write_buffer(prepared.y.buffer(), bytes + 8, bytemuck::bytes_of(&1e3f32));
             gpu.queue.submit(std::iter::empty());
         };
         corrupt(unsampled);
