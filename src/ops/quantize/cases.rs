@@ -2,31 +2,22 @@
 //! and rows built to hit the corners: ties, saturation, zero, NaN and ±inf rows, subnormal
 //! scales) and the named-tensor interface of `fusedops run`.
 
-use super::{OP, QuantizePlan, check_input, reference, workgroup};
+use super::{OP, QuantizePlan, Quantized, check_input, reference, workgroup};
 use crate::check::{Tolerance, compare};
 use crate::error::Result;
 use crate::gpu::{Gpu, Recorder};
 use crate::registry::{
-    Case, CaseInfo, Checked, NamedTensors, Operator, Prepared, Scale, input, params_from_json,
+    Case, CaseInfo, Checked, Coverage, HostPrepared, NamedTensors, Operator, Prepared, Scale,
+    Target, input, params_from_json,
 };
 use crate::tensor::{DType, DeviceTensor, Tensor};
+use crate::util::unit;
 
 /// The registered operator.
 pub struct QuantizeOperator;
 
-/// The instance in `registry::operators()`.
+/// The instance in [`crate::suite::operators`].
 pub static OPERATOR: QuantizeOperator = QuantizeOperator;
-
-/// A deterministic value in [-1, 1) (splitmix64 of seed and index).
-fn hash_value(seed: u64, i: u64) -> f32 {
-    let mut z = seed
-        .wrapping_mul(0xd1b5_4a32_d192_ed03)
-        .wrapping_add(i.wrapping_mul(0x9e37_79b9_7f4a_7c15));
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^= z >> 31;
-    (z >> 40) as f32 / (1u64 << 23) as f32 - 1.0
-}
 
 /// Rows of `k` values that hit the corners of the definition, each exact in `dtype`:
 /// ties at scale 1 (amax 127), an all-zero row, NaN, +inf and −inf rows, a row near the largest
@@ -119,7 +110,7 @@ impl QuantCase {
                     // Row magnitudes spread over decades, as activations are.
                     let row_scale = 2f32.powi((r % 9) as i32 - 4);
                     values.extend(
-                        (0..self.k).map(|i| hash_value(seed, (r * self.k + i) as u64) * row_scale),
+                        (0..self.k).map(|i| unit(seed, (r * self.k + i) as u64) * row_scale),
                     );
                 }
             }
@@ -153,22 +144,40 @@ impl Case for QuantCase {
         (self.rows * self.k) as u64
     }
 
-    fn prepare<'g>(&self, gpu: &'g Gpu) -> Result<Box<dyn Prepared + 'g>> {
+    fn host(&self, _target: &Target) -> Result<Box<dyn HostPrepared>> {
         let x = self.input()?;
         let expected = reference::quantize(&x)?;
-        let x_dev = gpu.upload(&x)?;
-        let q = gpu.zeros(&[self.rows, self.k], DType::I8)?;
-        let scale = gpu.zeros(&[self.rows], DType::F32)?;
+        Ok(Box::new(QuantHost { x, expected }))
+    }
+}
+
+/// A case's input and its reference.
+struct QuantHost {
+    x: Tensor,
+    expected: Quantized,
+}
+
+impl HostPrepared for QuantHost {
+    fn upload<'g>(&self, gpu: &'g Gpu) -> Result<Box<dyn Prepared + 'g>> {
+        let shape = self.x.shape();
+        let x_dev = gpu.upload(&self.x)?;
+        let q = gpu.zeros(shape, DType::I8)?;
+        let scale = gpu.zeros(&shape[..1], DType::F32)?;
         let plan = QuantizePlan::new(gpu, &x_dev, &q, &scale)?;
         Ok(Box::new(QuantPrepared {
             gpu,
             plan,
             q,
             scale,
-            expected,
+            expected: self.expected.clone(),
             wg: workgroup(gpu),
             _x: x_dev,
         }))
+    }
+
+    fn coverage(&self) -> Coverage {
+        let rows = self.x.shape()[0];
+        Coverage::new(rows, rows, "rows")
     }
 }
 
@@ -177,7 +186,7 @@ struct QuantPrepared<'g> {
     plan: QuantizePlan,
     q: DeviceTensor,
     scale: DeviceTensor,
-    expected: super::Quantized,
+    expected: Quantized,
     wg: u32,
     _x: DeviceTensor,
 }
@@ -255,37 +264,42 @@ impl Operator for QuantizeOperator {
                 case("pangu-pro-moe t=256", "pangu-pro-moe", 256, 5120, BF16),
                 case("deepseek-v3 t=4096", "deepseek-v3", 4096, 7168, BF16),
             ],
-            Scale::Bench => {
-                let (shrink, tokens): (usize, &[usize]) = if gpu.is_cpu() {
-                    (8, &[16, 256])
-                } else {
-                    (1, &[16, 256, 4096])
-                };
-                tokens
-                    .iter()
-                    .flat_map(|&t| {
-                        [
-                            case(
-                                &format!("pangu-pro-moe hidden t={t}"),
-                                "pangu-pro-moe",
-                                t,
-                                5120 / shrink,
-                                BF16,
-                            ),
-                            case(
-                                &format!("deepseek-v3 hidden t={t}"),
-                                "deepseek-v3",
-                                t,
-                                7168 / shrink,
-                                BF16,
-                            ),
-                        ]
-                    })
-                    .collect()
-            }
+            Scale::Bench => return self.headline(!gpu.is_cpu()),
         };
         cases
             .into_iter()
+            .map(|c| Box::new(c) as Box<dyn Case>)
+            .collect()
+    }
+
+    /// The activations of the MoE presets at 16 and 4096 tokens (a CPU adapter: 1/8 of the
+    /// hidden size, 16 and 256 tokens).
+    fn headline(&self, full: bool) -> Vec<Box<dyn Case>> {
+        let (shrink, tokens): (usize, &[usize]) = if full {
+            (1, &[16, 4096])
+        } else {
+            (8, &[16, 256])
+        };
+        tokens
+            .iter()
+            .flat_map(|&t| {
+                [
+                    case(
+                        &format!("pangu-pro-moe hidden t={t}"),
+                        "pangu-pro-moe",
+                        t,
+                        5120 / shrink,
+                        DType::BF16,
+                    ),
+                    case(
+                        &format!("deepseek-v3 hidden t={t}"),
+                        "deepseek-v3",
+                        t,
+                        7168 / shrink,
+                        DType::BF16,
+                    ),
+                ]
+            })
             .map(|c| Box::new(c) as Box<dyn Case>)
             .collect()
     }

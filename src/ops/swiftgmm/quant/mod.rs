@@ -549,13 +549,13 @@ impl GmmPlan {
             check_offsets(offsets, p.experts, p.m_total)?;
         }
         let bound = [
-            ("x", Some(&x.buffer)),
-            ("x_scale", x_scale.map(|s| &s.buffer)),
-            ("y", Some(&args.y.buffer)),
-            ("group offsets", Some(&groups.buffer)),
-            ("row_scale", args.row_scale.map(|s| &s.buffer)),
-            ("w_scale", Some(&w.scale.buffer)),
-            ("w_offset", w.offset.as_ref().map(|o| &o.buffer)),
+            ("x", Some(x.buffer())),
+            ("x_scale", x_scale.map(|s| s.buffer())),
+            ("y", Some(args.y.buffer())),
+            ("group offsets", Some(groups.buffer())),
+            ("row_scale", args.row_scale.map(|s| s.buffer())),
+            ("w_scale", Some(w.scale.buffer())),
+            ("w_offset", w.offset.as_ref().map(|o| o.buffer())),
         ];
         for (what, buffer) in bound {
             if let Some(buffer) = buffer {
@@ -563,7 +563,7 @@ impl GmmPlan {
             }
         }
         for shard in w.weights.shards() {
-            check_binding(gpu, "weight shard", &shard.tensor.buffer)?;
+            check_binding(gpu, "weight shard", shard.tensor.buffer())?;
         }
         let routed = match args.host_offsets {
             Some(o) => (o[p.experts] - o[0]) as usize,
