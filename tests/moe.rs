@@ -339,7 +339,7 @@ fn padded_dispatch_rows_are_zero() {
     };
     assert_matches(&got, &want, layer.tolerance(DType::BF16), "block 16");
 
-    let rows = config.rows(t);
+    let rows = config.rows(t).unwrap();
     assert_eq!(rows, t * 8 + 256 * 15);
     let slots = want.layout.sorted_slots.clone();
     let x = g.download_f32(&moe.intermediates().x_sorted).unwrap();

@@ -242,7 +242,7 @@ impl RouterCase {
         }
     }
 
-    fn rows(&self) -> usize {
+    fn rows(&self) -> Result<usize> {
         let c = &self.config;
         reference::row_capacity(self.tokens, c.top_k, c.experts, c.block_size)
     }
@@ -407,7 +407,8 @@ impl Case for RouterCase {
                     Some((h, dtype)) => (t * h as u64 + h as u64 * e) * dtype.size() as u64,
                 };
                 let extras = 4 * e * (self.bias as u64 + self.router_scale as u64);
-                let rows = self.rows() as u64;
+                // A case whose rows do not fit fails in prepare(); its size does not matter.
+                let rows = self.rows().unwrap_or(0) as u64;
                 let row_blocks = rows.div_ceil(c.block_size as u64);
                 let layout = 4 * (e + e + 1 + rows + t * k + row_blocks + c.groups as u64 + 1);
                 scores + extras + 2 * 4 * t * k + layout
@@ -463,7 +464,7 @@ impl Case for RouterCase {
             }
             Stage::Combine { cols, dtype } => {
                 let (t, k) = (self.tokens, self.config.top_k);
-                let rows = self.rows();
+                let rows = self.rows()?;
                 let mut rng = SplitMix(self.seed ^ 0xc0b1);
                 // Padding rows hold NaN: a read of one would poison the output.
                 let mut y = vec![f32::NAN; rows * cols];
