@@ -70,7 +70,7 @@ pub fn row_capacity(
 ) -> Result<usize> {
     let slots = product("slots (t x k)", tokens, top_k)?;
     let padding = product("padding rows", slots.min(experts), block_size.max(1) - 1)?;
-    let rows = slots.checked_add(padding).unwrap_or(usize::MAX);
+    let rows = slots.saturating_add(padding);
     if rows > i32::MAX as usize {
         return Err(Error::Limit {
             what: format!(
