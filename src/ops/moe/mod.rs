@@ -387,7 +387,7 @@ fn check_layer<T: Shaped>(
             OP,
             "hidden",
             hidden.shape(),
-            format!("[t >= 1, {h}] (the config's hidden size)"),
+            format!("[t, {h}] (the config's hidden size)"),
         ));
     }
     let act = hidden.dtype();

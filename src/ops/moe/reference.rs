@@ -246,6 +246,9 @@ pub fn token_outputs(
     check_token_inputs(config, hidden, routing, experts, out_dtype)?;
     let (h, k, e) = (config.hidden, config.router.top_k, config.router.experts);
     let x = select_rows(hidden, tokens)?;
+    if tokens.is_empty() {
+        return Ok(Vec::new());
+    }
     let mut out = vec![0.0; tokens.len() * h];
     // Expert by expert, so that each expert's weights are made and widened once.
     for expert in 0..e {
