@@ -9,6 +9,7 @@ use fusedops::bench::{self, BenchSettings, Environment, Filter, parse_key_value}
 use fusedops::check::compare;
 use fusedops::error::{Error, Result};
 use fusedops::gpu::Gpu;
+use fusedops::io::OutputFile;
 use fusedops::registry::{Operator, Scale, operators};
 use fusedops::report::{self, BenchReport, probe_lines};
 use fusedops::roofline::{self, ProbeSizes};
@@ -343,14 +344,27 @@ struct BenchOutputs {
     svg: Option<PathBuf>,
 }
 
-fn write_file(path: &Path, contents: &str) -> Result<()> {
-    std::fs::write(path, contents).map_err(|source| Error::Io {
-        path: path.display().to_string(),
-        source,
-    })
+/// The report files, checked writable before anything runs (see [`OutputFile`]).
+fn report_files(outputs: &BenchOutputs) -> Result<(Option<OutputFile>, Option<OutputFile>)> {
+    if let (Some(json), Some(svg)) = (&outputs.json, &outputs.svg) {
+        if fusedops::io::same_file(json, svg) {
+            return Err(Error::Format {
+                what: "--json and --svg".into(),
+                why: format!("both name {}; give two files", json.display()),
+            });
+        }
+    }
+    let json = outputs
+        .json
+        .as_deref()
+        .map(OutputFile::create)
+        .transpose()?;
+    let svg = outputs.svg.as_deref().map(OutputFile::create).transpose()?;
+    Ok((json, svg))
 }
 
 fn bench_cmd(filter: &Filter, settings: BenchSettings, outputs: &BenchOutputs) -> Result<ExitCode> {
+    let (json_file, svg_file) = report_files(outputs)?;
     let gpu = Gpu::new()?;
     if operators().is_empty() {
         return Ok(no_operators());
@@ -392,11 +406,11 @@ fn bench_cmd(filter: &Filter, settings: BenchSettings, outputs: &BenchOutputs) -
     } else {
         print!("{}", report::text(&report));
     }
-    if let Some(path) = &outputs.json {
-        write_file(path, &report.to_json())?;
+    if let Some(file) = json_file {
+        file.commit(report.to_json().as_bytes())?;
     }
-    if let Some(path) = &outputs.svg {
-        write_file(path, &report::roofline_svg(&report)?)?;
+    if let Some(file) = svg_file {
+        file.commit(report::roofline_svg(&report)?.as_bytes())?;
     }
     let failed = report.failures();
     if failed > 0 {
@@ -437,16 +451,25 @@ fn run_cmd(
                 })?,
                 None => text.to_string(),
             };
-            serde_json::from_str(&text).map_err(|e| Error::Format {
-                what: "--params".into(),
-                why: e.to_string(),
-            })?
+            fusedops::registry::parse_params(&text)?
         }
     };
+    if fusedops::io::same_file(input, output) {
+        return Err(Error::Format {
+            what: "--output".into(),
+            why: format!(
+                "{} is the input file (--input {}); writing it would destroy the input",
+                output.display(),
+                input.display()
+            ),
+        });
+    }
+    // Checked before the work: a run never ends with outputs that cannot be written.
+    let output_file = OutputFile::create(output)?;
     let inputs = fusedops::io::load(input)?;
     let gpu = Gpu::new()?;
     let outputs = operator.run_named(&gpu, &inputs, &params)?;
-    fusedops::io::save(output, &outputs)?;
+    output_file.commit(&fusedops::io::to_bytes(&outputs)?)?;
     for (name, t) in &outputs {
         println!("{name}: {:?} {}", t.shape(), t.dtype());
     }

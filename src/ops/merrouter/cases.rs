@@ -10,7 +10,8 @@ use crate::check::{Tolerance, compare};
 use crate::error::{Error, Result};
 use crate::gpu::{Gpu, Recorder};
 use crate::registry::{
-    Case, CaseInfo, Checked, NamedTensors, Operator, Prepared, Scale, input, params_from_json,
+    Case, CaseInfo, Checked, NamedTensors, Operator, Prepared, Scale, check_input_names, input,
+    params_from_json,
 };
 use crate::tensor::{DType, DeviceTensor, Tensor};
 
@@ -803,8 +804,33 @@ fn check_y_rows(y: &Tensor, rows: usize) -> Result<()> {
     }
 }
 
+/// The tensors `fusedops run merrouter` takes.
+const INPUT_NAMES: [&str; 6] = [
+    "logits",
+    "hidden",
+    "gate_weight",
+    "bias",
+    "router_scale",
+    "y",
+];
+
 /// `logits`, or `hidden` + `gate_weight`; optional `bias`, `router_scale`.
 fn named_inputs(inputs: &NamedTensors) -> Result<(ScoreTensors, Option<&Tensor>, Option<&Tensor>)> {
+    check_input_names(OP, inputs, &INPUT_NAMES)?;
+    if inputs.contains_key("logits") && inputs.contains_key("hidden") {
+        return Err(Error::invalid(
+            OP,
+            "input tensors",
+            "give \"logits\" or \"hidden\" with \"gate_weight\", not both",
+        ));
+    }
+    if inputs.contains_key("logits") && inputs.contains_key("gate_weight") {
+        return Err(Error::invalid(
+            OP,
+            "input tensor \"gate_weight\"",
+            "it goes with \"hidden\" (the fused gate), not with \"logits\"",
+        ));
+    }
     let scores = if inputs.contains_key("logits") {
         (input(OP, inputs, "logits")?.clone(), None)
     } else if inputs.contains_key("hidden") {

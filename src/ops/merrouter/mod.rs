@@ -90,7 +90,7 @@ pub enum GroupScore {
 
 /// How experts are selected.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "kebab-case")]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
 pub enum Selection {
     /// MoGE: exactly `top_k / groups` experts from every group, listed group by group.
     Moge,
@@ -103,6 +103,7 @@ pub enum Selection {
 
 /// What the router computes. Presets: [`RouterConfig::preset`].
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct RouterConfig {
     /// Experts `e`.
     pub experts: usize,

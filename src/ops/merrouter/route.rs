@@ -250,11 +250,11 @@ impl Router {
     pub fn new(gpu: &Gpu, config: &RouterConfig, inputs: &DeviceInputs<'_>) -> Result<Self> {
         let shape = check_inputs(config, inputs)?;
         let (t, e, k) = (shape.tokens, config.experts, config.top_k);
-        let (scores, gate_weight) = match inputs.scores {
-            Scores::Logits(logits) => (logits, None),
-            Scores::Gate { hidden, weight } => (hidden, Some(weight)),
+        let (scores, gate_weight, scores_name) = match inputs.scores {
+            Scores::Logits(logits) => (logits, None, "logits"),
+            Scores::Gate { hidden, weight } => (hidden, Some(weight), "hidden"),
         };
-        gpu.check_binding("router input", scores.size_bytes())?;
+        gpu.check_binding(scores_name, scores.size_bytes())?;
         if let Some(weight) = gate_weight {
             gpu.check_binding("gate weight", weight.size_bytes())?;
         }

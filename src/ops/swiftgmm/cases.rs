@@ -12,7 +12,8 @@ use crate::check::{Tolerance, compare};
 use crate::error::Result;
 use crate::gpu::{Gpu, Recorder};
 use crate::registry::{
-    Case, CaseInfo, Checked, NamedTensors, Operator, Prepared, Scale, input, params_from_json,
+    Case, CaseInfo, Checked, NamedTensors, Operator, Prepared, Scale, check_input_names, input,
+    params_from_json,
 };
 use crate::tensor::{DType, DeviceTensor, Tensor, TensorData};
 
@@ -739,6 +740,7 @@ struct NamedInputs<'a> {
 impl<'a> NamedInputs<'a> {
     fn parse(inputs: &'a NamedTensors, params: &serde_json::Value) -> Result<Self> {
         let p: RunParams = params_from_json(OP, params)?;
+        check_input_names(OP, inputs, &["x", "w", "offsets", "counts", "row_scale"])?;
         let groups = match (inputs.get("offsets"), inputs.get("counts")) {
             (Some(o), None) => Groups::from_tensor(o, false)?,
             (None, Some(c)) => Groups::from_tensor(c, true)?,
