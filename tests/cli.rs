@@ -462,13 +462,16 @@ fn moe_inputs(t: usize, h: usize, i: usize) -> NamedTensors {
     ])
 }
 
+/// Output names and the shapes they must have.
+type ExpectedShapes = &'static [(&'static str, &'static [usize])];
+
 /// Serving loops send empty batches: t = 0 runs end to end, the GPU outputs are empty and match
 /// the (empty) reference.
 #[test]
 fn run_accepts_empty_batches() {
     let dir = temp_dir("empty");
     let (input, output) = (dir.join("in.safetensors"), dir.join("out.safetensors"));
-    let cases: [(&str, NamedTensors, &str, &[(&str, &[usize])]); 2] = [
+    let cases: [(&str, NamedTensors, &str, ExpectedShapes); 2] = [
         (
             "merrouter",
             router_inputs(0, 256),
