@@ -799,7 +799,7 @@ fn check_y_rows(y: &Tensor, rows: usize) -> Result<()> {
             OP,
             "y",
             other,
-            format!("[{rows}, n] (one row per dispatch row: t*k + e*(block_size - 1))"),
+            format!("[{rows}, n] (one row per dispatch row: t*k + min(t*k, e)*(block_size - 1))"),
         )),
     }
 }

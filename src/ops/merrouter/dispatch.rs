@@ -168,11 +168,12 @@ pub(crate) fn check_layout_limits(gpu: &Gpu, experts: usize, groups: usize) -> R
 /// | `slot_rows` | `[t, k]` | i32 | row of every slot (the inverse map) |
 /// | `block_experts` | `[ceil(rows / block_size)]` | i32 | expert of each block of `block_size` rows; −1 past `offsets[e]` |
 /// | `group_loads` | `[g]` | i32 | slots routed to each group of experts |
-/// | `imbalance` | `[1]` | f32 | `(max - min group load) / t` |
+/// | `imbalance` | `[1]` | f32 | `(max - min group load) / t`, 0 for `t = 0` |
 ///
-/// `rows = t·k + e·(block_size − 1)`: every expert's segment is padded to a multiple of
-/// `block_size` (with `block_size = 1` there is no padding, `rows = t·k` and `block_experts` is
-/// the expert of every row).
+/// `rows = t·k + min(t·k, e)·(block_size − 1)` ([`reference::row_capacity`]): every expert's
+/// segment is padded to a multiple of `block_size`, and at most `min(t·k, e)` experts have one
+/// (with `block_size = 1` there is no padding, `rows = t·k` and `block_experts` is the expert of
+/// every row).
 #[derive(Debug)]
 pub struct DispatchLayout {
     pub counts: DeviceTensor,

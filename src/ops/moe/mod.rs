@@ -18,7 +18,8 @@
 //!
 //! Everything that depends on the routing is resolved on the GPU: the grouped matmuls schedule
 //! their tiles from the router's offsets with indirect, persistent dispatches, and the buffers
-//! are sized for the worst case, `rows = t·k + e·(block_size − 1)` dispatch rows.
+//! are sized for the worst case, `rows = t·k + min(t·k, e)·(block_size − 1)` dispatch rows.
+//! An empty batch (`t = 0`) gives empty outputs and records nothing.
 //!
 //! ```
 //! use fusedops::gpu::Gpu;
