@@ -3,7 +3,7 @@
 
 use crate::error::Result;
 use crate::gpu::{Capabilities, Clock, Gpu, Timing};
-use crate::registry::{Bound, Case, CaseInfo, Checked, Operator, Scale, operators};
+use crate::registry::{Bound, Case, CaseInfo, Checked, Operator};
 use crate::roofline::Roofline;
 
 /// Which cases to run.
@@ -16,11 +16,11 @@ pub struct Filter {
 }
 
 impl Filter {
-    fn accepts_op(&self, op: &dyn Operator) -> bool {
+    pub fn accepts_op(&self, op: &dyn Operator) -> bool {
         self.op.as_deref().is_none_or(|o| o == op.name())
     }
 
-    fn accepts(&self, info: &CaseInfo) -> bool {
+    pub fn accepts(&self, info: &CaseInfo) -> bool {
         self.preset.as_deref().is_none_or(|p| p == info.preset) && info.matches(&self.params)
     }
 }
@@ -31,16 +31,6 @@ pub fn parse_key_value(s: &str) -> std::result::Result<(String, String), String>
         .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
         .filter(|(k, _)| !k.is_empty())
         .ok_or_else(|| format!("expected key=value, got {s:?}"))
-}
-
-/// The registered cases that pass the filter, with their operator.
-pub fn selected_cases(gpu: &Gpu, scale: Scale, filter: &Filter) -> Vec<Box<dyn Case>> {
-    operators()
-        .into_iter()
-        .filter(|op| filter.accepts_op(*op))
-        .flat_map(|op| op.cases(scale, gpu))
-        .filter(|case| filter.accepts(&case.info()))
-        .collect()
 }
 
 /// Outcome of checking one case.
@@ -278,77 +268,11 @@ impl Environment {
     pub fn of(gpu: &Gpu) -> Self {
         Environment {
             fusedops_version: env!("CARGO_PKG_VERSION"),
-            date_utc: utc_now(),
+            date_utc: crate::util::utc_now(),
             adapter: gpu.summary(),
             capabilities: gpu.caps.clone(),
         }
     }
-}
-
-/// The current UTC time as `YYYY-MM-DD HH:MM:SS` (no date crate needed for this).
-pub fn utc_now() -> String {
-    let secs = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0);
-    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
-    // Civil-from-days (Howard Hinnant's algorithm).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02}",
-        rem / 3600,
-        rem / 60 % 60,
-        rem % 60
-    )
-}
-
-/// Format a number with engineering-friendly precision for tables.
-pub fn fmt_num(x: Option<f64>) -> String {
-    match x {
-        None => "-".to_string(),
-        Some(v) if v.abs() >= 100.0 => format!("{v:.0}"),
-        Some(v) if v.abs() >= 10.0 => format!("{v:.1}"),
-        Some(v) if v.abs() >= 0.1 || v == 0.0 => format!("{v:.2}"),
-        Some(v) => format!("{v:.2e}"),
-    }
-}
-
-/// A plain text table with aligned columns.
-pub fn text_table(header: &[&str], rows: &[Vec<String>]) -> String {
-    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
-    for row in rows {
-        for (w, cell) in widths.iter_mut().zip(row) {
-            *w = (*w).max(cell.chars().count());
-        }
-    }
-    let line = |cells: Vec<String>| -> String {
-        let mut s = String::new();
-        for (i, (cell, w)) in cells.iter().zip(&widths).enumerate() {
-            if i > 0 {
-                s.push_str("  ");
-            }
-            s.push_str(cell);
-            s.push_str(&" ".repeat(w - cell.chars().count()));
-        }
-        s.trim_end().to_string()
-    };
-    let mut out = line(header.iter().map(|h| h.to_string()).collect());
-    out.push('\n');
-    out.push_str(&line(widths.iter().map(|w| "-".repeat(*w)).collect()));
-    out.push('\n');
-    for row in rows {
-        out.push_str(&line(row.clone()));
-        out.push('\n');
-    }
-    out
 }
 
 /// GPU time of `iters` runs of a prepared case, for criterion's `iter_custom` (GPU timestamps
@@ -375,18 +299,5 @@ mod tests {
         );
         assert!(parse_key_value("b128").is_err());
         assert!(parse_key_value("=3").is_err());
-    }
-
-    #[test]
-    fn utc_date_is_well_formed() {
-        let now = utc_now();
-        assert_eq!(now.len(), 19);
-        assert!(now.starts_with("20"));
-    }
-
-    #[test]
-    fn table_aligns_columns() {
-        let t = text_table(&["a", "bb"], &[vec!["xxx".into(), "y".into()]]);
-        assert_eq!(t, "a    bb\n---  --\nxxx  y\n");
     }
 }

@@ -9,9 +9,10 @@ use fusedops::bench::{self, BenchSettings, Environment, Filter, parse_key_value}
 use fusedops::check::compare;
 use fusedops::error::{Error, Result};
 use fusedops::gpu::Gpu;
-use fusedops::registry::{Operator, Scale, operators};
+use fusedops::registry::{Operator, Scale};
 use fusedops::report::{self, BenchReport, probe_lines};
 use fusedops::roofline::{self, ProbeSizes};
+use fusedops::suite::{self, operators};
 
 #[derive(Parser)]
 #[command(
@@ -224,6 +225,7 @@ fn info(json: bool, no_probes: bool) -> Result<ExitCode> {
     if json {
         let value = serde_json::json!({
             "environment": env,
+            "coop_fragment": gpu.caps.coop_fragment().map(|f| f.name()),
             "paths": paths,
             "roofline": roof,
         });
@@ -267,6 +269,16 @@ fn info(json: bool, no_probes: bool) -> Result<ExitCode> {
         }
     );
     println!(
+        "fragment     {}",
+        match c.coop_fragment() {
+            Some(f) => format!(
+                "{} f16 x f16 -> f32 (the cooperative-matrix kernels' instantiation)",
+                f.name()
+            ),
+            None => "none: every operator runs its SIMT kernel".to_string(),
+        }
+    );
+    println!(
         "limits       storage binding {} MiB, buffer {} MiB, workgroup memory {} KiB, {} invocations/workgroup, {} workgroups/dim, {} storage buffers/stage",
         c.max_storage_binding >> 20,
         c.max_buffer_size >> 20,
@@ -303,7 +315,7 @@ fn check(full: bool, filter: &Filter) -> Result<ExitCode> {
         return Ok(no_operators());
     }
     let scale = if full { Scale::Full } else { Scale::Ci };
-    let cases = bench::selected_cases(&gpu, scale, filter);
+    let cases = suite::selected_cases(&gpu, scale, filter);
     if cases.is_empty() {
         println!("no case matches the filter");
         return Ok(ExitCode::FAILURE);
@@ -369,7 +381,7 @@ fn bench_cmd(filter: &Filter, settings: BenchSettings, outputs: &BenchOutputs) -
     let roof = roofline::measure(&gpu, &ProbeSizes::for_gpu(&gpu))?;
     println!("roofline ({} UTC):", env.date_utc);
     print!("{}", probe_lines(&roof));
-    let cases = bench::selected_cases(&gpu, Scale::Bench, filter);
+    let cases = suite::selected_cases(&gpu, Scale::Bench, filter);
     if cases.is_empty() {
         println!("no case matches the filter");
         return Ok(ExitCode::FAILURE);

@@ -1,7 +1,8 @@
-//! The case registry that `fusedops check` and `fusedops bench` walk. Each operator registers
-//! itself in [`operators`] and describes its cases; a case knows its bytes and FLOPs, prepares
+//! The traits of the case registry that `fusedops check` and `fusedops bench` walk. Each operator
+//! implements [`Operator`] and describes its cases; a case knows its bytes and FLOPs, prepares
 //! inputs and the CPU reference, records the fused kernels (and a baseline, where one exists) and
-//! verifies the GPU result.
+//! verifies the GPU result. The list of operators is assembled above the operators, in
+//! [`crate::suite::operators`], so that this floor never names them.
 
 use std::collections::BTreeMap;
 
@@ -163,14 +164,4 @@ pub trait Operator: Sync {
         inputs: &NamedTensors,
         params: &serde_json::Value,
     ) -> Tolerance;
-}
-
-/// Every registered operator.
-pub fn operators() -> Vec<&'static dyn Operator> {
-    vec![
-        &crate::ops::amla::OPERATOR,
-        &crate::ops::merrouter::OPERATOR,
-        &crate::ops::moe::OPERATOR,
-        &crate::ops::swiftgmm::OPERATOR,
-    ]
 }

@@ -3,9 +3,10 @@
 
 use plotters::prelude::*;
 
-use crate::bench::{BenchRow, Environment, fmt_num, text_table};
+use crate::bench::{BenchRow, Environment};
 use crate::error::{Error, Result};
 use crate::roofline::Roofline;
+use crate::util::{fmt_num, text_table};
 
 /// Version of the JSON layout below; bumped on any incompatible change.
 pub const SCHEMA_VERSION: u32 = 1;

@@ -33,8 +33,8 @@ pub mod swiftgmm;
 
 use serde::Serialize;
 
-use crate::bench::text_table;
 use crate::error::{Error, Result};
+use crate::util::text_table;
 use chips::ChipSpec;
 use plan::{Bound, Buffer, CoreSplit, MemoryUse, Roofline, Stage, TilingField};
 

@@ -74,7 +74,7 @@ pub fn round_to(dtype: DType, values: &[f32]) -> Vec<f32> {
 /// The AMLA operator in the registry.
 pub struct AmlaOperator;
 
-/// Registered in [`crate::registry::operators`].
+/// Registered in [`crate::suite::operators`].
 pub static OPERATOR: AmlaOperator = AmlaOperator;
 
 /// One case: inputs generated from `spec` and `seed`, run with `params`.

@@ -34,7 +34,7 @@ pub fn combine_tolerance(dtype: DType) -> Tolerance {
     }
 }
 
-/// The operator, as registered in [`crate::registry::operators`].
+/// The operator, as registered in [`crate::suite::operators`].
 pub struct MerRouterOp;
 
 pub static OPERATOR: MerRouterOp = MerRouterOp;

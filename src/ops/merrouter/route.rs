@@ -259,13 +259,13 @@ impl Router {
         let plan = RoutePlan::new(gpu, config, gate_weight.is_some())?;
 
         let inputs = InputBuffers {
-            scores: scores.buffer.clone(),
+            scores: scores.buffer().clone(),
             gate_weight: match gate_weight {
-                Some(w) => w.buffer.clone(),
+                Some(w) => w.buffer().clone(),
                 None => gpu.storage_buffer("unused", 16)?,
             },
-            bias: inputs.bias.map(|b| b.buffer.clone()),
-            router_scale: inputs.router_scale.map(|s| s.buffer.clone()),
+            bias: inputs.bias.map(|b| b.buffer().clone()),
+            router_scale: inputs.router_scale.map(|s| s.buffer().clone()),
             unused: gpu.storage_buffer("unused", 16)?,
             in_dtype: scores.dtype(),
             weight_dtype: gate_weight.map_or(DType::F32, |w| w.dtype()),
@@ -328,7 +328,7 @@ impl Router {
     /// [`Router::record`] with the compute pass named `label` (per-step timing of a chain).
     pub fn record_as(&self, rec: &mut Recorder, label: &str) -> Result<()> {
         rec.encoder()
-            .clear_buffer(&self.layout.block_counts.buffer, 0, None);
+            .clear_buffer(self.layout.block_counts.buffer(), 0, None);
         let mut pass = rec.compute_pass(label);
         self.route.record(&mut pass);
         self.layout_steps.record(&mut pass);

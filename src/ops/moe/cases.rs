@@ -4,8 +4,6 @@
 
 use std::cell::OnceCell;
 
-use half::{bf16, f16};
-
 use super::reference::{self, ExpertSource, Experts};
 use super::{
     HostWeights, MoeConfig, MoeLayer, MoeOptions, MoeWeights, OP, PerExpertChain, SharedWeights,
@@ -22,67 +20,24 @@ use crate::ops::swiftgmm::{ExpertWeights, Layout, Mode, Tiling};
 use crate::registry::{
     Case, CaseInfo, Checked, NamedTensors, Operator, Prepared, Scale, input, params_from_json,
 };
-use crate::tensor::{DType, DeviceTensor, Tensor, TensorData, padded_size};
+use crate::tensor::{DType, DeviceTensor, Tensor, padded_size};
+use crate::util::{fill_parallel, mix, synthetic, unit};
 
-/// The operator, as registered in [`crate::registry::operators`].
+/// The operator, as registered in [`crate::suite::operators`].
 pub struct MoeOperator;
 
 pub static OPERATOR: MoeOperator = MoeOperator;
-
-/// SplitMix64 of (seed, index): deterministic values without a random-number dependency.
-fn mix(seed: u64, i: u64) -> u64 {
-    let mut z = seed
-        .wrapping_mul(0xd1b5_4a32_d192_ed03)
-        .wrapping_add(i.wrapping_mul(0x9e37_79b9_7f4a_7c15));
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^ (z >> 31)
-}
-
-/// Uniform in [-1, 1).
-fn unit(seed: u64, i: u64) -> f32 {
-    (mix(seed, i) >> 40) as f32 / (1u64 << 23) as f32 - 1.0
-}
 
 /// Uniform integer in -m..=m.
 fn small_int(seed: u64, i: u64, m: i32) -> i32 {
     (mix(seed, i) % (2 * m as u64 + 1)) as i32 - m
 }
 
-/// `value(i)` for every element, computed on every core in chunks of whole `align`s.
-fn filled<T: Copy + Send>(
-    len: usize,
-    align: usize,
-    zero: T,
-    value: impl Fn(usize) -> T + Sync,
-) -> Vec<T> {
+/// `value(i)` for every element, computed on every core.
+fn filled<T: Copy + Send>(len: usize, zero: T, value: impl Fn(usize) -> T + Sync) -> Vec<T> {
     let mut out = vec![zero; len];
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let align = align.max(1);
-    let chunk = (len.div_ceil(threads).max(1 << 14)).div_ceil(align) * align;
-    std::thread::scope(|s| {
-        for (c, part) in out.chunks_mut(chunk).enumerate() {
-            let value = &value;
-            s.spawn(move || {
-                for (j, slot) in part.iter_mut().enumerate() {
-                    *slot = value(c * chunk + j);
-                }
-            });
-        }
-    });
+    fill_parallel(&mut out, value);
     out
-}
-
-/// A tensor of `dtype` holding `value(i)` rounded to it.
-fn synthetic(shape: &[usize], dtype: DType, value: impl Fn(usize) -> f32 + Sync) -> Result<Tensor> {
-    let len = shape.iter().product();
-    let data = match dtype {
-        DType::BF16 => TensorData::BF16(filled(len, 1, bf16::ZERO, |i| bf16::from_f32(value(i)))),
-        DType::F16 => TensorData::F16(filled(len, 1, f16::ZERO, |i| f16::from_f32(value(i)))),
-        DType::F32 => TensorData::F32(filled(len, 1, 0.0, value)),
-        other => return Err(Error::unsupported(OP, format!("{other} weights"))),
-    };
-    Tensor::new(shape, data)
 }
 
 /// Host writes queued before the queue is flushed (they are staged in host memory until then).
@@ -168,7 +123,7 @@ impl HashedExperts {
                     continue;
                 };
                 let offset = (e - first) as u64 * slab;
-                gpu.checked(|| gpu.queue.write_buffer(&shard.buffer, offset, data))?;
+                gpu.checked(|| gpu.queue.write_buffer(shard.buffer(), offset, data))?;
                 pending += slab;
                 if pending >= FLUSH_BYTES {
                     gpu.queue.submit(std::iter::empty());
@@ -219,8 +174,8 @@ impl RouterInts {
         let e = config.experts;
         // Logits of standard deviation about 1.5 at large h: unsaturated scores.
         let m = ((1.2e6 / h as f64).sqrt() as i32).clamp(1, 32);
-        let gate = filled(h * e, 1, 0, |i| small_int(seed ^ 0x6a7e, i as u64, m));
-        let mut hidden = filled(t * h, 1, 0, |i| small_int(seed, i as u64, 8));
+        let gate = filled(h * e, 0, |i| small_int(seed ^ 0x6a7e, i as u64, m));
+        let mut hidden = filled(t * h, 0, |i| small_int(seed, i as u64, 8));
         let row_logits = |row: &[i32]| -> Vec<f64> {
             let mut acc = vec![0i64; e];
             for (c, &x) in row.iter().enumerate() {
@@ -232,7 +187,7 @@ impl RouterInts {
             }
             acc.iter().map(|&a| a as f64 / 2048.0).collect()
         };
-        let mut logits = filled(t * e, e, 0.0, |i| {
+        let mut logits = filled(t * e, 0.0, |i| {
             let token = i / e;
             row_logits(&hidden[token * h..(token + 1) * h])[i % e]
         });

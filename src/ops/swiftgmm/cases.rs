@@ -1,8 +1,6 @@
 //! SwiftGMM in the registry: the case tables of `fusedops check` / `bench`, synthetic inputs,
 //! and the named-tensor interface of `fusedops run`.
 
-use half::{bf16, f16};
-
 use super::tiling::CacheLocation;
 use super::{
     Activation, DeviceGroups, ExpertWeights, GmmArgs, GmmPlan, Groups, Layout, Mode, Options,
@@ -14,74 +12,16 @@ use crate::gpu::{Gpu, Recorder};
 use crate::registry::{
     Case, CaseInfo, Checked, NamedTensors, Operator, Prepared, Scale, input, params_from_json,
 };
-use crate::tensor::{DType, DeviceTensor, Tensor, TensorData};
+use crate::tensor::{DType, DeviceTensor, Tensor};
+use crate::util::{hashed, synthetic, unit};
 
 const OP: &str = "swiftgmm";
 
 /// The registered operator.
 pub struct SwiftGmmOperator;
 
-/// The instance in `registry::operators()`.
+/// The instance in [`crate::suite::operators`].
 pub static OPERATOR: SwiftGmmOperator = SwiftGmmOperator;
-
-/// A deterministic value in [-1, 1) for index `i` (splitmix64 of seed and index).
-fn hash_value(seed: u64, i: u64) -> f32 {
-    let mut z = seed
-        .wrapping_mul(0xd1b5_4a32_d192_ed03)
-        .wrapping_add(i.wrapping_mul(0x9e37_79b9_7f4a_7c15));
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^= z >> 31;
-    (z >> 40) as f32 / (1u64 << 23) as f32 - 1.0
-}
-
-/// Fill `out` with `value(i)` on every core (the bench weights reach gigabytes).
-fn fill_parallel<T: Send>(out: &mut [T], value: impl Fn(usize) -> T + Sync) {
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let chunk = out.len().div_ceil(threads).max(1 << 16);
-    std::thread::scope(|s| {
-        for (c, part) in out.chunks_mut(chunk).enumerate() {
-            let value = &value;
-            s.spawn(move || {
-                for (j, slot) in part.iter_mut().enumerate() {
-                    *slot = value(c * chunk + j);
-                }
-            });
-        }
-    });
-}
-
-/// A tensor of `dtype` with `value(i)` rounded to it.
-pub(crate) fn synthetic(
-    shape: &[usize],
-    dtype: DType,
-    value: impl Fn(usize) -> f32 + Sync,
-) -> Result<Tensor> {
-    let len: usize = shape.iter().product();
-    let data = match dtype {
-        DType::BF16 => {
-            let mut v = vec![bf16::ZERO; len];
-            fill_parallel(&mut v, |i| bf16::from_f32(value(i)));
-            TensorData::BF16(v)
-        }
-        DType::F16 => {
-            let mut v = vec![f16::ZERO; len];
-            fill_parallel(&mut v, |i| f16::from_f32(value(i)));
-            TensorData::F16(v)
-        }
-        _ => {
-            let mut v = vec![0.0f32; len];
-            fill_parallel(&mut v, &value);
-            TensorData::F32(v)
-        }
-    };
-    Tensor::new(shape, data)
-}
-
-/// Hashed values in [-scale, scale).
-pub(crate) fn hashed(shape: &[usize], dtype: DType, seed: u64, scale: f32) -> Result<Tensor> {
-    synthetic(shape, dtype, |i| hash_value(seed, i as u64) * scale)
-}
 
 /// How many rows each expert gets.
 fn route(tokens: usize, topk: usize, experts: usize, moge: bool, seed: u64) -> Vec<u32> {
@@ -89,7 +29,7 @@ fn route(tokens: usize, topk: usize, experts: usize, moge: bool, seed: u64) -> V
     let mut draw = 0u64;
     let mut next = |m: usize| {
         draw += 1;
-        ((hash_value(seed, draw) + 1.0) * 0.5 * m as f32) as usize % m
+        ((unit(seed, draw) + 1.0) * 0.5 * m as f32) as usize % m
     };
     for _ in 0..tokens {
         if moge {
@@ -266,14 +206,14 @@ impl Case for GmmCase {
             if row < self.pad.0 || row >= routed_end {
                 f32::NAN
             } else {
-                hash_value(seed, i as u64)
+                unit(seed, i as u64)
             }
         })?;
         let w_shape = self.layout.weight_shape(self.experts, k, n);
         let w = hashed(&w_shape, self.w_dtype, seed ^ 1, 1.0 / (k as f32).sqrt())?;
         let scale = if self.scale {
             Some(synthetic(&[m_total], DType::F32, |i| {
-                0.5 + 0.5 * hash_value(seed ^ 2, i as u64)
+                0.5 + 0.5 * unit(seed ^ 2, i as u64)
             })?)
         } else {
             None
@@ -785,15 +725,6 @@ mod tests {
             uniform.iter().all(|&c| c <= 10),
             "distinct experts per token"
         );
-    }
-
-    #[test]
-    fn hashed_values_stay_in_range() {
-        let t = hashed(&[1000], DType::F32, 9, 1.0).unwrap();
-        let v = t.to_f32();
-        assert!(v.iter().all(|x| (-1.0..1.0).contains(x)));
-        let mean: f32 = v.iter().sum::<f32>() / 1000.0;
-        assert!(mean.abs() < 0.1, "mean {mean}");
     }
 
     #[test]

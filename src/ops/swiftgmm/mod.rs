@@ -355,7 +355,7 @@ impl ExpertWeights {
             let buffer = gpu.storage_buffer_with("swiftgmm weights", &bytes[range])?;
             shards.push(WeightShard {
                 first_expert: first,
-                tensor: DeviceTensor::from_parts(buffer, &[count, dims[0], dims[1]], w.dtype()),
+                tensor: DeviceTensor::from_parts(buffer, &[count, dims[0], dims[1]], w.dtype())?,
             });
             first += count;
         }
@@ -782,14 +782,14 @@ impl<'a> Validated<'a> {
         if let Some(offsets) = args.host_offsets {
             check_offsets(offsets, problem.experts, problem.m_total)?;
         }
-        check_binding(gpu, "x", &args.x.buffer)?;
-        check_binding(gpu, "y", &args.y.buffer)?;
-        check_binding(gpu, "group offsets", &groups.buffer)?;
+        check_binding(gpu, "x", args.x.buffer())?;
+        check_binding(gpu, "y", args.y.buffer())?;
+        check_binding(gpu, "group offsets", groups.buffer())?;
         if let Some(s) = args.row_scale {
-            check_binding(gpu, "row_scale", &s.buffer)?;
+            check_binding(gpu, "row_scale", s.buffer())?;
         }
         for shard in w.shards() {
-            check_binding(gpu, "weight shard", &shard.tensor.buffer)?;
+            check_binding(gpu, "weight shard", shard.tensor.buffer())?;
         }
         let key = problem.key(args.host_offsets);
         let config = tiling::resolve(gpu, &key, &options.tiling)?;

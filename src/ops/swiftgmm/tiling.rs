@@ -13,11 +13,11 @@ use std::sync::{Mutex, OnceLock};
 
 use serde::{Deserialize, Serialize};
 
-use super::cases::hashed;
 use super::{Activation, ExpertWeights, GmmArgs, GmmPlan, Layout, Mode, Options, Tiling};
 use crate::error::{Error, Result};
 use crate::gpu::Gpu;
 use crate::tensor::{DType, Tensor};
+use crate::util::{hashed, utc_now};
 
 const OP: &str = "swiftgmm";
 
@@ -960,7 +960,7 @@ pub fn tune(gpu: &Gpu, key: &ShapeKey, settings: &TuneSettings) -> Result<CacheE
         gemv_us,
         gemm_us,
         probes,
-        measured_utc: crate::bench::utc_now(),
+        measured_utc: utc_now(),
     })
 }
 
