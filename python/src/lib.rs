@@ -9,9 +9,10 @@ use std::sync::{Mutex, MutexGuard, OnceLock};
 
 use fusedops::bench::{self, BenchSettings, Environment, Filter};
 use fusedops::gpu::Gpu;
-use fusedops::registry::{NamedTensors, Operator, Scale, operators};
+use fusedops::registry::{NamedTensors, Operator, Scale};
 use fusedops::report::BenchReport;
 use fusedops::roofline::{self, ProbeSizes};
+use fusedops::suite::{operators, selected_cases};
 use fusedops::tensor::{DType, Tensor, checked_numel};
 use fusedops::{Error, Result};
 use pyo3::buffer::PyBuffer;
@@ -240,7 +241,7 @@ fn bench_report(
             filter.op, filter.preset, filter.params
         );
         let (_guard, gpu) = lock_gpu()?;
-        let cases = bench::selected_cases(gpu, scale, &filter);
+        let cases = selected_cases(gpu, scale, &filter);
         if cases.is_empty() {
             return Err(Error::invalid("bench", "filter", "no case matches it"));
         }
