@@ -46,7 +46,8 @@ def _is_torch_bfloat16(x: Any) -> bool:
 
 
 def as_ndarray(name: str, x: Any) -> np.ndarray:
-    """``x`` as an ndarray (no copy where NumPy can avoid one)."""
+    """``x`` as an ndarray (no copy where NumPy can avoid one); ``name`` ("amla: q") goes into the
+    error message."""
     if isinstance(x, np.ndarray):
         return x
     if _is_torch_bfloat16(x):
@@ -65,12 +66,13 @@ def as_ndarray(name: str, x: Any) -> np.ndarray:
     except Exception as e:  # whatever __array__ raises (a GPU tensor, a tensor that needs grad)
         errors.append(f"__array__: {e}")
     raise UnsupportedError(
-        f"{name}: cannot read a {type(x).__name__} as an array ({'; '.join(errors)})"
+        f"{name} is a {type(x).__name__}, which cannot be read as an array ({'; '.join(errors)})"
     )
 
 
 def to_native(name: str, x: Any) -> tuple[np.ndarray, list[int], str]:
-    """``(bytes as a uint8 array, shape, crate dtype)`` for the compiled module."""
+    """``(bytes as a uint8 array, shape, crate dtype)`` for the compiled module; ``name``
+    ("amla: q") goes into the error message."""
     a = as_ndarray(name, x)
     if not a.dtype.isnative:
         a = a.astype(a.dtype.newbyteorder("="))
@@ -83,7 +85,7 @@ def to_native(name: str, x: Any) -> tuple[np.ndarray, list[int], str]:
             hint = " (convert with .astype(np.float32))"
         elif a.dtype == np.int64:
             hint = " (convert with .astype(np.int32))"
-        raise UnsupportedError(f"{name}: dtype {a.dtype} is not supported; expected {_SUPPORTED}{hint}")
+        raise UnsupportedError(f"{name} has dtype {a.dtype}, expected {_SUPPORTED}{hint}")
     a = np.ascontiguousarray(a)
     return a.reshape(-1).view(np.uint8), list(a.shape), dtype
 
@@ -127,16 +129,16 @@ def dtype_name(dtype: Any) -> str:
 
 def bf16_to_f32(bits: Any) -> np.ndarray:
     """bf16 values (``uint16`` bit patterns, or ``ml_dtypes.bfloat16``) widened to float32."""
-    a = np.ascontiguousarray(as_ndarray("bits", bits))
+    a = np.ascontiguousarray(as_ndarray("bf16_to_f32: bits", bits))
     if a.dtype.itemsize != 2:
-        raise UnsupportedError(f"bits: expected 16-bit bf16 patterns, got {a.dtype}")
+        raise UnsupportedError(f"bf16_to_f32: bits has dtype {a.dtype}, expected 16-bit bf16 patterns")
     return (a.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
 
 
 def f32_to_bf16(values: Any) -> np.ndarray:
     """float32 values rounded to bf16 (round to nearest even, NaN kept NaN), as ``uint16`` bit
     patterns; view them as ``ml_dtypes.bfloat16`` where it is installed."""
-    a = np.ascontiguousarray(as_ndarray("values", values), dtype=np.float32)
+    a = np.ascontiguousarray(as_ndarray("f32_to_bf16: values", values), dtype=np.float32)
     bits = a.view(np.uint32)
     rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
     quiet_nan = (bits >> 16) | 0x0040

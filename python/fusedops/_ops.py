@@ -84,7 +84,7 @@ def _json_value(value: Any) -> Any:
 def call(native: Native, op: str, inputs: dict[str, Any], params: dict[str, Any]) -> dict[str, np.ndarray]:
     """Run ``op`` through ``native`` on the inputs that are not None, with the parameters that
     are not None."""
-    tensors = {name: _arrays.to_native(name, x) for name, x in inputs.items() if x is not None}
+    tensors = {name: _arrays.to_native(f"{op}: {name}", x) for name, x in inputs.items() if x is not None}
     given = {key: value for key, value in params.items() if value is not None}
     try:
         text = json.dumps(given, allow_nan=False, default=_json_value)

@@ -58,9 +58,9 @@ def test_invalid_error(amla_args, backend):
 
 def test_unsupported_error(amla_args):
     q, kv, table, lens = amla_args
-    with pytest.raises(fusedops.UnsupportedError, match="float64.*astype"):
+    with pytest.raises(fusedops.UnsupportedError, match=r"amla: q has dtype float64.*astype"):
         fusedops.amla(q.astype(np.float64), kv, table, lens)
-    with pytest.raises(fusedops.UnsupportedError, match="int64"):
+    with pytest.raises(fusedops.UnsupportedError, match="amla: block_table has dtype int64"):
         fusedops.amla(q, kv, table.astype(np.int64), lens)
     with pytest.raises(fusedops.UnsupportedError, match="object"):
         fusedops.amla(q.astype(object), kv, table, lens)
@@ -68,7 +68,7 @@ def test_unsupported_error(amla_args):
         fusedops.amla(q.view(np.int32), kv, table, lens)  # right size, integer dtype: the crate's
     with pytest.raises(fusedops.UnsupportedError):
         fusedops.amla(q, kv, table, np.array(["a", "b"]))
-    with pytest.raises(fusedops.UnsupportedError, match="dtype object"):
+    with pytest.raises(fusedops.UnsupportedError, match="cache_seqlens has dtype object"):
         fusedops.amla(q, kv, table, object())
 
 
