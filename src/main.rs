@@ -8,8 +8,8 @@ use clap::{Args, Parser, Subcommand};
 use fusedops::bench::{self, BenchSettings, Environment, Filter, parse_key_value};
 use fusedops::check::compare;
 use fusedops::error::{Error, Result};
-use fusedops::gpu::Gpu;
-use fusedops::registry::{Operator, Scale};
+use fusedops::gpu::{Feature, Gpu, GpuOptions};
+use fusedops::registry::{Operator, Scale, Target};
 use fusedops::report::{self, BenchReport, probe_lines};
 use fusedops::roofline::{self, ProbeSizes};
 use fusedops::suite::{self, operators};
@@ -47,8 +47,9 @@ enum Command {
         #[command(flatten)]
         filter: FilterArgs,
     },
-    /// Benchmark every operator on its presets (each case checked first), with the same run's
-    /// roofline probes as denominators.
+    /// The headline suite: every operator on its presets (each case checked first, large cases
+    /// on sampled rows), timed, with the same run's roofline probes as denominators. Full size on
+    /// a GPU, shrunk on a CPU adapter.
     Bench {
         #[command(flatten)]
         filter: FilterArgs,
@@ -67,6 +68,20 @@ enum Command {
         /// Also draw the roofline plot (intensity vs TFLOP/s, one point per case) to this SVG.
         #[arg(long, value_name = "FILE")]
         svg: Option<PathBuf>,
+        /// Also print, per case, the ratio of this run's time to the one in an earlier JSON report.
+        #[arg(long, value_name = "OLD.json")]
+        compare: Option<PathBuf>,
+        /// Only the host half of the full-size suite (input generation and the CPU references,
+        /// no GPU): time and peak memory per case. RAYON_NUM_THREADS sets the cores used.
+        #[arg(long, conflicts_with_all = ["svg", "compare", "markdown"])]
+        host_only: bool,
+    },
+    /// The device sections of docs/PERFORMANCE.md (Markdown) from saved `fusedops bench --json`
+    /// reports, one section per file in the order given.
+    Report {
+        /// Reports written by `fusedops bench --json`.
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
     },
     /// Run one operator on tensors from a safetensors file and write its outputs to another.
     Run {
@@ -98,9 +113,10 @@ enum Command {
         rebuild: bool,
     },
     /// Plan an operator's tiling on an Ascend NPU: per-core buffers against UB/L1/L0 capacity,
-    /// alignment, core split and a roofline estimate (docs/ascend/README.md).
+    /// alignment, core split, tiling struct and key, pipeline and a roofline estimate
+    /// (docs/ascend/README.md).
     AscendPlan {
-        /// amla | swiftgmm | merrouter
+        /// amla | swiftgmm | merrouter | moe (the MoE layer's chain of kernels)
         op: String,
         /// 910B2 | 910B4 | 310P3
         #[arg(long)]
@@ -114,6 +130,15 @@ enum Command {
         /// Print JSON instead of tables.
         #[arg(long)]
         json: bool,
+        /// Print the C++ a CANN operator project starts from instead of tables: TilingData
+        /// structs filled with this plan's values, tiling keys, blockDim, workspace sizes and
+        /// op_host registrations.
+        #[arg(long, conflicts_with = "json")]
+        tiling_data: bool,
+        /// Also draw the kernels' pipeline timeline (MTE2, MTE1, M, FIX or CO1->CO2, V, MTE3)
+        /// to this SVG file.
+        #[arg(long, value_name = "FILE.svg")]
+        timeline: Option<PathBuf>,
     },
 }
 
@@ -171,15 +196,25 @@ fn run(cli: Cli) -> Result<ExitCode> {
             json,
             markdown,
             svg,
-        } => bench_cmd(
-            &filter.to_filter()?,
-            BenchSettings { warmup, iters },
-            &BenchOutputs {
-                json,
-                markdown,
-                svg,
-            },
-        ),
+            compare,
+            host_only,
+        } => {
+            let filter = filter.to_filter()?;
+            if host_only {
+                return host_only_cmd(&filter, json.as_deref());
+            }
+            bench_cmd(
+                &filter,
+                BenchSettings { warmup, iters },
+                &BenchOutputs {
+                    json,
+                    markdown,
+                    svg,
+                    compare,
+                },
+            )
+        }
+        Command::Report { files } => report_cmd(&files),
         Command::Run {
             op,
             input,
@@ -194,9 +229,16 @@ fn run(cli: Cli) -> Result<ExitCode> {
             preset,
             shape,
             json,
+            tiling_data,
+            timeline,
         } => {
             let plan = fusedops::ascend::plan_command(&op, &chip, preset.as_deref(), &shape)?;
-            if json {
+            if let Some(path) = &timeline {
+                write_file(path, &plan.timeline_svg()?)?;
+            }
+            if tiling_data {
+                print!("{}", plan.tiling_data_cpp());
+            } else if json {
                 println!("{}", plan.to_json());
             } else {
                 print!("{}", plan.to_text());
@@ -353,6 +395,7 @@ struct BenchOutputs {
     json: Option<PathBuf>,
     markdown: bool,
     svg: Option<PathBuf>,
+    compare: Option<PathBuf>,
 }
 
 fn write_file(path: &Path, contents: &str) -> Result<()> {
@@ -362,11 +405,21 @@ fn write_file(path: &Path, contents: &str) -> Result<()> {
     })
 }
 
+fn read_json(path: &Path) -> Result<serde_json::Value> {
+    let text = std::fs::read_to_string(path).map_err(|source| Error::Io {
+        path: path.display().to_string(),
+        source,
+    })?;
+    serde_json::from_str(&text).map_err(|e| Error::Format {
+        what: path.display().to_string(),
+        why: e.to_string(),
+    })
+}
+
 fn bench_cmd(filter: &Filter, settings: BenchSettings, outputs: &BenchOutputs) -> Result<ExitCode> {
     let gpu = Gpu::new()?;
-    if operators().is_empty() {
-        return Ok(no_operators());
-    }
+    // Read the earlier report first: a bad file fails before minutes of benchmarking.
+    let old = outputs.compare.as_deref().map(read_json).transpose()?;
     let env = Environment::of(&gpu);
     let a = &env.adapter;
     println!(
@@ -374,14 +427,21 @@ fn bench_cmd(filter: &Filter, settings: BenchSettings, outputs: &BenchOutputs) -
         a.name, a.backend, a.device_type, a.driver, a.driver_info
     );
     if gpu.is_cpu() {
-        println!(
-            "CPU adapter: benchmark sizes are shrunk to fit; timings say nothing about GPU speed."
-        );
+        println!("CPU adapter: the suite runs at CPU size; timings say nothing about GPU speed.");
     }
+    // With cooperative matrices, tensor-core cases are timed again on the same adapter with them
+    // off (the SIMT kernels), beside their row.
+    let simt = if gpu.caps.coop_matrix.is_empty() {
+        None
+    } else {
+        let mut options = GpuOptions::from_env()?;
+        options.disabled.push(Feature::CooperativeMatrix);
+        Some(Gpu::with_options(&options)?)
+    };
     let roof = roofline::measure(&gpu, &ProbeSizes::for_gpu(&gpu))?;
     println!("roofline ({} UTC):", env.date_utc);
     print!("{}", probe_lines(&roof));
-    let cases = suite::selected_cases(&gpu, Scale::Bench, filter);
+    let cases = suite::headline(!gpu.is_cpu(), filter);
     if cases.is_empty() {
         println!("no case matches the filter");
         return Ok(ExitCode::FAILURE);
@@ -390,19 +450,27 @@ fn bench_cmd(filter: &Filter, settings: BenchSettings, outputs: &BenchOutputs) -
         indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} {msg}")
             .expect("valid template"),
     );
+    let devices = bench::Devices {
+        gpu: &gpu,
+        simt: simt.as_ref(),
+    };
+    let started = std::time::Instant::now();
     let mut rows = Vec::with_capacity(cases.len());
     for case in &cases {
         let info = case.info();
         progress.set_message(format!("{} {}", info.op, info.name));
-        rows.push(bench::bench_case(case.as_ref(), &gpu, &roof, settings));
+        rows.extend(bench::bench_case(case.as_ref(), &devices, &roof, settings));
         progress.inc(1);
     }
     progress.finish_and_clear();
-    let report = BenchReport::new(env, roof, rows);
+    let report = BenchReport::new(env, roof, rows, started.elapsed().as_secs_f64());
     if outputs.markdown {
-        print!("{}", report::markdown(&report));
+        print!("{}", report::markdown(&report.to_value()));
     } else {
         print!("{}", report::text(&report));
+    }
+    if let Some(old) = &old {
+        print!("{}", report::compare(&report.to_value(), old));
     }
     if let Some(path) = &outputs.json {
         write_file(path, &report.to_json())?;
@@ -410,10 +478,64 @@ fn bench_cmd(filter: &Filter, settings: BenchSettings, outputs: &BenchOutputs) -
     if let Some(path) = &outputs.svg {
         write_file(path, &report::roofline_svg(&report)?)?;
     }
+    println!("suite wall time {:.1} s", report.wall_seconds);
     let failed = report.failures();
     if failed > 0 {
         println!("{failed} case(s) failed their check");
         return Ok(ExitCode::FAILURE);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn host_only_cmd(filter: &Filter, json: Option<&Path>) -> Result<ExitCode> {
+    let cases = suite::headline(true, filter);
+    if cases.is_empty() {
+        println!("no case matches the filter");
+        return Ok(ExitCode::FAILURE);
+    }
+    let threads = rayon::current_num_threads();
+    println!(
+        "host half of the full-size suite (inputs and CPU references, no GPU) on {threads} threads, \
+         prepared for {} KiB of workgroup memory",
+        Target::NVIDIA_VULKAN.max_workgroup_storage >> 10
+    );
+    let started = std::time::Instant::now();
+    let mut rows = Vec::with_capacity(cases.len());
+    for case in &cases {
+        let row = bench::host_case(case.as_ref(), &Target::NVIDIA_VULKAN);
+        println!("{}", report::host_line(&row));
+        rows.push(row);
+    }
+    let total = started.elapsed().as_secs_f64();
+    print!("{}", report::host_summary(&rows, total, threads));
+    if let Some(path) = json {
+        let value = serde_json::json!({
+            "command": std::env::args().collect::<Vec<_>>().join(" "),
+            "date_utc": fusedops::util::utc_now(),
+            "threads": threads,
+            "total_seconds": total,
+            "cases": rows,
+        });
+        write_file(
+            path,
+            &serde_json::to_string_pretty(&value).expect("serialisable"),
+        )?;
+    }
+    let failed = rows.iter().filter(|r| r.error.is_some()).count();
+    Ok(if failed == 0 {
+        ExitCode::SUCCESS
+    } else {
+        println!("{failed} case(s) failed");
+        ExitCode::FAILURE
+    })
+}
+
+fn report_cmd(files: &[PathBuf]) -> Result<ExitCode> {
+    for (i, path) in files.iter().enumerate() {
+        if i > 0 {
+            println!();
+        }
+        print!("{}", report::markdown(&read_json(path)?));
     }
     Ok(ExitCode::SUCCESS)
 }

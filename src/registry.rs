@@ -47,7 +47,8 @@ pub enum Scale {
     Ci,
     /// The real preset sizes (`fusedops check --full`).
     Full,
-    /// Benchmark sizes for this adapter (shrunk on CPU adapters).
+    /// The headline benchmark suite at the size this adapter affords:
+    /// [`Operator::headline`] at full size on a GPU, shrunk on a CPU adapter.
     Bench,
 }
 
@@ -101,6 +102,61 @@ pub enum Bound {
     Compute,
 }
 
+/// How much of a case's output the reference checks: all of it, or a sample of rows, heads,
+/// tokens or sequences on cases too large for a whole CPU reference.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct Coverage {
+    pub checked: usize,
+    pub total: usize,
+    /// What is counted: `rows`, `tokens`, `sequences`.
+    pub unit: &'static str,
+}
+
+impl Coverage {
+    pub fn new(checked: usize, total: usize, unit: &'static str) -> Self {
+        Coverage {
+            checked,
+            total,
+            unit,
+        }
+    }
+
+    pub fn is_sampled(&self) -> bool {
+        self.checked < self.total
+    }
+}
+
+impl std::fmt::Display for Coverage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.is_sampled() {
+            write!(f, "{}/{} {}", self.checked, self.total, self.unit)
+        } else {
+            write!(f, "all {} {}", self.total, self.unit)
+        }
+    }
+}
+
+/// What the host half of a case may depend on from the device it prepares for: AMLA's
+/// emulation reference follows the tiles its plan picks from the workgroup-memory limit.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Target {
+    pub max_workgroup_storage: u32,
+}
+
+impl Target {
+    /// An NVIDIA GPU through Vulkan (48 KiB of workgroup memory per workgroup): what
+    /// `fusedops bench --host-only` prepares for.
+    pub const NVIDIA_VULKAN: Target = Target {
+        max_workgroup_storage: 48 << 10,
+    };
+
+    pub fn of(gpu: &Gpu) -> Self {
+        Target {
+            max_workgroup_storage: gpu.caps.max_workgroup_storage,
+        }
+    }
+}
+
 /// A case of an operator.
 pub trait Case {
     fn info(&self) -> CaseInfo;
@@ -108,12 +164,29 @@ pub trait Case {
     fn bytes(&self) -> u64;
     /// Useful floating-point operations.
     fn flops(&self) -> u64;
-    /// Whether the kernels that run use tensor cores (selects the compute roof).
+    /// Whether the kernels that run use tensor cores (selects the compute roof; `fusedops
+    /// bench` then also times the case with cooperative matrices off, beside it).
     fn uses_tensor_cores(&self, _gpu: &Gpu) -> bool {
         false
     }
-    /// Generate the inputs, upload them and compute the CPU reference.
-    fn prepare<'g>(&self, gpu: &'g Gpu) -> Result<Box<dyn Prepared + 'g>>;
+    /// The host half of preparing, which needs no GPU: generate the inputs the host must hold
+    /// and compute the CPU reference (of sampled rows on large cases). Inputs only the GPU reads
+    /// are made on the device from a seed by [`HostPrepared::upload`] ([`crate::seeded`]).
+    fn host(&self, target: &Target) -> Result<Box<dyn HostPrepared>>;
+    /// [`Case::host`] for `gpu`, then [`HostPrepared::upload`] to it.
+    fn prepare<'g>(&self, gpu: &'g Gpu) -> Result<Box<dyn Prepared + 'g>> {
+        self.host(&Target::of(gpu))?.upload(gpu)
+    }
+}
+
+/// A case's inputs and reference on the host, ready to go to any number of devices.
+pub trait HostPrepared {
+    /// Upload the inputs (making the seeded ones on the device), plan the operator and its
+    /// baseline. May be called again for another device: the host work is shared (host work
+    /// that depends on the device's plan is redone when the plan differs from the target's).
+    fn upload<'g>(&self, gpu: &'g Gpu) -> Result<Box<dyn Prepared + 'g>>;
+    /// How much of the output [`Prepared::verify`] compares with the reference.
+    fn coverage(&self) -> Coverage;
 }
 
 /// A case with its inputs on the GPU.
@@ -139,6 +212,9 @@ pub trait Operator: Sync {
     fn name(&self) -> &'static str;
     /// The cases at this scale. Bench cases may depend on the adapter (sizes that fit).
     fn cases(&self, scale: Scale, gpu: &Gpu) -> Vec<Box<dyn Case>>;
+    /// The operator's part of the headline suite that `fusedops bench` runs: at full size, or
+    /// at the size a CPU adapter finishes. Needs no GPU (`fusedops bench --host-only`).
+    fn headline(&self, full: bool) -> Vec<Box<dyn Case>>;
     /// The kernel paths this adapter gets (feature-dependent choices), as (what, choice) pairs
     /// for `fusedops info`.
     fn paths(&self, _gpu: &Gpu) -> Vec<(String, String)> {

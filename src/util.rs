@@ -3,6 +3,7 @@
 //! for the same seed and index on any machine and thread count), and plain text tables.
 
 use half::{bf16, f16};
+use rayon::prelude::*;
 
 use crate::error::{Error, Result};
 use crate::tensor::{DType, Tensor, TensorData};
@@ -47,20 +48,12 @@ pub fn unit(seed: u64, i: u64) -> f32 {
     (mix(seed, i) >> 40) as f32 / (1u64 << 23) as f32 - 1.0
 }
 
-/// Fill `out` with `value(i)` on every core (bench weights reach gigabytes).
+/// Fill `out` with `value(i)` on every core (bench inputs reach hundreds of megabytes).
 pub fn fill_parallel<T: Send>(out: &mut [T], value: impl Fn(usize) -> T + Sync) {
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let chunk = out.len().div_ceil(threads).max(1 << 16);
-    std::thread::scope(|s| {
-        for (c, part) in out.chunks_mut(chunk).enumerate() {
-            let value = &value;
-            s.spawn(move || {
-                for (j, slot) in part.iter_mut().enumerate() {
-                    *slot = value(c * chunk + j);
-                }
-            });
-        }
-    });
+    out.par_iter_mut()
+        .with_min_len(1 << 14)
+        .enumerate()
+        .for_each(|(i, slot)| *slot = value(i));
 }
 
 /// A float tensor of `dtype` holding `value(i)` rounded to it, made on every core.
