@@ -248,11 +248,16 @@ fn bench_report(
         let environment = Environment::of(gpu);
         let roof = roofline::measure(gpu, &ProbeSizes::for_gpu(gpu))?;
         let settings = BenchSettings { warmup, iters };
+        // One GPU context: no second, cooperative-matrix-free device for SIMT comparison rows
+        // (`fusedops bench` adds those on adapters with cooperative matrices).
+        let devices = bench::Devices { gpu, simt: None };
+        let started = std::time::Instant::now();
         let rows = cases
             .iter()
-            .map(|case| bench::bench_case(case.as_ref(), gpu, &roof, settings))
+            .flat_map(|case| bench::bench_case(case.as_ref(), &devices, &roof, settings))
             .collect();
-        let mut report = BenchReport::new(environment, roof, rows);
+        let wall_seconds = started.elapsed().as_secs_f64();
+        let mut report = BenchReport::new(environment, roof, rows, wall_seconds);
         report.command = command;
         Ok(report.to_json())
     })
