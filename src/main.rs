@@ -9,6 +9,7 @@ use fusedops::bench::{self, BenchSettings, Environment, Filter, parse_key_value}
 use fusedops::check::compare;
 use fusedops::error::{Error, Result};
 use fusedops::gpu::{Feature, Gpu, GpuOptions};
+use fusedops::io::OutputFile;
 use fusedops::registry::{Operator, Scale, Target};
 use fusedops::report::{self, BenchReport, probe_lines};
 use fusedops::roofline::{self, ProbeSizes};
@@ -232,9 +233,10 @@ fn run(cli: Cli) -> Result<ExitCode> {
             tiling_data,
             timeline,
         } => {
+            let timeline_file = timeline.as_deref().map(OutputFile::create).transpose()?;
             let plan = fusedops::ascend::plan_command(&op, &chip, preset.as_deref(), &shape)?;
-            if let Some(path) = &timeline {
-                write_file(path, &plan.timeline_svg()?)?;
+            if let Some(file) = timeline_file {
+                file.commit(plan.timeline_svg()?.as_bytes())?;
             }
             if tiling_data {
                 print!("{}", plan.tiling_data_cpp());
@@ -398,11 +400,23 @@ struct BenchOutputs {
     compare: Option<PathBuf>,
 }
 
-fn write_file(path: &Path, contents: &str) -> Result<()> {
-    std::fs::write(path, contents).map_err(|source| Error::Io {
-        path: path.display().to_string(),
-        source,
-    })
+/// The report files, checked writable before anything runs (see [`OutputFile`]).
+fn report_files(outputs: &BenchOutputs) -> Result<(Option<OutputFile>, Option<OutputFile>)> {
+    if let (Some(json), Some(svg)) = (&outputs.json, &outputs.svg) {
+        if fusedops::io::same_file(json, svg) {
+            return Err(Error::Format {
+                what: "--json and --svg".into(),
+                why: format!("both name {}; give two files", json.display()),
+            });
+        }
+    }
+    let json = outputs
+        .json
+        .as_deref()
+        .map(OutputFile::create)
+        .transpose()?;
+    let svg = outputs.svg.as_deref().map(OutputFile::create).transpose()?;
+    Ok((json, svg))
 }
 
 fn read_json(path: &Path) -> Result<serde_json::Value> {
@@ -417,6 +431,7 @@ fn read_json(path: &Path) -> Result<serde_json::Value> {
 }
 
 fn bench_cmd(filter: &Filter, settings: BenchSettings, outputs: &BenchOutputs) -> Result<ExitCode> {
+    let (json_file, svg_file) = report_files(outputs)?;
     let gpu = Gpu::new()?;
     // Read the earlier report first: a bad file fails before minutes of benchmarking.
     let old = outputs.compare.as_deref().map(read_json).transpose()?;
@@ -472,11 +487,11 @@ fn bench_cmd(filter: &Filter, settings: BenchSettings, outputs: &BenchOutputs) -
     if let Some(old) = &old {
         print!("{}", report::compare(&report.to_value(), old));
     }
-    if let Some(path) = &outputs.json {
-        write_file(path, &report.to_json())?;
+    if let Some(file) = json_file {
+        file.commit(report.to_json().as_bytes())?;
     }
-    if let Some(path) = &outputs.svg {
-        write_file(path, &report::roofline_svg(&report)?)?;
+    if let Some(file) = svg_file {
+        file.commit(report::roofline_svg(&report)?.as_bytes())?;
     }
     println!("suite wall time {:.1} s", report.wall_seconds);
     let failed = report.failures();
@@ -488,6 +503,7 @@ fn bench_cmd(filter: &Filter, settings: BenchSettings, outputs: &BenchOutputs) -
 }
 
 fn host_only_cmd(filter: &Filter, json: Option<&Path>) -> Result<ExitCode> {
+    let json_file = json.map(OutputFile::create).transpose()?;
     let cases = suite::headline(true, filter);
     if cases.is_empty() {
         println!("no case matches the filter");
@@ -508,7 +524,7 @@ fn host_only_cmd(filter: &Filter, json: Option<&Path>) -> Result<ExitCode> {
     }
     let total = started.elapsed().as_secs_f64();
     print!("{}", report::host_summary(&rows, total, threads));
-    if let Some(path) = json {
+    if let Some(file) = json_file {
         let value = serde_json::json!({
             "command": std::env::args().collect::<Vec<_>>().join(" "),
             "date_utc": fusedops::util::utc_now(),
@@ -516,9 +532,10 @@ fn host_only_cmd(filter: &Filter, json: Option<&Path>) -> Result<ExitCode> {
             "total_seconds": total,
             "cases": rows,
         });
-        write_file(
-            path,
-            &serde_json::to_string_pretty(&value).expect("serialisable"),
+        file.commit(
+            serde_json::to_string_pretty(&value)
+                .expect("serialisable")
+                .as_bytes(),
         )?;
     }
     let failed = rows.iter().filter(|r| r.error.is_some()).count();
@@ -571,16 +588,25 @@ fn run_cmd(
                 })?,
                 None => text.to_string(),
             };
-            serde_json::from_str(&text).map_err(|e| Error::Format {
-                what: "--params".into(),
-                why: e.to_string(),
-            })?
+            fusedops::registry::parse_params(&text)?
         }
     };
+    if fusedops::io::same_file(input, output) {
+        return Err(Error::Format {
+            what: "--output".into(),
+            why: format!(
+                "{} is the input file (--input {}); writing it would destroy the input",
+                output.display(),
+                input.display()
+            ),
+        });
+    }
+    // Checked before the work: a run never ends with outputs that cannot be written.
+    let output_file = OutputFile::create(output)?;
     let inputs = fusedops::io::load(input)?;
     let gpu = Gpu::new()?;
     let outputs = operator.run_named(&gpu, &inputs, &params)?;
-    fusedops::io::save(output, &outputs)?;
+    output_file.commit(&fusedops::io::to_bytes(&outputs)?)?;
     for (name, t) in &outputs {
         println!("{name}: {:?} {}", t.shape(), t.dtype());
     }

@@ -17,7 +17,7 @@ use crate::error::{Error, Result};
 use crate::gpu::{Gpu, Recorder};
 use crate::registry::{
     Case, CaseInfo, Checked, Coverage, HostPrepared, NamedTensors, Operator, Prepared, Scale,
-    Target, input, params_from_json,
+    Target, check_input_names, input, params_from_json,
 };
 use crate::seeded::Seeded;
 use crate::tensor::{DType, DeviceTensor, Tensor};
@@ -938,12 +938,41 @@ pub struct RunParams {
 }
 
 /// The `split` field of [`RunParams`].
-#[derive(Clone, Debug, serde::Deserialize)]
-#[serde(untagged)]
+#[derive(Clone, Debug)]
 pub enum SplitParam {
     Word(String),
     Chunk { chunk: u32 },
     Target { target_workgroups: u32 },
+}
+
+/// By hand rather than `untagged`, whose error ("did not match any variant") names neither the
+/// value nor what is allowed.
+impl<'de> serde::Deserialize<'de> for SplitParam {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        let value = serde_json::Value::deserialize(d)?;
+        let bad = || {
+            serde::de::Error::custom(format!(
+                "{value} is not a split (expected \"auto\", \"off\", {{\"chunk\": keys}} or \
+                 {{\"target_workgroups\": n}}, numbers in 0..=4294967295)"
+            ))
+        };
+        let count = |v: &serde_json::Value| {
+            v.as_u64()
+                .and_then(|n| u32::try_from(n).ok())
+                .ok_or_else(bad)
+        };
+        match &value {
+            serde_json::Value::String(word) => Ok(SplitParam::Word(word.clone())),
+            serde_json::Value::Object(map) if map.len() == 1 => match map.iter().next() {
+                Some((key, v)) if key == "chunk" => Ok(SplitParam::Chunk { chunk: count(v)? }),
+                Some((key, v)) if key == "target_workgroups" => Ok(SplitParam::Target {
+                    target_workgroups: count(v)?,
+                }),
+                _ => Err(bad()),
+            },
+            _ => Err(bad()),
+        }
+    }
 }
 
 impl RunParams {
@@ -983,6 +1012,11 @@ struct NamedInputs<'a> {
 }
 
 fn named_inputs(inputs: &NamedTensors) -> Result<NamedInputs<'_>> {
+    check_input_names(
+        "amla",
+        inputs,
+        &["q", "kv_cache", "block_table", "cache_seqlens"],
+    )?;
     Ok(NamedInputs {
         q: input("amla", inputs, "q")?,
         kv_cache: input("amla", inputs, "kv_cache")?,

@@ -11,7 +11,7 @@ use crate::error::{Error, Result};
 use crate::gpu::{Gpu, Recorder};
 use crate::registry::{
     Case, CaseInfo, Checked, Coverage, HostPrepared, NamedTensors, Operator, Prepared, Scale,
-    Target, input, params_from_json,
+    Target, check_input_names, input, params_from_json,
 };
 use crate::tensor::{DType, DeviceTensor, Tensor};
 
@@ -243,7 +243,7 @@ impl RouterCase {
         }
     }
 
-    fn rows(&self) -> usize {
+    fn rows(&self) -> Result<usize> {
         let c = &self.config;
         reference::row_capacity(self.tokens, c.top_k, c.experts, c.block_size)
     }
@@ -408,7 +408,8 @@ impl Case for RouterCase {
                     Some((h, dtype)) => (t * h as u64 + h as u64 * e) * dtype.size() as u64,
                 };
                 let extras = 4 * e * (self.bias as u64 + self.router_scale as u64);
-                let rows = self.rows() as u64;
+                // A case whose rows do not fit fails in prepare(); its size does not matter.
+                let rows = self.rows().unwrap_or(0) as u64;
                 let row_blocks = rows.div_ceil(c.block_size as u64);
                 let layout = 4 * (e + e + 1 + rows + t * k + row_blocks + c.groups as u64 + 1);
                 scores + extras + 2 * 4 * t * k + layout
@@ -445,7 +446,7 @@ impl Case for RouterCase {
             Stage::Route => None,
             Stage::Combine { cols, dtype } => {
                 let (t, k) = (self.tokens, self.config.top_k);
-                let rows = self.rows();
+                let rows = self.rows()?;
                 let mut rng = SplitMix(self.seed ^ 0xc0b1);
                 // Padding rows hold NaN: a read of one would poison the output.
                 let mut y = vec![f32::NAN; rows * cols];
@@ -846,13 +847,38 @@ fn check_y_rows(y: &Tensor, rows: usize) -> Result<()> {
             OP,
             "y",
             other,
-            format!("[{rows}, n] (one row per dispatch row: t*k + e*(block_size - 1))"),
+            format!("[{rows}, n] (one row per dispatch row: t*k + min(t*k, e)*(block_size - 1))"),
         )),
     }
 }
 
+/// The tensors `fusedops run merrouter` takes.
+const INPUT_NAMES: [&str; 6] = [
+    "logits",
+    "hidden",
+    "gate_weight",
+    "bias",
+    "router_scale",
+    "y",
+];
+
 /// `logits`, or `hidden` + `gate_weight`; optional `bias`, `router_scale`.
 fn named_inputs(inputs: &NamedTensors) -> Result<(ScoreTensors, Option<&Tensor>, Option<&Tensor>)> {
+    check_input_names(OP, inputs, &INPUT_NAMES)?;
+    if inputs.contains_key("logits") && inputs.contains_key("hidden") {
+        return Err(Error::invalid(
+            OP,
+            "input tensors",
+            "give \"logits\" or \"hidden\" with \"gate_weight\", not both",
+        ));
+    }
+    if inputs.contains_key("logits") && inputs.contains_key("gate_weight") {
+        return Err(Error::invalid(
+            OP,
+            "input tensor \"gate_weight\"",
+            "it goes with \"hidden\" (the fused gate), not with \"logits\"",
+        ));
+    }
     let scores = if inputs.contains_key("logits") {
         (input(OP, inputs, "logits")?.clone(), None)
     } else if inputs.contains_key("hidden") {

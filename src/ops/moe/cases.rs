@@ -22,7 +22,7 @@ use crate::ops::merrouter::{
 use crate::ops::swiftgmm::{ExpertWeights, Layout, Mode, Tiling};
 use crate::registry::{
     Case, CaseInfo, Checked, Coverage, HostPrepared, NamedTensors, Operator, Prepared, Scale,
-    Target, input, params_from_json,
+    Target, check_input_names, input, params_from_json,
 };
 use crate::seeded::Seeded;
 use crate::tensor::{DType, DeviceTensor, Tensor};
@@ -813,6 +813,18 @@ struct RunParams {
     tiling: Tiling,
 }
 
+/// The tensors `fusedops run moe` takes.
+const INPUT_NAMES: [&str; 8] = [
+    "hidden",
+    "gate_weight",
+    "gate_up",
+    "down",
+    "bias",
+    "router_scale",
+    "shared_gate_up",
+    "shared_down",
+];
+
 /// The named inputs of `fusedops run` and the config they describe.
 struct NamedInputs<'a> {
     config: MoeConfig,
@@ -825,6 +837,7 @@ struct NamedInputs<'a> {
 impl<'a> NamedInputs<'a> {
     fn parse(inputs: &'a NamedTensors, params: &serde_json::Value) -> Result<Self> {
         let p: RunParams = params_from_json(OP, params)?;
+        check_input_names(OP, inputs, &INPUT_NAMES)?;
         let mut config = MoeConfig::preset(p.preset.as_deref().unwrap_or("pangu-pro-moe"))?;
         if let Some(router) = &p.router {
             config.router = router.clone();

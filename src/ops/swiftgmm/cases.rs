@@ -14,7 +14,7 @@ use rayon::prelude::*;
 
 use crate::registry::{
     Case, CaseInfo, Checked, Coverage, HostPrepared, NamedTensors, Operator, Prepared, Scale,
-    Target, input, params_from_json,
+    Target, check_input_names, input, params_from_json,
 };
 use crate::seeded::Seeded;
 use crate::tensor::{DType, DeviceTensor, Tensor};
@@ -1118,6 +1118,7 @@ struct NamedInputs<'a> {
 impl<'a> NamedInputs<'a> {
     fn parse(inputs: &'a NamedTensors, params: &serde_json::Value) -> Result<Self> {
         let p: RunParams = params_from_json(OP, params)?;
+        check_input_names(OP, inputs, &["x", "w", "offsets", "counts", "row_scale"])?;
         let groups = match (inputs.get("offsets"), inputs.get("counts")) {
             (Some(o), None) => Groups::from_tensor(o, false)?,
             (None, Some(c)) => Groups::from_tensor(c, true)?,

@@ -249,12 +249,28 @@ impl Groups {
                 "[e + 1] offsets or [e] counts",
             ));
         }
+        if t.numel() < 1 + usize::from(!counts) {
+            return Err(Error::shape(
+                OP,
+                what,
+                t.shape(),
+                if counts {
+                    "[e] counts with e >= 1 (an empty list has no groups)"
+                } else {
+                    "[e + 1] offsets with e >= 1 (an empty list has no groups)"
+                },
+            ));
+        }
         let values: Vec<u32> = match (t.as_i32(), t.as_u32()) {
             (Some(v), _) => v
                 .iter()
-                .map(|&x| u32::try_from(x))
-                .collect::<std::result::Result<_, _>>()
-                .map_err(|_| Error::invalid(OP, what, "negative value"))?,
+                .enumerate()
+                .map(|(i, &x)| {
+                    u32::try_from(x).map_err(|_| {
+                        Error::invalid(OP, format!("{what}[{i}]"), format!("{x} is negative"))
+                    })
+                })
+                .collect::<Result<_>>()?,
             (_, Some(v)) => v.to_vec(),
             _ => {
                 return Err(Error::unsupported(
@@ -1267,7 +1283,10 @@ fn check_host(
 ) -> Result<(Problem, Vec<u32>)> {
     let (experts, dims) = weight_dims(w.shape())?;
     let counts = matches!(groups, Groups::Counts(_));
-    let groups_len = [groups.experts() + usize::from(!counts)];
+    let groups_len = [match groups {
+        Groups::Offsets(o) => o.len(),
+        Groups::Counts(c) => c.len(),
+    }];
     let problem = Problem::check(
         Desc {
             shape: x.shape(),
