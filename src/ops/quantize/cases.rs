@@ -8,7 +8,7 @@ use crate::error::Result;
 use crate::gpu::{Gpu, Recorder};
 use crate::registry::{
     Case, CaseInfo, Checked, Coverage, HostPrepared, NamedTensors, Operator, Prepared, Scale,
-    Target, input, params_from_json,
+    Target, check_input_names, input, params_from_json,
 };
 use crate::tensor::{DType, DeviceTensor, Tensor};
 use crate::util::unit;
@@ -322,6 +322,7 @@ impl Operator for QuantizeOperator {
         params: &serde_json::Value,
     ) -> Result<NamedTensors> {
         let _: RunParams = params_from_json(OP, params)?;
+        check_input_names(OP, inputs, &["x"])?;
         let out = super::quantize(gpu, input(OP, inputs, "x")?)?;
         Ok(NamedTensors::from([
             ("q".to_string(), out.q),
@@ -335,6 +336,7 @@ impl Operator for QuantizeOperator {
         params: &serde_json::Value,
     ) -> Result<NamedTensors> {
         let _: RunParams = params_from_json(OP, params)?;
+        check_input_names(OP, inputs, &["x"])?;
         let x = input(OP, inputs, "x")?;
         check_input(x)?;
         let out = reference::quantize(x)?;

@@ -1118,7 +1118,20 @@ struct NamedInputs<'a> {
 impl<'a> NamedInputs<'a> {
     fn parse(inputs: &'a NamedTensors, params: &serde_json::Value) -> Result<Self> {
         let p: RunParams = params_from_json(OP, params)?;
-        check_input_names(OP, inputs, &["x", "w", "offsets", "counts", "row_scale"])?;
+        check_input_names(
+            OP,
+            inputs,
+            &[
+                "x",
+                "w",
+                "offsets",
+                "counts",
+                "row_scale",
+                "x_scale",
+                "w_scale",
+                "w_offset",
+            ],
+        )?;
         let groups = match (inputs.get("offsets"), inputs.get("counts")) {
             (Some(o), None) => Groups::from_tensor(o, false)?,
             (None, Some(c)) => Groups::from_tensor(c, true)?,
