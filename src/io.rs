@@ -158,10 +158,18 @@ mod tests {
 
     #[test]
     fn unsupported_dtype_and_corrupt_files_are_errors() {
-        let err = parse(Path::new("m"), &file_with(Dtype::I16, vec![2], &[1, 2, 3, 4])).unwrap_err();
+        let err = parse(
+            Path::new("m"),
+            &file_with(Dtype::I16, vec![2], &[1, 2, 3, 4]),
+        )
+        .unwrap_err();
         assert!(err.to_string().contains("\"x\""), "{err}");
         // FP8 E4M3 (PyTorch's float8_e4m3fn) loads as raw bytes.
-        let t = parse(Path::new("m"), &file_with(Dtype::F8_E4M3, vec![2], &[0x38, 0xff])).unwrap();
+        let t = parse(
+            Path::new("m"),
+            &file_with(Dtype::F8_E4M3, vec![2], &[0x38, 0xff]),
+        )
+        .unwrap();
         assert_eq!(t["x"].as_u8().unwrap(), &[0x38, 0xff]);
         let err = parse(Path::new("broken.safetensors"), b"not a file").unwrap_err();
         assert!(err.to_string().contains("broken.safetensors"), "{err}");

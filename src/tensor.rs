@@ -446,7 +446,10 @@ mod tests {
         let t = Tensor::u8(&[2, 3], vec![0, 1, 127, 128, 254, 255]).unwrap();
         assert_eq!((t.dtype().size(), t.size_bytes()), (1, 6));
         assert_eq!(t.bytes(), &[0, 1, 127, 128, 254, 255]);
-        assert_eq!(Tensor::from_bytes(&[2, 3], DType::U8, t.bytes()).unwrap(), t);
+        assert_eq!(
+            Tensor::from_bytes(&[2, 3], DType::U8, t.bytes()).unwrap(),
+            t
+        );
         assert_eq!(t.as_u8(), Some(&[0u8, 1, 127, 128, 254, 255][..]));
         assert!(!DType::U8.is_float());
         assert_eq!("uint8".parse::<DType>().unwrap(), DType::U8);

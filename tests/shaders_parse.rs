@@ -1,5 +1,6 @@
 //! Every shader in shaders/ parses and validates through naga, no GPU needed. Kernels are checked
-//! as the pipeline cache compiles them: composed with shaders/common.wgsl.
+//! as the pipeline cache compiles them: composed with shaders/common.wgsl and, for an operator
+//! with a shared library `<op>_shared.wgsl`, with that library first.
 
 use std::path::Path;
 
@@ -35,7 +36,14 @@ fn every_shader_parses_and_validates() {
         let source = if name == "common.wgsl" {
             raw
         } else {
-            fusedops::gpu::compose_shader(&raw)
+            let op = name.split('_').next().unwrap_or_default();
+            let shared = dir.join(format!("{op}_shared.wgsl"));
+            if shared.exists() && name != format!("{op}_shared.wgsl") {
+                let library = std::fs::read_to_string(&shared).unwrap();
+                fusedops::gpu::compose_shader(&(library + &raw))
+            } else {
+                fusedops::gpu::compose_shader(&raw)
+            }
         };
         if let Err(e) = validate(&name, &source) {
             failures.push(e);

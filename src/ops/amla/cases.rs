@@ -4,8 +4,8 @@
 use super::inputs::{AmlaInputs, ColumnFill, InputSpec, Pattern};
 use super::reference::{self, Emulation, Exact};
 use super::{
-    AmlaBindings, AmlaParams, AmlaPlan, AmlaSchedule, AmlaShape, D_QK, D_V, PPrecision, Rescale,
-    Split, TileConfig, visible_keys,
+    AmlaBindings, AmlaParams, AmlaPlan, AmlaSchedule, AmlaShape, D_QK, D_V, KvFormat, PPrecision,
+    Rescale, Split, TileConfig, kv_row_bytes, visible_keys,
 };
 use crate::check::{Tolerance, compare};
 use crate::error::{Error, Result};
@@ -16,9 +16,35 @@ use crate::registry::{
 use crate::tensor::{DType, DeviceTensor, Tensor};
 
 /// Tolerance of `out` against the exact reference: FlashMLA's (abs 8e-4 or rel 2.01/128 per
-/// element, cosine difference < 5e-6) for every dtype and variant.
+/// element, cosine difference < 5e-6).
 pub fn out_tolerance() -> Tolerance {
     Tolerance::new(8e-4, 2.01 / 128.0).with_cos_diff(5e-6)
+}
+
+/// Tolerance of `out` against the exact reference for a variant: FlashMLA's ([`out_tolerance`])
+/// when P stays f32, relaxed by what rounding P to b significant bits (f16: 11, bf16: 8) is
+/// allowed to cost. Each P̃ is then within 2^-b (half a step, relative) of p c_hat, so an output,
+/// an average of v values, moves by at most `2^-b · max|v|` (`max_abs_v` from
+/// [`reference::max_abs_v`]); with AMLA, c_hat is rounded too, |cof - 1| <= 2^-b, and a step's
+/// first-order compensation of cof_old / cof_new = 1 + ε (|ε| <= 2^(1-b)) leaves at most
+/// |ε|/2 = 2^-b of the old O, another `2^-b · max|v|`. The abs part grows by these. The cosine
+/// difference of independent rounding errors (uniform, relative half-width 2^-b, variance
+/// 2^-2b/3) on zero-mean v is about 2^-2b/6 (the cosine's denominator counts both sides), AMLA's
+/// residuals add about as much: the bound grows by 2 · 2^-2b, six times that.
+pub fn exact_out_tolerance(rescale: Rescale, rounding: PPrecision, max_abs_v: f64) -> Tolerance {
+    let bits: i32 = match rounding {
+        PPrecision::F32 => return out_tolerance(),
+        PPrecision::F16 => 11,
+        PPrecision::BF16 | PPrecision::Cache => 8,
+    };
+    let terms = if rescale == Rescale::Amla { 2.0 } else { 1.0 };
+    let half_step = 2f64.powi(-bits);
+    let base = out_tolerance();
+    Tolerance {
+        abs: base.abs + terms * half_step * max_abs_v,
+        max_cos_diff: base.max_cos_diff.map(|c| c + 2.0 * half_step * half_step),
+        ..base
+    }
 }
 
 /// Tolerance of `lse` against the exact reference: FlashMLA's (abs 1e-6 or rel 8.01/65536). The
@@ -26,44 +52,6 @@ pub fn out_tolerance() -> Tolerance {
 /// f32 scores and the f32 row sum of unrounded P, so 16-bit inputs need no relaxation.
 pub fn lse_tolerance() -> Tolerance {
     Tolerance::new(1e-6, 8.01 / 65536.0)
-}
-
-/// Tolerance of `out` against the emulation rounded to the output dtype ([`round_to`]).
-///
-/// The two cannot agree bit for bit on every GPU: WGSL lets `exp2` be off by 3 + 2|x| ulp and
-/// `fma` be unfused. What remains is one unit in the last place of a 16-bit output (where their
-/// f32 values straddle a rounding boundary) and, with P in f32, about 1e-7 relative. With P in
-/// f16 such a difference occasionally flips the rounding of one P value by an f16 ulp (2^-11
-/// relative), moving its row by up to a few 1e-4. The cosine difference stays below 1e-11 for
-/// f32 out with P in f32 (observed: about 1e-14), below 1e-9 with P in f16 or f16 out
-/// (observed: up to 1.5e-10) and below 2e-8 for bf16 out (one-ulp flips: observed up to 3e-9),
-/// against 5e-6 for the exact reference; leaving out AMLA's rounding compensation shows up as
-/// about 1e-8 with f32 out. These figures hold for scores within 16 binades (random data stays
-/// below 10); larger scores (`max_score`, from the emulation) carry proportionally larger f32
-/// rounding errors, and the bounds grow with them.
-pub fn emulation_out_tolerance(out_dtype: DType, p: PPrecision, max_score: f32) -> Tolerance {
-    let ulp = match out_dtype {
-        DType::BF16 => 1.0 / 128.0,
-        DType::F16 => 1.0 / 1024.0,
-        _ => 0.0,
-    };
-    let abs = match p {
-        PPrecision::F32 => 2e-6,
-        PPrecision::F16 => 5e-4,
-    };
-    let cos = match (out_dtype, p) {
-        (DType::BF16, _) => 2e-8,
-        (DType::F16, _) | (_, PPrecision::F16) => 1e-9,
-        _ => 1e-11,
-    };
-    let score = (max_score as f64 / 16.0).max(1.0);
-    Tolerance::new(abs * score, ulp + 2e-5 * score)
-        .with_cos_diff(cos + 1e-11 * (score * score - 1.0))
-}
-
-/// Tolerance of `lse` against the emulation (observed: below 1e-6 absolute).
-pub fn emulation_lse_tolerance() -> Tolerance {
-    Tolerance::new(2e-6, 1e-6)
 }
 
 /// f32 values rounded to `dtype` (ties to even), as the kernel stores `out`.
@@ -94,13 +82,6 @@ fn rescale_name(r: Rescale) -> &'static str {
     }
 }
 
-fn p_name(p: PPrecision) -> &'static str {
-    match p {
-        PPrecision::F32 => "f32",
-        PPrecision::F16 => "f16",
-    }
-}
-
 fn split_name(s: Split) -> String {
     match s {
         Split::Off => "off".into(),
@@ -121,7 +102,10 @@ impl AmlaCase {
         params: AmlaParams,
         seed: u64,
     ) -> Self {
-        let spec = InputSpec::new(seqlens, s_q, h_q, page, dtype);
+        let mut spec = InputSpec::new(seqlens, s_q, h_q, page, dtype);
+        if params.kv_format != KvFormat::Float {
+            spec = spec.quantized(params.kv_format);
+        }
         let mut case = AmlaCase {
             name: String::new(),
             preset,
@@ -149,9 +133,9 @@ impl AmlaCase {
             s.h_q,
             if uniform { "" } else { "<=" },
             max,
-            s.kv_dtype,
+            s.kv_label(),
             rescale_name(self.params.rescale),
-            p_name(self.params.p_precision),
+            self.params.p_precision.name(),
             if self.params.causal { " causal" } else { "" },
         )
     }
@@ -189,24 +173,24 @@ impl Case for AmlaCase {
                 ("h_q".into(), s.h_q.to_string()),
                 ("s_k".into(), max.to_string()),
                 ("page".into(), s.page_size.to_string()),
-                ("dtype".into(), s.kv_dtype.to_string()),
+                ("dtype".into(), s.kv_label().to_string()),
                 ("rescale".into(), rescale_name(self.params.rescale).into()),
-                ("p".into(), p_name(self.params.p_precision).into()),
+                ("p".into(), self.params.p_precision.name().into()),
                 ("split".into(), split_name(self.params.split)),
                 ("causal".into(), self.params.causal.to_string()),
             ],
         }
     }
 
-    /// q, the cache rows the sequences use, the block-table entries they use and the lengths,
-    /// read once; out and lse written once.
+    /// q, the cache rows the sequences use (as stored: 656 bytes per token for an 8-bit cache),
+    /// the block-table entries they use and the lengths, read once; out and lse written once.
     fn bytes(&self) -> u64 {
         let s = &self.spec;
         let rows = (s.seqlens.len() * s.s_q * s.h_q) as u64;
         let keys: u64 = s.seqlens.iter().map(|&l| l as u64).sum();
         let pages: u64 = s.seqlens.iter().map(|&l| s.pages(l) as u64).sum();
         rows * (D_QK * s.q_dtype.size()) as u64
-            + keys * (D_QK * s.kv_dtype.size()) as u64
+            + keys * kv_row_bytes(s.kv_dtype) as u64
             + rows * (D_V * s.q_dtype.size()) as u64
             + rows * 4
             + 4 * (pages + s.seqlens.len() as u64)
@@ -249,12 +233,18 @@ impl Case for AmlaCase {
         } else {
             None
         };
+        let exact_tolerance = exact_out_tolerance(
+            self.params.rescale,
+            main.plan.p_rounding(),
+            reference::max_abs_v(&x.kv_cache, self.params.kv_format),
+        );
         Ok(Box::new(AmlaPrepared {
             gpu,
             shape,
             main,
             baseline,
             exact,
+            exact_tolerance,
             emulation,
             _inputs: (q, kv),
         }))
@@ -299,6 +289,7 @@ struct AmlaPrepared<'g> {
     main: Run,
     baseline: Option<Run>,
     exact: Exact,
+    exact_tolerance: Tolerance,
     emulation: Emulation,
     _inputs: (DeviceTensor, DeviceTensor),
 }
@@ -320,7 +311,7 @@ impl Prepared for AmlaPrepared<'_> {
             Checked::new(
                 "out",
                 &out_shape,
-                compare(&out, &self.exact.out, out_tolerance()),
+                compare(&out, &self.exact.out, self.exact_tolerance),
             ),
             Checked::new(
                 "lse",
@@ -333,17 +324,13 @@ impl Prepared for AmlaPrepared<'_> {
                 compare(
                     &out,
                     &round_to(self.shape.out_dtype, &self.emulation.out),
-                    emulation_out_tolerance(
-                        self.shape.out_dtype,
-                        self.main.plan.params().p_precision,
-                        self.emulation.max_score,
-                    ),
+                    self.emulation.out_tolerance(self.shape.out_dtype),
                 ),
             ),
             Checked::new(
                 "lse~emulation",
                 &lse_shape,
-                compare(&lse, &self.emulation.lse, emulation_lse_tolerance()),
+                compare(&lse, &self.emulation.lse, self.emulation.lse_tolerance()),
             ),
         ])
     }
@@ -367,6 +354,15 @@ fn params(rescale: Rescale, p: PPrecision, split: Split, causal: bool) -> AmlaPa
         rescale,
         p_precision: p,
         split,
+        kv_format: KvFormat::Float,
+    }
+}
+
+/// `p` for an 8-bit cache of `format`.
+fn packed(format: KvFormat, p: AmlaParams) -> AmlaParams {
+    AmlaParams {
+        kv_format: format,
+        ..p
     }
 }
 
@@ -377,7 +373,8 @@ fn spread(b: usize, max: usize, seed: u64) -> Vec<usize> {
 }
 
 fn ci_cases() -> Vec<AmlaCase> {
-    use PPrecision::{F16, F32};
+    use KvFormat::{Fp8, Int8};
+    use PPrecision::{Cache, F16, F32};
     use Rescale::{Amla, Multiply};
     let chunk = |keys| Split::Chunk { keys };
     let auto = |t| Split::Auto {
@@ -483,6 +480,37 @@ fn ci_cases() -> Vec<AmlaCase> {
                 }),
             },
         ),
+        // P and c_hat in bf16 (the cache's type), and the 8-bit caches.
+        AmlaCase::new(
+            p,
+            &[0, 1, 45, 130],
+            1,
+            16,
+            16,
+            DType::BF16,
+            params(Amla, Cache, chunk(32), false),
+            1,
+        ),
+        AmlaCase::new(
+            p,
+            &[3, 70, 129],
+            1,
+            16,
+            16,
+            DType::BF16,
+            packed(Fp8, params(Amla, Cache, Split::Off, false)),
+            7,
+        ),
+        AmlaCase::new(
+            p,
+            &[50, 33],
+            2,
+            8,
+            32,
+            DType::BF16,
+            packed(Int8, params(Multiply, F32, auto(8), true)),
+            8,
+        ),
     ]
 }
 
@@ -527,6 +555,21 @@ fn full_cases() -> Vec<AmlaCase> {
         params(Rescale::Multiply, PPrecision::F32, Split::default(), false),
         21,
     ));
+    for (format, seed) in [(KvFormat::Fp8, 22), (KvFormat::Int8, 23)] {
+        cases.push(AmlaCase::new(
+            d,
+            &spread(64, 4096, seed),
+            1,
+            16,
+            64,
+            DType::BF16,
+            packed(
+                format,
+                params(Rescale::Amla, PPrecision::Cache, Split::default(), false),
+            ),
+            seed,
+        ));
+    }
     cases
 }
 
@@ -549,8 +592,13 @@ fn bench_cases(gpu: &Gpu) -> Vec<AmlaCase> {
     } else {
         (128, 4096, 128)
     };
+    // The 8-bit caches beside their bf16 twin: same shape, same values before quantization.
+    let fp8 = packed(KvFormat::Fp8, amla);
+    let int8 = packed(KvFormat::Int8, amla);
     vec![
         AmlaCase::new(d, &vec![sk; b], 1, 16, 64, DType::BF16, amla, 30),
+        AmlaCase::new(d, &vec![sk; b], 1, 16, 64, DType::BF16, fp8, 30),
+        AmlaCase::new(d, &vec![sk; b], 1, 16, 64, DType::BF16, int8, 30),
         AmlaCase::new(d, &vec![sk; b], 1, 16, 64, DType::BF16, multiply, 30),
         AmlaCase::new(d, &vec![sk; b], 1, 16, 64, DType::BF16, amla16, 30),
         AmlaCase::new(d, &vec![sk; b_big_h], 1, 128, 64, DType::BF16, amla, 31),
@@ -573,8 +621,9 @@ fn bench_cases(gpu: &Gpu) -> Vec<AmlaCase> {
 }
 
 /// Parameters of `fusedops run --params` (JSON): `softmax_scale` (default 1/sqrt(576)),
-/// `causal` (false), `rescale` ("amla" | "multiply"), `p_precision` ("f32" | "f16"), `split`
-/// ("auto" | "off" | {"chunk": keys} | {"target_workgroups": n}).
+/// `causal` (false), `rescale` ("amla" | "multiply"), `p_precision` ("f32" | "f16" | "bf16" |
+/// "cache"), `split` ("auto" | "off" | {"chunk": keys} | {"target_workgroups": n}),
+/// `kv_format` ("float" | "fp8" | "int8"; an 8-bit format needs the packed u8 `kv_cache`).
 #[derive(Clone, Debug, Default, serde::Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RunParams {
@@ -583,6 +632,7 @@ pub struct RunParams {
     pub rescale: Rescale,
     pub p_precision: PPrecision,
     pub split: Option<SplitParam>,
+    pub kv_format: KvFormat,
 }
 
 /// The `split` field of [`RunParams`].
@@ -619,6 +669,7 @@ impl RunParams {
             rescale: self.rescale,
             p_precision: self.p_precision,
             split,
+            kv_format: self.kv_format,
         })
     }
 }
@@ -675,11 +726,18 @@ impl Operator for AmlaOperator {
                 format!("f32 SIMT, {}", tiles(16, DType::F32)),
             ),
             (
+                "decode (8-bit cache)".into(),
+                format!(
+                    "fp8/int8 codes x f32 scales decoded to f32 while loading, f32 SIMT, {}",
+                    tiles(16, DType::U8)
+                ),
+            ),
+            (
                 "reductions".into(),
                 "workgroup memory (no subgroup operations: any subgroup size)".into(),
             ),
             (
-                "P in f16".into(),
+                "P in f16 / bf16".into(),
                 "rounded in f32 arithmetic (no shader-f16 needed)".into(),
             ),
         ]
@@ -725,12 +783,22 @@ impl Operator for AmlaOperator {
     fn tolerance(
         &self,
         output: &str,
-        _inputs: &NamedTensors,
-        _params: &serde_json::Value,
+        inputs: &NamedTensors,
+        params: &serde_json::Value,
     ) -> Tolerance {
-        match output {
-            "lse" => lse_tolerance(),
-            _ => out_tolerance(),
+        if output == "lse" {
+            return lse_tolerance();
         }
+        let (Ok(p), Ok(x)) = (
+            params_from_json::<RunParams>("amla", params).and_then(|p| p.to_params()),
+            named_inputs(inputs),
+        ) else {
+            return out_tolerance();
+        };
+        exact_out_tolerance(
+            p.rescale,
+            p.p_precision.resolve(x.kv_cache.dtype()),
+            reference::max_abs_v(x.kv_cache, p.kv_format),
+        )
     }
 }
