@@ -441,7 +441,9 @@ struct TileStep {
     /// The nominal factor the step multiplies O by, and l's factor (for the bounds).
     factor: f64,
     decay: f32,
-    /// The new running max, and c = 2^(m + n) when AMLA recomputed it.
+    /// The largest score of the tile, the new running max, and c = 2^(m + n) when AMLA
+    /// recomputed it.
+    m_tile: f32,
     m: f32,
     c: Option<f32>,
     /// p, p · c_hat (AMLA) or p before the 16-bit rounding, and P as the P·V product uses it.
@@ -487,6 +489,7 @@ impl RowState {
             rescales: changed && !first,
             factor: decay as f64,
             decay,
+            m_tile,
             m: m_new,
             c: None,
             x_unscaled: Vec::with_capacity(scores.len()),
@@ -634,9 +637,12 @@ impl Bounds {
         let rounded = rounding != PPrecision::F32;
         // Worst-case and independent relative errors on the old O.
         let (mut lin_old, mut noise_old) = (0.0f64, 0.0f64);
-        // The max may have grown by noise alone: one side steps (AMLA: its 1e-6 bias) and the
-        // other does not.
-        if m_old != MASKED && ((t.m - m_old) as f64).abs() <= 2.0 * sigma_m {
+        // The tile's max lies within the noise of the running max: one side may step (AMLA: its
+        // 1e-6 bias) and the other not.
+        if m_old != MASKED
+            && t.m_tile > MASKED
+            && ((t.m_tile - m_old) as f64).abs() <= 2.0 * sigma_m
+        {
             lin_old += 2e-6 + 3.0 * ln2 * sigma_m;
         }
         if t.rescales {
