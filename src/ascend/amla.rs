@@ -739,7 +739,7 @@ fn tiling_fields(p: &Problem, t: &Tiles, s: &Shape) -> Vec<TilingField> {
         TilingField::new(
             "pDtype",
             p.dtype.name(),
-            "P_HALF override (PPrecision::F16): the cube takes P in 16 bits only",
+            "P_ROUND override (PPrecision::F16 | BF16 | Cache): the cube takes P in 16 bits only",
         ),
         TilingField::new(
             "workspaceBytesPerCore",
