@@ -98,8 +98,8 @@ pub fn max_scale(format: KvFormat) -> f32 {
     }
 }
 
-/// The 576 values of one packed row, in f64: `code × scale` for the first 512 (NaN for a NaN
-/// code or when the product is not finite in f64's view of f32 inputs), bf16 for the rope part.
+/// The 576 values of one packed row, exactly, in f64: `code × scale` for the first 512 (NaN for
+/// an E4M3 NaN code, non-finite for a non-finite scale), the bf16 rope values after them.
 pub fn decode_row(row: &[u8], format: KvFormat) -> Vec<f64> {
     let scales: Vec<f64> = (0..SCALES)
         .map(|i| {
@@ -243,7 +243,7 @@ pub fn check_scales(
     Ok(())
 }
 
-/// The byte size of a cache element in a tensor: 1 for the packed 8-bit cache.
+/// True for the storage dtype of a packed 8-bit cache (one-byte elements: u8).
 pub fn is_packed(dtype: DType) -> bool {
     dtype.size() == 1
 }
