@@ -39,8 +39,15 @@ fn coop_gemm(@builtin(workgroup_id) wid: vec3<u32>) {
         acc10 = coopMultiplyAdd(a1, b0, acc10);
         acc11 = coopMultiplyAdd(a1, b1, acc11);
     }
-    coopStoreT(acc00, &c[row0 * params.n + col0], params.n);
-    coopStoreT(acc01, &c[row0 * params.n + col0 + 16u], params.n);
-    coopStoreT(acc10, &c[(row0 + 16u) * params.n + col0], params.n);
-    coopStoreT(acc11, &c[(row0 + 16u) * params.n + col0 + 16u], params.n);
+    // naga 30 needs every coopStore operand, the element index included, bound with `let`
+    // (else its SPIR-V writer panics).
+    let stride = params.n;
+    let c00 = row0 * stride + col0;
+    let c01 = c00 + 16u;
+    let c10 = (row0 + 16u) * stride + col0;
+    let c11 = c10 + 16u;
+    coopStoreT(acc00, &c[c00], stride);
+    coopStoreT(acc01, &c[c01], stride);
+    coopStoreT(acc10, &c[c10], stride);
+    coopStoreT(acc11, &c[c11], stride);
 }

@@ -126,7 +126,7 @@ pub fn measure(gpu: &Gpu, sizes: &ProbeSizes) -> Result<Roofline> {
         } else {
             None
         },
-        coop_f16: if gpu.caps.coop_f16_16x16_f32() {
+        coop_f16: if gpu.caps.has_coop_fragment(crate::gpu::Fragment::Size16) {
             Some(coop_gemm_probe(gpu, sizes)?)
         } else {
             None

@@ -5,9 +5,9 @@ mod common;
 
 use std::process::Command;
 
-use common::{gpu, gpu_without};
+use common::{coop_fragment, gpu, gpu_without};
 use fusedops::error::Error;
-use fusedops::gpu::{Clock, Feature, Kernel};
+use fusedops::gpu::{Clock, Feature, Fragment, Kernel};
 use fusedops::roofline::{self, ProbeSizes};
 use fusedops::tensor::{DType, Tensor};
 
@@ -100,6 +100,94 @@ fn pipeline_cache_keys_on_constants() {
     assert!(!std::sync::Arc::ptr_eq(&a, &c));
 }
 
+/// One fragment-sized product C = A·B, written once against the aliases and instantiated by the
+/// pipeline cache for the adapter's fragment size.
+const COOP_TILE: Kernel = Kernel {
+    name: "test_coop_tile",
+    source: "enable f16;\nenable wgpu_cooperative_matrix;\n\
+        @group(0) @binding(0) var<storage, read> a: array<f16>;\n\
+        @group(0) @binding(1) var<storage, read> b: array<f16>;\n\
+        @group(0) @binding(2) var<storage, read_write> c: array<f32>;\n\
+        override SG: u32 = 32u;\n\
+        @compute @workgroup_size(SG) fn tile() {\n\
+            let x = coopLoadT<FragA>(&a[0], FRAG);\n\
+            let y = coopLoadT<FragB>(&b[0], FRAG);\n\
+            var acc = FragC();\n\
+            acc = coopMultiplyAdd(x, y, acc);\n\
+            let first = 0u;\n\
+            let stride = FRAG;\n\
+            coopStoreT(acc, &c[first], stride);\n\
+        }\n",
+};
+
+#[test]
+fn coop_kernels_are_instantiated_for_the_adapters_fragment() {
+    let g = gpu();
+    let Some(fragment) = coop_fragment() else {
+        // Without cooperative matrices the pipeline is refused, not compiled for a guess.
+        let e = g
+            .coop_pipeline(&COOP_TILE, Fragment::Size8, "tile", &[])
+            .unwrap_err();
+        assert!(matches!(e, Error::Unsupported { .. }), "{e}");
+        return;
+    };
+    // A size the adapter does not report is refused even though naga would compile it.
+    for other in Fragment::ALL {
+        if !g.caps.has_coop_fragment(other) {
+            assert!(g.coop_pipeline(&COOP_TILE, other, "tile", &[]).is_err());
+        }
+    }
+    let f = fragment.size() as usize;
+    let sg = g.caps.subgroup_size.1 as f64;
+    let pipeline = g
+        .coop_pipeline(&COOP_TILE, fragment, "tile", &[("SG", sg)])
+        .unwrap();
+    let again = g
+        .coop_pipeline(&COOP_TILE, fragment, "tile", &[("SG", sg)])
+        .unwrap();
+    assert!(std::sync::Arc::ptr_eq(&pipeline, &again));
+    // Small integers: exact in f16 and in the f32 sum.
+    let av: Vec<f32> = (0..f * f).map(|i| ((i * 7) % 5) as f32 - 2.0).collect();
+    let bv: Vec<f32> = (0..f * f).map(|i| ((i * 3) % 7) as f32 - 3.0).collect();
+    let a = g
+        .upload(&Tensor::from_f32(&[f * f], &av, DType::F16).unwrap())
+        .unwrap();
+    let b = g
+        .upload(&Tensor::from_f32(&[f * f], &bv, DType::F16).unwrap())
+        .unwrap();
+    let c = g.zeros(&[f * f], DType::F32).unwrap();
+    let bind = g
+        .bind_group(
+            &pipeline,
+            &[
+                a.buffer().as_entire_binding(),
+                b.buffer().as_entire_binding(),
+                c.buffer().as_entire_binding(),
+            ],
+        )
+        .unwrap();
+    g.run(|rec| {
+        let mut pass = rec.compute_pass("coop tile");
+        pass.set_pipeline(&pipeline);
+        pass.set_bind_group(0, &bind, &[]);
+        pass.dispatch_workgroups(1, 1, 1);
+        Ok(())
+    })
+    .unwrap();
+    let got = g.download_f32(&c).unwrap();
+    for i in 0..f {
+        for j in 0..f {
+            let want: f32 = (0..f).map(|t| av[i * f + t] * bv[t * f + j]).sum();
+            assert_eq!(
+                got[i * f + j],
+                want,
+                "C[{i}][{j}] with {} fragments",
+                fragment.name()
+            );
+        }
+    }
+}
+
 #[test]
 fn wgpu_errors_come_back_as_values() {
     let g = gpu();
@@ -156,7 +244,7 @@ fn fma_probes_are_verified() {
         let p = roofline::fma_probe(g, &tiny_probes(), true).unwrap();
         assert!(p.verified && p.value > 0.0);
     }
-    if g.caps.coop_f16_16x16_f32() {
+    if g.caps.has_coop_fragment(fusedops::gpu::Fragment::Size16) {
         let p = roofline::coop_gemm_probe(g, &tiny_probes()).unwrap();
         assert!(p.verified && p.value > 0.0);
     }

@@ -8,7 +8,10 @@ mod timing;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-pub use pipelines::{COMMON_WGSL, Kernel, PipelineKey, compose as compose_shader};
+pub use pipelines::{
+    COMMON_WGSL, Kernel, PipelineKey, compose as compose_shader,
+    compose_coop as compose_coop_shader,
+};
 pub use timing::{Clock, Recorder, Timing};
 
 use crate::error::{Error, NO_ADAPTER_HINT, Result};
@@ -120,6 +123,51 @@ impl std::fmt::Display for CoopConfig {
     }
 }
 
+/// Edge of the square cooperative-matrix fragments (f16 inputs, f32 accumulators) a kernel is
+/// instantiated with. WGSL has one type per size (`coop_mat8x8`, `coop_mat16x16`), so a kernel is
+/// written once against the aliases `FragA`, `FragB`, `FragC` and the constant `FRAG`, and the
+/// pipeline cache prepends [`Fragment::prelude`] for the size the adapter reports.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
+pub enum Fragment {
+    /// 8x8x8: lavapipe (Mesa 26), Apple's simdgroup matrices.
+    Size8,
+    /// 16x16x16: NVIDIA and AMD tensor/matrix cores.
+    Size16,
+}
+
+impl Fragment {
+    pub const ALL: [Fragment; 2] = [Fragment::Size8, Fragment::Size16];
+
+    /// The edge length in elements.
+    pub fn size(self) -> u32 {
+        match self {
+            Fragment::Size8 => 8,
+            Fragment::Size16 => 16,
+        }
+    }
+
+    /// `8x8` or `16x16`, as reports name it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Fragment::Size8 => "8x8",
+            Fragment::Size16 => "16x16",
+        }
+    }
+
+    /// The WGSL declarations a cooperative-matrix kernel is written against.
+    pub fn prelude(self) -> String {
+        let t = format!("coop_mat{0}x{0}", self.size());
+        format!(
+            "// Cooperative-matrix fragments of this instantiation (src/gpu/mod.rs, Fragment).\n\
+             alias FragA = {t}<f16, A>;\n\
+             alias FragB = {t}<f16, B>;\n\
+             alias FragC = {t}<f32, C>;\n\
+             const FRAG: u32 = {}u;\n",
+            self.size()
+        )
+    }
+}
+
 /// What the device got: the optional features that are on, and the limits kernels must respect.
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct Capabilities {
@@ -145,11 +193,24 @@ pub struct Capabilities {
 }
 
 impl Capabilities {
-    /// Whether f16 x f16 -> f32 16x16x16 cooperative matrices are available (the tensor-core path).
-    pub fn coop_f16_16x16_f32(&self) -> bool {
+    /// Whether the adapter reports the square f16 x f16 -> f32 configuration of `fragment`.
+    /// naga does not check fragment sizes against the adapter, and drivers may run sizes they do
+    /// not report, so this list is the only authority.
+    pub fn has_coop_fragment(&self, fragment: Fragment) -> bool {
+        let s = fragment.size();
         self.coop_matrix
             .iter()
-            .any(|c| c.m == 16 && c.n == 16 && c.k == 16 && c.ab == "f16" && c.cr == "f32")
+            .any(|c| c.m == s && c.n == s && c.k == s && c.ab == "f16" && c.cr == "f32")
+    }
+
+    /// The fragment size the cooperative-matrix kernels use on this device: the largest square
+    /// f16 -> f32 configuration reported, `None` when there is none (or `FUSEDOPS_DISABLE=coop`),
+    /// in which case every operator takes its SIMT kernel.
+    pub fn coop_fragment(&self) -> Option<Fragment> {
+        Fragment::ALL
+            .into_iter()
+            .rev()
+            .find(|&f| self.has_coop_fragment(f))
     }
 
     /// The subgroup size kernels may rely on: `Some` only when the adapter fixes one size.
@@ -171,6 +232,9 @@ pub struct AdapterSummary {
     pub device: u32,
 }
 
+/// A compiled shader module: the kernel's name and its fragment instantiation.
+type ShaderKey = (&'static str, Option<Fragment>);
+
 /// The GPU context every operator runs on.
 pub struct Gpu {
     pub adapter: wgpu::Adapter,
@@ -178,7 +242,7 @@ pub struct Gpu {
     pub queue: wgpu::Queue,
     pub info: wgpu::AdapterInfo,
     pub caps: Capabilities,
-    shaders: Mutex<HashMap<&'static str, Arc<wgpu::ShaderModule>>>,
+    shaders: Mutex<HashMap<ShaderKey, Arc<wgpu::ShaderModule>>>,
     pipelines: Mutex<HashMap<PipelineKey, Arc<wgpu::ComputePipeline>>>,
     /// Errors raised outside any error scope, and the device-lost message, if any.
     uncaptured: Arc<Mutex<Vec<String>>>,

@@ -2,11 +2,12 @@
 //!
 //! Every kernel source is composed with `shaders/common.wgsl` (dtype codes and 16-bit
 //! pack/unpack helpers) before compilation; its `enable` directives are hoisted above the common
-//! part because WGSL requires them first.
+//! part because WGSL requires them first. Cooperative-matrix kernels are also instantiated per
+//! fragment size ([`Fragment::prelude`]); the size is part of the cache key.
 
 use std::sync::Arc;
 
-use super::Gpu;
+use super::{Fragment, Gpu};
 use crate::error::{Error, Result};
 
 /// Shared WGSL helpers prepended to every kernel.
@@ -28,16 +29,28 @@ impl Kernel {
 
 /// Compose a kernel source with the common helpers (see the module docs).
 pub fn compose(kernel_source: &str) -> String {
+    compose_with(kernel_source, "")
+}
+
+/// Compose a cooperative-matrix kernel for one fragment size: as [`compose`], with the fragment
+/// aliases (`FragA`, `FragB`, `FragC`, `FRAG`) declared before the kernel.
+pub fn compose_coop(kernel_source: &str, fragment: Fragment) -> String {
+    compose_with(kernel_source, &fragment.prelude())
+}
+
+fn compose_with(kernel_source: &str, prelude: &str) -> String {
     let (enables, body): (Vec<&str>, Vec<&str>) = kernel_source
         .lines()
         .partition(|l| l.trim_start().starts_with("enable "));
-    let mut out = String::with_capacity(kernel_source.len() + COMMON_WGSL.len() + 64);
+    let mut out =
+        String::with_capacity(kernel_source.len() + COMMON_WGSL.len() + prelude.len() + 64);
     for line in enables {
         out.push_str(line);
         out.push('\n');
     }
     out.push_str(COMMON_WGSL);
     out.push('\n');
+    out.push_str(prelude);
     for line in body {
         out.push_str(line);
         out.push('\n');
@@ -45,21 +58,31 @@ pub fn compose(kernel_source: &str) -> String {
     out
 }
 
-/// Cache key of a compute pipeline: shader, entry point and override constants.
+/// Cache key of a compute pipeline: shader, fragment size, entry point and override constants.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct PipelineKey {
     pub shader: &'static str,
+    /// The cooperative-matrix instantiation, `None` for plain kernels.
+    pub fragment: Option<Fragment>,
     pub entry: &'static str,
     /// (name, value bits), sorted by name.
     pub constants: Vec<(&'static str, u64)>,
 }
 
 impl Gpu {
-    fn shader_module(&self, kernel: &Kernel) -> Result<Arc<wgpu::ShaderModule>> {
-        if let Some(m) = self.shaders.lock().unwrap().get(kernel.name) {
+    fn shader_module(
+        &self,
+        kernel: &Kernel,
+        fragment: Option<Fragment>,
+    ) -> Result<Arc<wgpu::ShaderModule>> {
+        let key = (kernel.name, fragment);
+        if let Some(m) = self.shaders.lock().unwrap().get(&key) {
             return Ok(m.clone());
         }
-        let source = kernel.composed_source();
+        let source = match fragment {
+            None => kernel.composed_source(),
+            Some(f) => compose_coop(kernel.source, f),
+        };
         let module = self.checked(|| {
             self.device
                 .create_shader_module(wgpu::ShaderModuleDescriptor {
@@ -68,10 +91,7 @@ impl Gpu {
                 })
         })?;
         let module = Arc::new(module);
-        self.shaders
-            .lock()
-            .unwrap()
-            .insert(kernel.name, module.clone());
+        self.shaders.lock().unwrap().insert(key, module.clone());
         Ok(module)
     }
 
@@ -83,19 +103,61 @@ impl Gpu {
         entry: &'static str,
         constants: &[(&'static str, f64)],
     ) -> Result<Arc<wgpu::ComputePipeline>> {
+        self.pipeline_instance(kernel, None, entry, constants)
+    }
+
+    /// The pipeline of a cooperative-matrix kernel instantiated with `fragment`, which must be a
+    /// configuration the adapter reports ([`Capabilities::has_coop_fragment`]): an
+    /// [`Error::Unsupported`] otherwise, since drivers may run sizes they do not support.
+    ///
+    /// [`Capabilities::has_coop_fragment`]: super::Capabilities::has_coop_fragment
+    pub fn coop_pipeline(
+        &self,
+        kernel: &Kernel,
+        fragment: Fragment,
+        entry: &'static str,
+        constants: &[(&'static str, f64)],
+    ) -> Result<Arc<wgpu::ComputePipeline>> {
+        if !self.caps.has_coop_fragment(fragment) {
+            return Err(Error::unsupported(
+                "gpu",
+                format!(
+                    "{} cooperative-matrix fragments (f16 -> f32) for {}: the adapter reports [{}]",
+                    fragment.name(),
+                    kernel.name,
+                    self.caps
+                        .coop_matrix
+                        .iter()
+                        .map(|c| c.to_string())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            ));
+        }
+        self.pipeline_instance(kernel, Some(fragment), entry, constants)
+    }
+
+    fn pipeline_instance(
+        &self,
+        kernel: &Kernel,
+        fragment: Option<Fragment>,
+        entry: &'static str,
+        constants: &[(&'static str, f64)],
+    ) -> Result<Arc<wgpu::ComputePipeline>> {
         let mut sorted: Vec<(&'static str, f64)> = constants.to_vec();
         sorted.sort_by(|a, b| a.0.cmp(b.0));
         let key = PipelineKey {
             shader: kernel.name,
+            fragment,
             entry,
             constants: sorted.iter().map(|(k, v)| (*k, v.to_bits())).collect(),
         };
         if let Some(p) = self.pipelines.lock().unwrap().get(&key) {
             return Ok(p.clone());
         }
-        let module = self.shader_module(kernel)?;
-        let pipeline = self
-            .checked(|| {
+        let module = self.shader_module(kernel, fragment)?;
+        let compile = || {
+            self.checked(|| {
                 self.device
                     .create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
                         label: Some(entry),
@@ -110,12 +172,25 @@ impl Gpu {
                         cache: None,
                     })
             })
-            .map_err(|e| match e {
-                Error::Device(msg) => {
-                    Error::Device(format!("compiling {}::{entry}: {msg}", kernel.name))
-                }
-                other => other,
-            })?;
+        };
+        // naga 30's SPIR-V writer panics on some cooperative-matrix code it validated (a
+        // coopStore whose offset or stride is a runtime expression not bound with `let`). The
+        // GPU-free shader test catches that; this keeps it an error, not a crash, at run time.
+        let compiled = std::panic::catch_unwind(std::panic::AssertUnwindSafe(compile))
+            .unwrap_or_else(|panic| {
+                let why = panic
+                    .downcast_ref::<String>()
+                    .map(String::as_str)
+                    .or_else(|| panic.downcast_ref::<&str>().copied())
+                    .unwrap_or("panic in the shader compiler");
+                Err(Error::Device(format!("shader compiler panicked: {why}")))
+            });
+        let pipeline = compiled.map_err(|e| match e {
+            Error::Device(msg) => {
+                Error::Device(format!("compiling {}::{entry}: {msg}", kernel.name))
+            }
+            other => other,
+        })?;
         let pipeline = Arc::new(pipeline);
         self.pipelines.lock().unwrap().insert(key, pipeline.clone());
         Ok(pipeline)

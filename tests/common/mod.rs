@@ -24,3 +24,23 @@ pub fn rng(seed: u64) -> rand::rngs::StdRng {
     use rand::SeedableRng;
     rand::rngs::StdRng::seed_from_u64(seed)
 }
+
+/// True on the cooperative-matrix CI lane (.ci/coop-lane sets FUSEDOPS_EXPECT_COOP=1): there,
+/// tests assert that the cooperative-matrix paths were chosen instead of quietly testing the
+/// SIMT fallbacks.
+pub fn expect_coop() -> bool {
+    std::env::var("FUSEDOPS_EXPECT_COOP").is_ok_and(|v| v == "1")
+}
+
+/// The fragment size the coop kernels use on the default adapter; on the coop lane a missing
+/// one fails the test.
+pub fn coop_fragment() -> Option<fusedops::gpu::Fragment> {
+    let fragment = gpu().caps.coop_fragment();
+    assert!(
+        fragment.is_some() || !expect_coop(),
+        "FUSEDOPS_EXPECT_COOP=1 but the adapter reports no f16 -> f32 cooperative-matrix \
+         fragment: {:?}",
+        gpu().caps.coop_matrix
+    );
+    fragment
+}
