@@ -3,7 +3,8 @@
 //! 16-bit floats are stored packed, two per 32-bit word, little-endian (element 2i in the low
 //! half), which is how the shaders read them (`array<u32>`, widened in the shader). int8 is packed
 //! the same way, four per word (element 4i in the low byte), the operand format of WGSL's
-//! `dot4I8Packed` and `unpack4xI8`.
+//! `dot4I8Packed` and `unpack4xI8`. `u8` is raw 8-bit storage, four bytes per word (byte 4i + j
+//! in bits 8j..8j+7): an operator gives the bytes their meaning (AMLA's packed 8-bit latent cache).
 
 use half::{bf16, f16};
 
@@ -18,6 +19,8 @@ pub enum DType {
     BF16,
     I32,
     U32,
+    /// Raw bytes (8-bit storage whose meaning the operator defines).
+    U8,
     /// Signed 8-bit integers (quantized weights and activations; see `ops::quantize`).
     I8,
 }
@@ -26,6 +29,7 @@ impl DType {
     /// Bytes per element.
     pub fn size(self) -> usize {
         match self {
+            DType::U8 => 1,
             DType::I8 => 1,
             DType::F16 | DType::BF16 => 2,
             DType::F32 | DType::I32 | DType::U32 => 4,
@@ -45,6 +49,7 @@ impl DType {
             DType::BF16 => 2,
             DType::I32 => 3,
             DType::U32 => 4,
+            DType::U8 => 5,
             DType::I8 => 6,
         }
     }
@@ -57,6 +62,7 @@ impl DType {
             DType::BF16 => "bf16",
             DType::I32 => "i32",
             DType::U32 => "u32",
+            DType::U8 => "u8",
             DType::I8 => "i8",
         }
     }
@@ -69,6 +75,7 @@ impl DType {
             DType::BF16 => bf16::from_f32(x).to_f32(),
             DType::I32 => x.round(),
             DType::U32 => x.round().max(0.0),
+            DType::U8 => x.round().clamp(0.0, 255.0),
             DType::I8 => x.round_ties_even().clamp(-128.0, 127.0),
         }
     }
@@ -83,10 +90,11 @@ impl std::str::FromStr for DType {
             "bf16" | "bfloat16" => Ok(DType::BF16),
             "i32" | "int32" => Ok(DType::I32),
             "u32" | "uint32" => Ok(DType::U32),
+            "u8" | "uint8" => Ok(DType::U8),
             "i8" | "int8" => Ok(DType::I8),
             _ => Err(Error::Format {
                 what: "dtype".into(),
-                why: format!("unknown dtype {s:?} (expected f32, f16, bf16, i32, u32 or i8)"),
+                why: format!("unknown dtype {s:?} (expected f32, f16, bf16, i32, u32, u8 or i8)"),
             }),
         }
     }
@@ -106,6 +114,7 @@ pub enum TensorData {
     BF16(Vec<bf16>),
     I32(Vec<i32>),
     U32(Vec<u32>),
+    U8(Vec<u8>),
     I8(Vec<i8>),
 }
 
@@ -117,6 +126,7 @@ impl TensorData {
             TensorData::BF16(v) => v.len(),
             TensorData::I32(v) => v.len(),
             TensorData::U32(v) => v.len(),
+            TensorData::U8(v) => v.len(),
             TensorData::I8(v) => v.len(),
         }
     }
@@ -132,6 +142,7 @@ impl TensorData {
             TensorData::BF16(_) => DType::BF16,
             TensorData::I32(_) => DType::I32,
             TensorData::U32(_) => DType::U32,
+            TensorData::U8(_) => DType::U8,
             TensorData::I8(_) => DType::I8,
         }
     }
@@ -168,10 +179,12 @@ impl Tensor {
             DType::F32 => TensorData::F32(values.to_vec()),
             DType::F16 => TensorData::F16(values.iter().map(|&x| f16::from_f32(x)).collect()),
             DType::BF16 => TensorData::BF16(values.iter().map(|&x| bf16::from_f32(x)).collect()),
-            DType::I32 | DType::U32 | DType::I8 => {
+            DType::I32 | DType::U32 | DType::U8 | DType::I8 => {
                 return Err(Error::unsupported(
                     "tensor",
-                    format!("from_f32 into {dtype}: build integer tensors with Tensor::i32/u32/i8"),
+                    format!(
+                        "from_f32 into {dtype}: build integer tensors with Tensor::i32/u32/u8/i8"
+                    ),
                 ));
             }
         };
@@ -193,6 +206,11 @@ impl Tensor {
         Tensor::new(shape, TensorData::U32(values))
     }
 
+    /// A u8 (raw bytes) tensor.
+    pub fn u8(shape: &[usize], values: Vec<u8>) -> Result<Self> {
+        Tensor::new(shape, TensorData::U8(values))
+    }
+
     /// An i8 tensor.
     pub fn i8(shape: &[usize], values: Vec<i8>) -> Result<Self> {
         Tensor::new(shape, TensorData::I8(values))
@@ -207,6 +225,7 @@ impl Tensor {
             DType::BF16 => TensorData::BF16(vec![bf16::ZERO; n]),
             DType::I32 => TensorData::I32(vec![0; n]),
             DType::U32 => TensorData::U32(vec![0; n]),
+            DType::U8 => TensorData::U8(vec![0; n]),
             DType::I8 => TensorData::I8(vec![0; n]),
         };
         Ok(Tensor {
@@ -244,6 +263,7 @@ impl Tensor {
             TensorData::BF16(v) => v.iter().map(|x| x.to_f32()).collect(),
             TensorData::I32(v) => v.iter().map(|&x| x as f32).collect(),
             TensorData::U32(v) => v.iter().map(|&x| x as f32).collect(),
+            TensorData::U8(v) => v.iter().map(|&x| x as f32).collect(),
             TensorData::I8(v) => v.iter().map(|&x| x as f32).collect(),
         }
     }
@@ -256,6 +276,7 @@ impl Tensor {
             TensorData::BF16(v) => v.iter().map(|x| x.to_f64()).collect(),
             TensorData::I32(v) => v.iter().map(|&x| x as f64).collect(),
             TensorData::U32(v) => v.iter().map(|&x| x as f64).collect(),
+            TensorData::U8(v) => v.iter().map(|&x| x as f64).collect(),
             TensorData::I8(v) => v.iter().map(|&x| x as f64).collect(),
         }
     }
@@ -272,6 +293,14 @@ impl Tensor {
     pub fn as_u32(&self) -> Option<&[u32]> {
         match &self.data {
             TensorData::U32(v) => Some(v),
+            _ => None,
+        }
+    }
+
+    /// The bytes, if this is a u8 tensor.
+    pub fn as_u8(&self) -> Option<&[u8]> {
+        match &self.data {
+            TensorData::U8(v) => Some(v),
             _ => None,
         }
     }
@@ -300,6 +329,7 @@ impl Tensor {
             TensorData::BF16(v) => bytemuck::cast_slice(v),
             TensorData::I32(v) => bytemuck::cast_slice(v),
             TensorData::U32(v) => bytemuck::cast_slice(v),
+            TensorData::U8(v) => v,
             TensorData::I8(v) => bytemuck::cast_slice(v),
         }
     }
@@ -351,6 +381,7 @@ impl Tensor {
                     .map(|c| bf16::from_bits(u16::from_le_bytes([c[0], c[1]])))
                     .collect(),
             ),
+            DType::U8 => TensorData::U8(bytes.to_vec()),
             DType::I8 => TensorData::I8(bytes.iter().map(|&b| b as i8).collect()),
         };
         Tensor::new(shape, data)
@@ -473,6 +504,21 @@ mod tests {
                 assert_eq!(*a, dtype.round(b));
             }
         }
+    }
+
+    #[test]
+    fn u8_is_raw_bytes() {
+        let t = Tensor::u8(&[2, 3], vec![0, 1, 127, 128, 254, 255]).unwrap();
+        assert_eq!((t.dtype().size(), t.size_bytes()), (1, 6));
+        assert_eq!(t.bytes(), &[0, 1, 127, 128, 254, 255]);
+        assert_eq!(
+            Tensor::from_bytes(&[2, 3], DType::U8, t.bytes()).unwrap(),
+            t
+        );
+        assert_eq!(t.as_u8(), Some(&[0u8, 1, 127, 128, 254, 255][..]));
+        assert!(!DType::U8.is_float());
+        assert_eq!("uint8".parse::<DType>().unwrap(), DType::U8);
+        assert!(Tensor::from_f32(&[1], &[1.0], DType::U8).is_err());
     }
 
     #[test]

@@ -525,7 +525,12 @@ fn registry_cases_and_their_baseline_pass() {
     let cases: Vec<_> = OPERATOR
         .cases(Scale::Ci, g)
         .into_iter()
-        .filter(|c| c.info().params.iter().any(|(k, v)| k == "quant" && v == "none"))
+        .filter(|c| {
+            c.info()
+                .params
+                .iter()
+                .any(|(k, v)| k == "quant" && v == "none")
+        })
         .collect();
     assert!(cases.len() >= 5);
     for case in cases {

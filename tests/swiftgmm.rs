@@ -790,7 +790,12 @@ fn registry_cases_and_per_expert_baseline_match_the_reference() {
     let cases: Vec<_> = op
         .cases(Scale::Ci, g)
         .into_iter()
-        .filter(|c| c.info().params.iter().any(|(k, v)| k == "quant" && v == "none"))
+        .filter(|c| {
+            c.info()
+                .params
+                .iter()
+                .any(|(k, v)| k == "quant" && v == "none")
+        })
         .collect();
     assert!(cases.len() >= 4);
     for case in cases {
