@@ -18,7 +18,7 @@ use crate::ops::merrouter::reference::{LayoutRef, RoutingRef};
 use crate::ops::merrouter::{
     self, MIN_MARGIN, RouterConfig, Selection, WEIGHT_TOLERANCE, check_router_output,
 };
-use crate::ops::swiftgmm::{ExpertWeights, Layout, Mode, Tiling};
+use crate::ops::swiftgmm::{self, ExpertWeights, Layout, Mode, Tiling};
 use crate::registry::{
     Case, CaseInfo, Checked, NamedTensors, Operator, Prepared, Scale, input, params_from_json,
 };
@@ -749,10 +749,14 @@ impl Operator for MoeOperator {
 
     fn paths(&self, gpu: &Gpu) -> Vec<(String, String)> {
         let mut paths = merrouter::OPERATOR.paths(gpu);
+        let gemm =
+            swiftgmm::gemm_path(gpu, swiftgmm::GemmKernel::Auto).map_or("simt", |path| path.name());
         paths.push((
             "expert matmuls".into(),
-            "SwiftGMM from the router's device offsets (GEMV or GEMM per expert, indirect dispatch)"
-                .into(),
+            format!(
+                "SwiftGMM from the router's device offsets (GEMV or GEMM per expert, indirect \
+                 dispatch; GEMM {gemm})"
+            ),
         ));
         paths.push((
             "gather / combine".into(),

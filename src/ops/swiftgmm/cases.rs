@@ -1,12 +1,14 @@
 //! SwiftGMM in the registry: the case tables of `fusedops check` / `bench`, synthetic inputs,
 //! and the named-tensor interface of `fusedops run`.
 
+use std::cell::Cell;
+
 use half::{bf16, f16};
 
-use super::tiling::CacheLocation;
+use super::tiling::{self, CacheLocation, GemmPath, ShapeKey};
 use super::{
-    Activation, DeviceGroups, ExpertWeights, GmmArgs, GmmPlan, Groups, Layout, Mode, Options,
-    PerExpertBaseline, Tiling, reference, tolerance,
+    Activation, DeviceGroups, ExpertWeights, GemmKernel, GmmArgs, GmmPlan, Groups, Layout, Mode,
+    Options, PerExpertBaseline, Tiling, coop_support, reference, tolerance,
 };
 use crate::check::{Tolerance, compare};
 use crate::error::Result;
@@ -134,6 +136,8 @@ struct GmmCase {
     tokens: Option<usize>,
     mode: Mode,
     tiling: Tiling,
+    /// The GEMM path's kernel: the bench runs the SIMT kernel beside the cooperative-matrix one.
+    gemm_kernel: GemmKernel,
 }
 
 /// Above this many multiply-adds the reference checks sampled rows only.
@@ -171,6 +175,7 @@ impl GmmCase {
             mode: self.mode,
             tiling: self.tiling,
             max_workgroups: None,
+            gemm_kernel: self.gemm_kernel,
         }
     }
 
@@ -227,6 +232,10 @@ impl Case for GmmCase {
                 "mode".to_string(),
                 format!("{:?}", self.mode).to_lowercase(),
             ),
+            (
+                "gemm".to_string(),
+                format!("{:?}", self.gemm_kernel).to_lowercase(),
+            ),
         ];
         if let Some(t) = self.tokens {
             params.push(("t".to_string(), t.to_string()));
@@ -279,20 +288,8 @@ impl Case for GmmCase {
             None
         };
         let offsets = self.offsets();
-        let rows = self.checked_rows();
-        let expected = reference::grouped_matmul_rows(
-            &x,
-            &offsets,
-            &w,
-            self.layout,
-            self.activation,
-            scale.as_ref(),
-            &rows,
-        )?;
         let x_dev = gpu.upload(&x)?;
-        drop(x);
         let weights = ExpertWeights::upload(gpu, &w)?;
-        drop(w);
         let scale_dev = scale.as_ref().map(|s| gpu.upload(s)).transpose()?;
         let offsets_dev = gpu.upload(&Tensor::u32(&[offsets.len()], offsets.clone())?)?;
         let y = gpu.zeros(&[m_total, self.n_out()], self.out_dtype)?;
@@ -307,6 +304,30 @@ impl Case for GmmCase {
         let options = self.options();
         let plan = GmmPlan::new(gpu, &args, &options)?;
         let baseline = PerExpertBaseline::new(gpu, &args, &options)?;
+        // The groups on the cooperative-matrix path are checked with their operands staged in
+        // f16 as the kernel stages them. The baseline runs every group on the GEMM kernel.
+        let rows = self.checked_rows();
+        let reference_for = |coop: &[bool]| {
+            reference::grouped_matmul_rows_staged(
+                &x,
+                &offsets,
+                &w,
+                self.layout,
+                self.activation,
+                scale.as_ref(),
+                &rows,
+                coop,
+            )
+        };
+        let (plan_coop, baseline_coop) =
+            (plan.coop_groups(&offsets), baseline.coop_groups(&offsets));
+        let expected = reference_for(&plan_coop)?;
+        let expected_baseline = if baseline_coop == plan_coop {
+            None
+        } else {
+            Some(reference_for(&baseline_coop)?)
+        };
+        drop((x, w));
         Ok(Box::new(GmmPrepared {
             gpu,
             plan,
@@ -314,6 +335,8 @@ impl Case for GmmCase {
             y,
             rows,
             expected,
+            expected_baseline,
+            baseline_recorded: Cell::new(false),
             n_out: self.n_out(),
             tolerance: tolerance(self.out_dtype),
             _inputs: (x_dev, weights, offsets_dev, scale_dev),
@@ -328,6 +351,10 @@ struct GmmPrepared<'g> {
     y: DeviceTensor,
     rows: Vec<usize>,
     expected: Vec<f64>,
+    /// The baseline's expectation where it stages other groups than the plan.
+    expected_baseline: Option<Vec<f64>>,
+    /// Whether the last recording was the baseline's (what `verify` checks).
+    baseline_recorded: Cell<bool>,
     n_out: usize,
     tolerance: Tolerance,
     /// The inputs the plans' bind groups read.
@@ -345,6 +372,7 @@ impl Prepared for GmmPrepared<'_> {
     }
 
     fn record(&self, rec: &mut Recorder) -> Result<()> {
+        self.baseline_recorded.set(false);
         self.plan.record(rec)
     }
 
@@ -355,6 +383,10 @@ impl Prepared for GmmPrepared<'_> {
             .iter()
             .flat_map(|&r| y[r * self.n_out..(r + 1) * self.n_out].iter().copied())
             .collect();
+        let expected = match (&self.expected_baseline, self.baseline_recorded.get()) {
+            (Some(baseline), true) => baseline,
+            _ => &self.expected,
+        };
         let label = if self.rows.len() * self.n_out == y.len() {
             "y".to_string()
         } else {
@@ -363,7 +395,7 @@ impl Prepared for GmmPrepared<'_> {
         Ok(vec![Checked::new(
             label,
             &[self.rows.len(), self.n_out],
-            compare(&got, &self.expected, self.tolerance),
+            compare(&got, expected, self.tolerance),
         )])
     }
 
@@ -375,6 +407,7 @@ impl Prepared for GmmPrepared<'_> {
     }
 
     fn record_baseline(&self, rec: &mut Recorder) -> Result<()> {
+        self.baseline_recorded.set(true);
         self.baseline.record(rec)
     }
 }
@@ -464,7 +497,28 @@ fn preset_case(
         tokens: Some(tokens),
         mode: Mode::Auto,
         tiling,
+        gemm_kernel: GemmKernel::Auto,
     }
+}
+
+/// On an adapter with both GEMM kernels, each case whose groups average more rows than the
+/// default GEMV threshold (so the GEMM path runs) is followed by the same case on the SIMT kernel.
+fn with_simt_twins(cases: Vec<GmmCase>, gpu: &Gpu) -> Vec<GmmCase> {
+    if coop_support(gpu).is_err() {
+        return cases;
+    }
+    let mut out = Vec::new();
+    for case in cases {
+        let gemm_rows = case.routed() > 8 * case.experts;
+        let twin = gemm_rows.then(|| GmmCase {
+            name: format!("{} simt", case.name),
+            gemm_kernel: GemmKernel::Simt,
+            ..case.clone()
+        });
+        out.push(case);
+        out.extend(twin);
+    }
+    out
 }
 
 /// A small case for CI.
@@ -497,6 +551,7 @@ fn ci_case(
         tokens: None,
         mode: Mode::Auto,
         tiling: Tiling::Defaults,
+        gemm_kernel: GemmKernel::Auto,
     }
 }
 
@@ -619,7 +674,7 @@ impl Operator for SwiftGmmOperator {
                         t,
                     ));
                 }
-                cases
+                with_simt_twins(cases, gpu)
             }
         };
         cases
@@ -628,7 +683,40 @@ impl Operator for SwiftGmmOperator {
             .collect()
     }
 
-    fn paths(&self, _gpu: &Gpu) -> Vec<(String, String)> {
+    fn paths(&self, gpu: &Gpu) -> Vec<(String, String)> {
+        let gemm = match coop_support(gpu) {
+            Ok(fragment) => {
+                // The tiles of large groups (bf16 in and out, 128 rows per group).
+                let key = ShapeKey {
+                    x_dtype: DType::BF16,
+                    w_dtype: DType::BF16,
+                    layout: Layout::Nk,
+                    k: 4096,
+                    n: 4096,
+                    rows_bucket: 128,
+                    gemm: GemmPath::Coop(fragment),
+                };
+                let config = tiling::default_config(gpu, &key).coop;
+                let limits = tiling::KernelLimits::of(gpu);
+                let geo = config.geometry(
+                    fragment,
+                    limits.subgroup_size,
+                    key.layout,
+                    key.x_dtype,
+                    key.w_dtype,
+                );
+                format!(
+                    "cooperative matrices {} (f16 operands staged in workgroup memory, f32 \
+                     accumulation; FUSEDOPS_DISABLE=coop for SIMT), default tile {}, {} B of {} B \
+                     workgroup memory",
+                    fragment.name(),
+                    config.describe(fragment),
+                    geo.workgroup_bytes,
+                    limits.max_workgroup_bytes
+                )
+            }
+            Err(why) => format!("workgroup-memory tiles, f32 register blocks (SIMT: {why})"),
+        };
         vec![
             (
                 "schedule".into(),
@@ -638,11 +726,7 @@ impl Operator for SwiftGmmOperator {
                 "gemv".into(),
                 "16-byte weight vectors, split-k reduced in workgroup memory (plain WGSL)".into(),
             ),
-            (
-                "gemm".into(),
-                "workgroup-memory tiles, f32 register blocks (plain WGSL; no cooperative matrices)"
-                    .into(),
-            ),
+            ("gemm".into(), gemm),
             (
                 "tiling cache".into(),
                 match CacheLocation::from_env() {
@@ -703,15 +787,42 @@ impl Operator for SwiftGmmOperator {
     fn tolerance(
         &self,
         _output: &str,
-        _inputs: &NamedTensors,
+        inputs: &NamedTensors,
         params: &serde_json::Value,
     ) -> Tolerance {
-        // Unparsable params never reach a comparison (run_named refuses them first).
-        let out_dtype = params_from_json::<RunParams>(OP, params)
-            .ok()
-            .and_then(|p| p.out_dtype)
-            .unwrap_or(DType::F32);
-        tolerance(out_dtype)
+        // Unparsable params or inputs never reach a comparison (run_named refuses them first).
+        let Ok(named) = NamedInputs::parse(inputs, params) else {
+            return tolerance(DType::F32);
+        };
+        let base = tolerance(named.options.out_dtype);
+        if named.options.gemm_kernel == GemmKernel::Simt {
+            return base;
+        }
+        // The reference is exact, and every group may run on cooperative matrices: widen the
+        // bound by the largest error the f16 staging can cause (reference::staging_bound).
+        let bound = super::check_host(
+            named.x,
+            &named.groups,
+            named.w,
+            named.row_scale,
+            &named.options,
+        )
+        .and_then(|(problem, offsets)| {
+            reference::staging_bound(
+                named.x,
+                &offsets,
+                named.w,
+                named.options.layout,
+                named.options.activation,
+                named.row_scale,
+                &vec![true; problem.experts],
+            )
+        })
+        .map_or(0.0, |b| b.into_iter().fold(0.0, f64::max));
+        Tolerance {
+            abs: base.abs + bound,
+            ..base
+        }
     }
 }
 
@@ -725,6 +836,8 @@ struct RunParams {
     mode: Mode,
     /// "cached" (default), "tune", "defaults" or {"fixed": TileConfig}.
     tiling: Tiling,
+    /// "auto" (default), "simt" or "coop".
+    gemm_kernel: GemmKernel,
 }
 
 /// The named inputs of `fusedops run`: `x`, `w`, `offsets` or `counts`, optional `row_scale`.
@@ -762,6 +875,7 @@ impl<'a> NamedInputs<'a> {
                 mode: p.mode,
                 tiling: p.tiling,
                 max_workgroups: None,
+                gemm_kernel: p.gemm_kernel,
             },
         })
     }
