@@ -601,14 +601,7 @@ pub fn default_config(gpu: &Gpu, key: &ShapeKey) -> TileConfig {
                 rm: 4,
                 rn: 8,
             },
-            // 4 subgroups of 2 x 2 fragments: 32 x 32 x 16 at 8x8.
-            coop: CoopGemmConfig {
-                sg_m: 2,
-                sg_n: 2,
-                frag_m: 2,
-                frag_n: 2,
-                k_frags: 2,
-            },
+            coop: default_coop(gpu, key),
         };
     }
     let gemv = match key.layout {
@@ -653,21 +646,41 @@ pub fn default_config(gpu: &Gpu, key: &ShapeKey) -> TileConfig {
             rn: 8,
         }
     };
-    // 128-row tiles for large groups (the H200 design in docs/swiftgmm.md), 64 rows below.
-    let coop = if key.rows_bucket >= 128 {
-        CoopGemmConfig::default()
-    } else {
-        CoopGemmConfig {
-            frag_m: 2,
-            ..CoopGemmConfig::default()
-        }
-    };
     TileConfig {
         threshold: 8,
         gemv,
         gemm,
-        coop,
+        coop: default_coop(gpu, key),
     }
+}
+
+/// The default cooperative-matrix tiles: the first of a list, largest first, that fits this
+/// adapter's workgroup memory and invocation limits for `key` (with SwiGLU): 128-row tiles for
+/// large groups (the H200 design in docs/swiftgmm.md), 64 rows below, 32 x 32 x 16 at 8x8 on CPU
+/// drivers (each workgroup runs as a loop there).
+fn default_coop(gpu: &Gpu, key: &ShapeKey) -> CoopGemmConfig {
+    let c = |sg_m, sg_n, frag_m, frag_n, k_frags| CoopGemmConfig {
+        sg_m,
+        sg_n,
+        frag_m,
+        frag_n,
+        k_frags,
+    };
+    let smallest = c(1, 2, 2, 2, 1);
+    let list = if gpu.is_cpu() {
+        vec![c(2, 2, 2, 2, 2), smallest]
+    } else if key.rows_bucket >= 128 {
+        vec![c(2, 4, 4, 2, 2), c(2, 4, 2, 2, 2), c(2, 2, 2, 2, 2), smallest]
+    } else {
+        vec![c(2, 4, 2, 2, 2), c(2, 2, 2, 2, 2), smallest]
+    };
+    let GemmPath::Coop(fragment) = key.gemm else {
+        return list[0];
+    };
+    let limits = KernelLimits::of(gpu);
+    list.into_iter()
+        .find(|c| c.validate(fragment, key, true, &limits).is_ok())
+        .unwrap_or(smallest)
 }
 
 /// The candidates the tuner measures for each path and GEMM kernel (the row block of the GEMV
