@@ -160,9 +160,9 @@ fn coop_kernels_are_instantiated_for_the_adapters_fragment() {
         .bind_group(
             &pipeline,
             &[
-                a.buffer.as_entire_binding(),
-                b.buffer.as_entire_binding(),
-                c.buffer.as_entire_binding(),
+                a.buffer().as_entire_binding(),
+                b.buffer().as_entire_binding(),
+                c.buffer().as_entire_binding(),
             ],
         )
         .unwrap();
@@ -248,7 +248,7 @@ fn fma_probes_are_verified() {
     // the coop lane it must run.
     let coop = fusedops::ops::swiftgmm::coop_support(g);
     assert!(coop.is_ok() || !common::expect_coop(), "{coop:?}");
-    if fusedops::ops::swiftgmm::coop_support(g).is_ok() {
+    if coop.is_ok() {
         let p = roofline::coop_gemm_probe(g, &tiny_probes()).unwrap();
         assert!(p.verified && p.value > 0.0, "{p:?}");
     }

@@ -1,8 +1,13 @@
 //! The operator's registry entry: the case tables of `fusedops check` / `bench`, the named
 //! tensors of `fusedops run`, and the tolerances.
 
-use super::inputs::{AmlaInputs, ColumnFill, InputSpec, Pattern};
+use std::sync::{Arc, Mutex};
+
+use rayon::prelude::*;
+
+use super::inputs::{AmlaInputs, ColumnFill, InputSpec, Pattern, SplitMix};
 use super::reference::{self, Emulation, Exact};
+use super::schedule::plan_work;
 use super::{
     AmlaBindings, AmlaParams, AmlaPlan, AmlaSchedule, AmlaShape, D_QK, D_V, PPrecision, Rescale,
     Split, TileConfig, visible_keys,
@@ -11,9 +16,12 @@ use crate::check::{Tolerance, compare};
 use crate::error::{Error, Result};
 use crate::gpu::{Gpu, Recorder};
 use crate::registry::{
-    Case, CaseInfo, Checked, NamedTensors, Operator, Prepared, Scale, input, params_from_json,
+    Case, CaseInfo, Checked, Coverage, HostPrepared, NamedTensors, Operator, Prepared, Scale,
+    Target, check_input_names, input, params_from_json,
 };
+use crate::seeded::Seeded;
 use crate::tensor::{DType, DeviceTensor, Tensor};
+use crate::util::synthetic;
 
 /// Tolerance of `out` against the exact reference: FlashMLA's (abs 8e-4 or rel 2.01/128 per
 /// element, cosine difference < 5e-6) for every dtype and variant.
@@ -74,7 +82,7 @@ pub fn round_to(dtype: DType, values: &[f32]) -> Vec<f32> {
 /// The AMLA operator in the registry.
 pub struct AmlaOperator;
 
-/// Registered in [`crate::registry::operators`].
+/// Registered in [`crate::suite::operators`].
 pub static OPERATOR: AmlaOperator = AmlaOperator;
 
 /// One case: inputs generated from `spec` and `seed`, run with `params`.
@@ -85,7 +93,25 @@ pub struct AmlaCase {
     pub spec: InputSpec,
     pub params: AmlaParams,
     pub seed: u64,
+    pub source: Source,
 }
+
+/// Where a case's inputs come from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Source {
+    /// [`AmlaInputs::generate`] on the host (patterns, NaN in every unused slot); the reference
+    /// checks every sequence.
+    Host,
+    /// q and the cache made on the device from the seed ([`crate::seeded`]), NaN written into
+    /// unused slots; the reference checks sampled sequences, whose q rows and pages the host
+    /// makes again.
+    Seeded,
+}
+
+/// Query-row x key pairs the reference of a seeded case may visit (the sequences it checks are
+/// chosen within this, at least two): about 2.3 GFLOP for the exact reference and as much for
+/// the emulation.
+const SAMPLED_PAIRS: u64 = 1 << 20;
 
 fn rescale_name(r: Rescale) -> &'static str {
     match r {
@@ -128,6 +154,7 @@ impl AmlaCase {
             spec,
             params,
             seed,
+            source: Source::Host,
         };
         case.name = case.default_name();
         case
@@ -162,16 +189,34 @@ impl AmlaCase {
         self
     }
 
-    fn visible_pairs(&self) -> u64 {
+    fn seeded(mut self) -> Self {
+        self.source = Source::Seeded;
+        self
+    }
+
+    fn seq_pairs(&self, len: usize) -> u64 {
         let s = &self.spec;
-        s.seqlens
-            .iter()
-            .map(|&len| {
-                (0..s.s_q)
-                    .map(|t| (visible_keys(len, s.s_q, t, self.params.causal) * s.h_q) as u64)
-                    .sum::<u64>()
-            })
+        (0..s.s_q)
+            .map(|t| (visible_keys(len, s.s_q, t, self.params.causal) * s.h_q) as u64)
             .sum()
+    }
+
+    fn visible_pairs(&self) -> u64 {
+        self.spec.seqlens.iter().map(|&l| self.seq_pairs(l)).sum()
+    }
+
+    /// The sequences the reference checks: all of a host case; of a seeded case, evenly spaced
+    /// ones (the first and last among them) within [`SAMPLED_PAIRS`].
+    fn checked_seqs(&self) -> Vec<usize> {
+        let b = self.spec.seqlens.len();
+        if self.source == Source::Host || self.visible_pairs() <= SAMPLED_PAIRS {
+            return (0..b).collect();
+        }
+        let per_seq = (self.visible_pairs() / b as u64).max(1);
+        let count = ((SAMPLED_PAIRS / per_seq) as usize).clamp(2, b);
+        let mut seqs: Vec<usize> = (0..count).map(|j| j * (b - 1) / (count - 1)).collect();
+        seqs.dedup();
+        seqs
     }
 }
 
@@ -217,47 +262,346 @@ impl Case for AmlaCase {
         2 * (D_QK + D_V) as u64 * self.visible_pairs()
     }
 
-    fn prepare<'g>(&self, gpu: &'g Gpu) -> Result<Box<dyn Prepared + 'g>> {
-        let x = AmlaInputs::generate(&self.spec, self.seed)?;
-        let shape = AmlaShape::of(&x.q, &x.kv_cache, &x.block_table, &x.cache_seqlens)?;
-        let plan = AmlaPlan::new(gpu, &shape, &self.params)?;
-        let exact = reference::exact(
-            &x.q,
-            &x.kv_cache,
-            &x.block_table,
-            &x.cache_seqlens,
-            &self.params,
+    fn host(&self, target: &Target) -> Result<Box<dyn HostPrepared>> {
+        let layout = self.layout()?;
+        let shape = self.shape(&layout)?;
+        let tiles = TileConfig::choose(shape.rows(), shape.kv_dtype, target.max_workgroup_storage)?;
+        let seqs = self.checked_seqs();
+        let exact = self.exact(&layout, &seqs)?;
+        let emulation = self.emulate(&layout, &seqs, &shape, &tiles)?;
+        Ok(Box::new(AmlaHost {
+            case: self.clone(),
+            shape,
+            layout,
+            seqs,
+            exact,
+            emulation,
+        }))
+    }
+}
+
+/// The host half of a case's inputs: the block table and lengths, and, for [`Source::Host`],
+/// q and the cache.
+struct Layout {
+    block_table: Tensor,
+    cache_seqlens: Tensor,
+    num_blocks: usize,
+    /// `(q, kv_cache)` of a host case.
+    host: Option<(Tensor, Tensor)>,
+}
+
+/// The exact reference of the checked sequences, in their order.
+struct ExactRows {
+    out: Vec<f64>,
+    lse: Vec<f64>,
+}
+
+/// The emulation of the checked sequences for one tile configuration.
+struct EmulatedRows {
+    tiles: TileConfig,
+    out: Vec<f32>,
+    lse: Vec<f32>,
+    max_score: f32,
+}
+
+/// What the exact reference depends on: shared by a case's `amla` and `multiply` variants.
+type ExactKey = (InputSpec, u64, Source, bool, Option<u32>, Vec<usize>);
+
+/// The last exact reference computed, so that the next case with the same inputs (the multiply
+/// variant after the AMLA one) reuses it.
+static LAST_EXACT: Mutex<Option<(ExactKey, Arc<ExactRows>)>> = Mutex::new(None);
+
+impl AmlaCase {
+    /// q `[b · s_q · h_q rows, 576]` of a seeded case: slab r is row r, in [-4, 4).
+    fn q_seeded(&self) -> Seeded {
+        Seeded::new(self.seed as u32 ^ 0x7171, -2)
+    }
+
+    /// The cache of a seeded case: slab p is page p, in [-1, 1).
+    fn kv_seeded(&self) -> Seeded {
+        Seeded::new(self.seed as u32 ^ 0xcaca, 0)
+    }
+
+    fn layout(&self) -> Result<Layout> {
+        if self.source == Source::Host {
+            let x = AmlaInputs::generate(&self.spec, self.seed)?;
+            return Ok(Layout {
+                num_blocks: x.kv_cache.shape()[0],
+                block_table: x.block_table,
+                cache_seqlens: x.cache_seqlens,
+                host: Some((x.q, x.kv_cache)),
+            });
+        }
+        // Pages in a shuffled order; columns past a sequence's pages hold -1.
+        let s = &self.spec;
+        let b = s.seqlens.len();
+        let used: usize = s.seqlens.iter().map(|&l| s.pages(l)).sum();
+        let num_blocks = (used + s.spare_blocks).max(1);
+        let width =
+            (s.seqlens.iter().map(|&l| s.pages(l)).max().unwrap_or(0) + s.spare_columns).max(1);
+        let mut rng = SplitMix::new(self.seed);
+        let mut ids: Vec<i32> = (0..num_blocks as i32).collect();
+        for i in (1..num_blocks).rev() {
+            ids.swap(i, rng.below(i + 1));
+        }
+        let mut table = vec![-1i32; b * width];
+        let mut next = ids.iter();
+        for (seq, &len) in s.seqlens.iter().enumerate() {
+            for slot in &mut table[seq * width..seq * width + s.pages(len)] {
+                *slot = *next.next().expect("enough pages");
+            }
+        }
+        let lens = s.seqlens.iter().map(|&l| l as i32).collect();
+        Ok(Layout {
+            block_table: Tensor::i32(&[b, width], table)?,
+            cache_seqlens: Tensor::i32(&[b], lens)?,
+            num_blocks,
+            host: None,
+        })
+    }
+
+    fn shape(&self, layout: &Layout) -> Result<AmlaShape> {
+        let s = &self.spec;
+        AmlaShape::from_parts(
+            (&[s.seqlens.len(), s.s_q, s.h_q, D_QK], s.q_dtype),
+            (&[layout.num_blocks, s.page_size, D_QK], s.kv_dtype),
+            (layout.block_table.shape(), DType::I32),
+            (layout.cache_seqlens.shape(), DType::I32),
+        )
+    }
+
+    /// Sequence `seq` of a seeded case alone: its q rows, its pages (renumbered 0..), its length.
+    fn one_sequence(&self, layout: &Layout, seq: usize) -> Result<[Tensor; 4]> {
+        let s = &self.spec;
+        let rows = s.s_q * s.h_q;
+        let row_ids: Vec<usize> = (seq * rows..(seq + 1) * rows).collect();
+        let q = self
+            .q_seeded()
+            .rows(&row_ids, D_QK, s.q_dtype)?
+            .reshape(&[1, s.s_q, s.h_q, D_QK])?;
+        let len = s.seqlens[seq];
+        let width = layout.block_table.shape()[1];
+        let table = &layout.block_table.as_i32().expect("i32 table")[seq * width..];
+        let pages = s.pages(len);
+        let mut bytes = Vec::new();
+        for &page in &table[..pages] {
+            let slab = self
+                .kv_seeded()
+                .slab(page as usize, &[s.page_size, D_QK], s.kv_dtype)?;
+            bytes.extend_from_slice(slab.bytes());
+        }
+        if pages == 0 {
+            bytes = vec![0; s.page_size * D_QK * s.kv_dtype.size()];
+        }
+        let cache = Tensor::from_bytes(&[pages.max(1), s.page_size, D_QK], s.kv_dtype, &bytes)?;
+        let ids = if pages == 0 {
+            vec![-1]
+        } else {
+            (0..pages as i32).collect()
+        };
+        Ok([
+            q,
+            cache,
+            Tensor::i32(&[1, pages.max(1)], ids)?,
+            Tensor::i32(&[1], vec![len as i32])?,
+        ])
+    }
+
+    /// The exact reference of `seqs`: the whole batch of a host case, else one sequence per core.
+    fn exact(&self, layout: &Layout, seqs: &[usize]) -> Result<Arc<ExactRows>> {
+        let key: ExactKey = (
+            self.spec.clone(),
+            self.seed,
+            self.source,
+            self.params.causal,
+            self.params.softmax_scale.map(f32::to_bits),
+            seqs.to_vec(),
+        );
+        if let Some((k, rows)) = LAST_EXACT.lock().unwrap().as_ref() {
+            if *k == key {
+                return Ok(rows.clone());
+            }
+        }
+        let rows = Arc::new(match &layout.host {
+            Some((q, kv)) => {
+                let e = reference::exact(
+                    q,
+                    kv,
+                    &layout.block_table,
+                    &layout.cache_seqlens,
+                    &self.params,
+                )?;
+                ExactRows {
+                    out: e.out,
+                    lse: e.lse,
+                }
+            }
+            None => {
+                let parts: Vec<Exact> = seqs
+                    .par_iter()
+                    .map(|&seq| {
+                        let [q, kv, table, lens] = self.one_sequence(layout, seq)?;
+                        reference::exact(&q, &kv, &table, &lens, &self.params)
+                    })
+                    .collect::<Result<_>>()?;
+                ExactRows {
+                    out: parts.iter().flat_map(|e| e.out.iter().copied()).collect(),
+                    lse: parts.iter().flat_map(|e| e.lse.iter().copied()).collect(),
+                }
+            }
+        });
+        *LAST_EXACT.lock().unwrap() = Some((key, rows.clone()));
+        Ok(rows)
+    }
+
+    /// The emulation of `seqs` for `tiles`. A seeded case emulates each sequence alone, with the
+    /// key ranges the whole batch's schedule gives it (`Split::Auto` splits by the batch's work).
+    fn emulate(
+        &self,
+        layout: &Layout,
+        seqs: &[usize],
+        shape: &AmlaShape,
+        tiles: &TileConfig,
+    ) -> Result<EmulatedRows> {
+        if let Some((q, kv)) = &layout.host {
+            let e = reference::emulate(
+                q,
+                kv,
+                &layout.block_table,
+                &layout.cache_seqlens,
+                &self.params,
+                tiles,
+            )?;
+            return Ok(EmulatedRows {
+                tiles: *tiles,
+                out: e.out,
+                lse: e.lse,
+                max_score: e.max_score,
+            });
+        }
+        let work = plan_work(
+            &self.spec.seqlens,
+            tiles.row_blocks(shape.rows()),
+            tiles.tile_keys,
+            self.params.split,
         )?;
-        let emulation = reference::emulate(
-            &x.q,
-            &x.kv_cache,
-            &x.block_table,
-            &x.cache_seqlens,
-            &self.params,
-            plan.tiles(),
-        )?;
-        let q = gpu.upload(&x.q)?;
-        let kv = gpu.upload(&x.kv_cache)?;
-        let main = Run::new(gpu, plan, &x, &q, &kv)?;
-        let baseline = if self.params.rescale == Rescale::Amla {
+        let parts: Vec<Emulation> = seqs
+            .par_iter()
+            .map(|&seq| {
+                let ranges = &work.ranges[seq];
+                let split = match ranges.as_slice() {
+                    [(begin, end), _, ..] => Split::Chunk { keys: end - begin },
+                    _ => Split::Off,
+                };
+                let params = AmlaParams {
+                    split,
+                    ..self.params
+                };
+                let [q, kv, table, lens] = self.one_sequence(layout, seq)?;
+                reference::emulate(&q, &kv, &table, &lens, &params, tiles)
+            })
+            .collect::<Result<_>>()?;
+        Ok(EmulatedRows {
+            tiles: *tiles,
+            out: parts.iter().flat_map(|e| e.out.iter().copied()).collect(),
+            lse: parts.iter().flat_map(|e| e.lse.iter().copied()).collect(),
+            max_score: parts.iter().map(|e| e.max_score).fold(0.0, f32::max),
+        })
+    }
+}
+
+/// A case's host half.
+struct AmlaHost {
+    case: AmlaCase,
+    shape: AmlaShape,
+    layout: Layout,
+    seqs: Vec<usize>,
+    exact: Arc<ExactRows>,
+    /// For the target's tiles; redone at upload when the device's plan picks others.
+    emulation: EmulatedRows,
+}
+
+impl AmlaHost {
+    /// q and the cache on the device: uploaded, or made from the seed with NaN written into
+    /// the spare pages and past every sequence's last key.
+    fn inputs(&self, gpu: &Gpu) -> Result<(DeviceTensor, DeviceTensor)> {
+        if let Some((q, kv)) = &self.layout.host {
+            return Ok((gpu.upload(q)?, gpu.upload(kv)?));
+        }
+        let (c, sh) = (&self.case, &self.shape);
+        let q = gpu.zeros(&[sh.batch, sh.s_q, sh.h_q, D_QK], sh.q_dtype)?;
+        c.q_seeded().fill(gpu, &q, 0, D_QK)?;
+        let page_len = sh.page_size * D_QK;
+        let kv = gpu.zeros(&[sh.num_blocks, sh.page_size, D_QK], sh.kv_dtype)?;
+        c.kv_seeded().fill(gpu, &kv, 0, page_len)?;
+        let row_bytes = D_QK * sh.kv_dtype.size();
+        let nan = synthetic(&[page_len], sh.kv_dtype, |_| f32::NAN)?;
+        let width = sh.max_blocks;
+        let table = self.layout.block_table.as_i32().expect("i32 table");
+        let mut used = vec![false; sh.num_blocks];
+        for (seq, &len) in c.spec.seqlens.iter().enumerate() {
+            let pages = c.spec.pages(len);
+            for &page in &table[seq * width..seq * width + pages] {
+                used[page as usize] = true;
+            }
+            let tail = pages * sh.page_size - len;
+            if tail > 0 {
+                let last = table[seq * width + pages - 1] as usize;
+                let offset = (last * sh.page_size + sh.page_size - tail) * row_bytes;
+                let bytes = &nan.bytes()[..tail * row_bytes];
+                gpu.checked(|| gpu.queue.write_buffer(kv.buffer(), offset as u64, bytes))?;
+            }
+        }
+        for page in (0..sh.num_blocks).filter(|&p| !used[p]) {
+            let offset = (page * page_len * sh.kv_dtype.size()) as u64;
+            gpu.checked(|| gpu.queue.write_buffer(kv.buffer(), offset, nan.bytes()))?;
+        }
+        gpu.queue.submit(std::iter::empty());
+        gpu.wait()?;
+        Ok((q, kv))
+    }
+}
+
+impl HostPrepared for AmlaHost {
+    fn upload<'g>(&self, gpu: &'g Gpu) -> Result<Box<dyn Prepared + 'g>> {
+        let c = &self.case;
+        let plan = AmlaPlan::new(gpu, &self.shape, &c.params)?;
+        let redone;
+        let emulation = if *plan.tiles() == self.emulation.tiles {
+            &self.emulation
+        } else {
+            redone = c.emulate(&self.layout, &self.seqs, &self.shape, plan.tiles())?;
+            &redone
+        };
+        let (q, kv) = self.inputs(gpu)?;
+        let (table, lens) = (&self.layout.block_table, &self.layout.cache_seqlens);
+        let main = Run::new(gpu, plan, table, lens, &q, &kv)?;
+        let baseline = if c.params.rescale == Rescale::Amla {
             let params = AmlaParams {
                 rescale: Rescale::Multiply,
-                ..self.params
+                ..c.params
             };
-            let plan = AmlaPlan::with_tiles(gpu, &shape, &params, *main.plan.tiles())?;
-            Some(Run::new(gpu, plan, &x, &q, &kv)?)
+            let plan = AmlaPlan::with_tiles(gpu, &self.shape, &params, *main.plan.tiles())?;
+            Some(Run::new(gpu, plan, table, lens, &q, &kv)?)
         } else {
             None
         };
         Ok(Box::new(AmlaPrepared {
             gpu,
-            shape,
+            shape: self.shape,
+            seqs: self.seqs.clone(),
             main,
             baseline,
-            exact,
-            emulation,
+            exact: self.exact.clone(),
+            emulation_out: round_to(self.shape.out_dtype, &emulation.out),
+            emulation_lse: emulation.lse.clone(),
+            max_score: emulation.max_score,
             _inputs: (q, kv),
         }))
+    }
+
+    fn coverage(&self) -> Coverage {
+        Coverage::new(self.seqs.len(), self.shape.batch, "sequences")
     }
 }
 
@@ -274,11 +618,12 @@ impl Run {
     fn new(
         gpu: &Gpu,
         plan: AmlaPlan,
-        x: &AmlaInputs,
+        block_table: &Tensor,
+        cache_seqlens: &Tensor,
         q: &DeviceTensor,
         kv: &DeviceTensor,
     ) -> Result<Self> {
-        let schedule = plan.schedule(gpu, &x.block_table, &x.cache_seqlens)?;
+        let schedule = plan.schedule(gpu, block_table, cache_seqlens)?;
         let shape = plan.shape();
         let out = gpu.zeros(&shape.out_shape(), shape.out_dtype)?;
         let lse = gpu.zeros(&shape.lse_shape(), DType::F32)?;
@@ -296,11 +641,29 @@ impl Run {
 struct AmlaPrepared<'g> {
     gpu: &'g Gpu,
     shape: AmlaShape,
+    /// The checked sequences.
+    seqs: Vec<usize>,
     main: Run,
     baseline: Option<Run>,
-    exact: Exact,
-    emulation: Emulation,
+    exact: Arc<ExactRows>,
+    /// The emulation, `out` rounded to the output dtype.
+    emulation_out: Vec<f32>,
+    emulation_lse: Vec<f32>,
+    max_score: f32,
     _inputs: (DeviceTensor, DeviceTensor),
+}
+
+impl AmlaPrepared<'_> {
+    /// The checked sequences' part of `values` (`per_seq` values each).
+    fn picked(&self, values: Vec<f32>, per_seq: usize) -> Vec<f32> {
+        if self.seqs.len() == self.shape.batch {
+            return values;
+        }
+        self.seqs
+            .iter()
+            .flat_map(|&s| values[s * per_seq..(s + 1) * per_seq].iter().copied())
+            .collect()
+    }
 }
 
 impl Prepared for AmlaPrepared<'_> {
@@ -313,9 +676,12 @@ impl Prepared for AmlaPrepared<'_> {
     }
 
     fn verify(&self) -> Result<Vec<Checked>> {
-        let out = self.gpu.download_f32(&self.main.out)?;
-        let lse = self.gpu.download_f32(&self.main.lse)?;
-        let (out_shape, lse_shape) = (self.shape.out_shape(), self.shape.lse_shape());
+        let sh = &self.shape;
+        let rows = sh.s_q * sh.h_q;
+        let out = self.picked(self.gpu.download_f32(&self.main.out)?, rows * D_V);
+        let lse = self.picked(self.gpu.download_f32(&self.main.lse)?, rows);
+        let n = self.seqs.len();
+        let (out_shape, lse_shape) = ([n, sh.s_q, sh.h_q, D_V], [n, sh.h_q, sh.s_q]);
         Ok(vec![
             Checked::new(
                 "out",
@@ -332,18 +698,18 @@ impl Prepared for AmlaPrepared<'_> {
                 &out_shape,
                 compare(
                     &out,
-                    &round_to(self.shape.out_dtype, &self.emulation.out),
+                    &self.emulation_out,
                     emulation_out_tolerance(
-                        self.shape.out_dtype,
+                        sh.out_dtype,
                         self.main.plan.params().p_precision,
-                        self.emulation.max_score,
+                        self.max_score,
                     ),
                 ),
             ),
             Checked::new(
                 "lse~emulation",
                 &lse_shape,
-                compare(&lse, &self.emulation.lse, emulation_lse_tolerance()),
+                compare(&lse, &self.emulation_lse, emulation_lse_tolerance()),
             ),
         ])
     }
@@ -372,7 +738,7 @@ fn params(rescale: Rescale, p: PPrecision, split: Split, causal: bool) -> AmlaPa
 
 /// Lengths 1..=max spread over `b` sequences, reproducibly (a variable-length batch).
 fn spread(b: usize, max: usize, seed: u64) -> Vec<usize> {
-    let mut rng = super::inputs::SplitMix::new(seed);
+    let mut rng = SplitMix::new(seed);
     (0..b).map(|_| 1 + rng.below(max)).collect()
 }
 
@@ -530,45 +896,31 @@ fn full_cases() -> Vec<AmlaCase> {
     cases
 }
 
-fn bench_cases(gpu: &Gpu) -> Vec<AmlaCase> {
+/// The headline cases of `fusedops bench`: b=128, s_q=1, h_q 16 and 128 over 4096 keys of bf16
+/// cache with the `amla` and `multiply` rescales, and b=128, s_q=2, h_q=128 causal over lengths
+/// up to 8192; inputs made on the device, sampled sequences checked. A CPU adapter gets the same
+/// mix over b=4 (2 at h_q=128) and 512 keys.
+fn headline(full: bool) -> Vec<AmlaCase> {
     let d = "deepseek-v3";
     let amla = params(Rescale::Amla, PPrecision::F32, Split::default(), false);
-    let amla16 = AmlaParams {
-        p_precision: PPrecision::F16,
-        ..amla
-    };
-    // The multiply variant as cases of its own too, so that criterion lists it next to AMLA
-    // (`fusedops bench` also times it as every AMLA case's baseline).
     let multiply = AmlaParams {
         rescale: Rescale::Multiply,
         ..amla
     };
-    // CPU adapters get the same mix at a size they finish.
-    let (b, sk, b_big_h) = if gpu.is_cpu() {
-        (4, 512, 2)
-    } else {
-        (128, 4096, 128)
+    let causal = AmlaParams {
+        causal: true,
+        ..amla
+    };
+    let (b, sk, b_big_h) = if full { (128, 4096, 128) } else { (4, 512, 2) };
+    let case = |lens: &[usize], s_q, h, p, seed| {
+        AmlaCase::new(d, lens, s_q, h, 64, DType::BF16, p, seed).seeded()
     };
     vec![
-        AmlaCase::new(d, &vec![sk; b], 1, 16, 64, DType::BF16, amla, 30),
-        AmlaCase::new(d, &vec![sk; b], 1, 16, 64, DType::BF16, multiply, 30),
-        AmlaCase::new(d, &vec![sk; b], 1, 16, 64, DType::BF16, amla16, 30),
-        AmlaCase::new(d, &vec![sk; b_big_h], 1, 128, 64, DType::BF16, amla, 31),
-        AmlaCase::new(d, &vec![sk; b_big_h], 1, 128, 64, DType::BF16, multiply, 31),
-        AmlaCase::new(d, &spread(b, 2 * sk, 32), 1, 16, 64, DType::BF16, amla, 32),
-        AmlaCase::new(
-            d,
-            &spread(b, 2 * sk, 33),
-            2,
-            16,
-            64,
-            DType::BF16,
-            AmlaParams {
-                causal: true,
-                ..amla
-            },
-            33,
-        ),
+        case(&vec![sk; b], 1, 16, amla, 30),
+        case(&vec![sk; b], 1, 16, multiply, 30),
+        case(&vec![sk; b_big_h], 1, 128, amla, 31),
+        case(&vec![sk; b_big_h], 1, 128, multiply, 31),
+        case(&spread(b_big_h, 2 * sk, 33), 2, 128, causal, 33),
     ]
 }
 
@@ -586,12 +938,41 @@ pub struct RunParams {
 }
 
 /// The `split` field of [`RunParams`].
-#[derive(Clone, Debug, serde::Deserialize)]
-#[serde(untagged)]
+#[derive(Clone, Debug)]
 pub enum SplitParam {
     Word(String),
     Chunk { chunk: u32 },
     Target { target_workgroups: u32 },
+}
+
+/// By hand rather than `untagged`, whose error ("did not match any variant") names neither the
+/// value nor what is allowed.
+impl<'de> serde::Deserialize<'de> for SplitParam {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        let value = serde_json::Value::deserialize(d)?;
+        let bad = || {
+            serde::de::Error::custom(format!(
+                "{value} is not a split (expected \"auto\", \"off\", {{\"chunk\": keys}} or \
+                 {{\"target_workgroups\": n}}, numbers in 0..=4294967295)"
+            ))
+        };
+        let count = |v: &serde_json::Value| {
+            v.as_u64()
+                .and_then(|n| u32::try_from(n).ok())
+                .ok_or_else(bad)
+        };
+        match &value {
+            serde_json::Value::String(word) => Ok(SplitParam::Word(word.clone())),
+            serde_json::Value::Object(map) if map.len() == 1 => match map.iter().next() {
+                Some((key, v)) if key == "chunk" => Ok(SplitParam::Chunk { chunk: count(v)? }),
+                Some((key, v)) if key == "target_workgroups" => Ok(SplitParam::Target {
+                    target_workgroups: count(v)?,
+                }),
+                _ => Err(bad()),
+            },
+            _ => Err(bad()),
+        }
+    }
 }
 
 impl RunParams {
@@ -631,6 +1012,11 @@ struct NamedInputs<'a> {
 }
 
 fn named_inputs(inputs: &NamedTensors) -> Result<NamedInputs<'_>> {
+    check_input_names(
+        "amla",
+        inputs,
+        &["q", "kv_cache", "block_table", "cache_seqlens"],
+    )?;
     Ok(NamedInputs {
         q: input("amla", inputs, "q")?,
         kv_cache: input("amla", inputs, "kv_cache")?,
@@ -648,9 +1034,16 @@ impl Operator for AmlaOperator {
         let cases = match scale {
             Scale::Ci => ci_cases(),
             Scale::Full => full_cases(),
-            Scale::Bench => bench_cases(gpu),
+            Scale::Bench => return self.headline(!gpu.is_cpu()),
         };
         cases
+            .into_iter()
+            .map(|c| Box::new(c) as Box<dyn Case>)
+            .collect()
+    }
+
+    fn headline(&self, full: bool) -> Vec<Box<dyn Case>> {
+        headline(full)
             .into_iter()
             .map(|c| Box::new(c) as Box<dyn Case>)
             .collect()

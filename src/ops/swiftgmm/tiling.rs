@@ -15,13 +15,13 @@ use std::sync::{Mutex, OnceLock};
 
 use serde::{Deserialize, Serialize};
 
-use super::cases::hashed;
 use super::{
     Activation, ExpertWeights, GemmKernel, GmmArgs, GmmPlan, Layout, Mode, Options, Tiling,
 };
 use crate::error::{Error, Result};
 use crate::gpu::{Fragment, Gpu};
 use crate::tensor::{DType, Tensor};
+use crate::util::{hashed, utc_now};
 
 const OP: &str = "swiftgmm";
 
@@ -42,6 +42,7 @@ pub const CACHE_FILE: &str = "swiftgmm_tiling.json";
 
 /// The GEMV-like path: a tile is (group, row block, weight-column block) over the whole of k.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct GemvConfig {
     /// Rows per row block (1..=16); a group larger than this takes several blocks when the GEMV
     /// path is forced.
@@ -57,6 +58,7 @@ pub struct GemvConfig {
 
 /// The tiled GEMM path.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct GemmConfig {
     /// Rows per tile.
     pub tm: u32,
@@ -74,6 +76,7 @@ pub struct GemmConfig {
 /// configuration serves 8x8 and 16x16: a tile is `sg_m x sg_n` subgroups, each owning
 /// `frag_m x frag_n` accumulator fragments, staged `k_frags` fragments deep.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct CoopGemmConfig {
     /// Subgroups along the rows of a tile.
     pub sg_m: u32,
@@ -270,6 +273,7 @@ impl TryFrom<String> for GemmPath {
 
 /// A complete tiling: both paths and the row count at which groups switch path.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct TileConfig {
     /// Groups of at most this many rows take the GEMV path in [`Mode::Auto`] (0: none do).
     pub threshold: u32,
@@ -670,7 +674,12 @@ fn default_coop(gpu: &Gpu, key: &ShapeKey) -> CoopGemmConfig {
     let list = if gpu.is_cpu() {
         vec![c(2, 2, 2, 2, 2), smallest]
     } else if key.rows_bucket >= 128 {
-        vec![c(2, 4, 4, 2, 2), c(2, 4, 2, 2, 2), c(2, 2, 2, 2, 2), smallest]
+        vec![
+            c(2, 4, 4, 2, 2),
+            c(2, 4, 2, 2, 2),
+            c(2, 2, 2, 2, 2),
+            smallest,
+        ]
     } else {
         vec![c(2, 4, 2, 2, 2), c(2, 2, 2, 2, 2), smallest]
     };
@@ -1374,7 +1383,7 @@ pub fn tune(gpu: &Gpu, key: &ShapeKey, settings: &TuneSettings) -> Result<CacheE
         gemv_us,
         gemm_us,
         probes,
-        measured_utc: crate::bench::utc_now(),
+        measured_utc: utc_now(),
     })
 }
 
