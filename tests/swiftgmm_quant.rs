@@ -68,7 +68,7 @@ impl Spec {
             out_dtype: self.out_dtype,
             mode: self.mode,
             tiling: Tiling::Defaults,
-            max_workgroups: None,
+            ..Options::default()
         }
     }
 }
@@ -139,13 +139,70 @@ fn host(spec: &Spec, seed: u64) -> Host {
     }
 }
 
+/// Run through the device API against the reference, the W8A16 groups on cooperative matrices
+/// with their f16 staging (on the coop lane, W8A16 groups on the GEMM path must run there).
 fn check(g: &Gpu, spec: &Spec, seed: u64, what: &str) {
     let h = host(spec, seed);
     let options = spec.options();
-    let got = quant::run(g, &h.inputs(), &options).unwrap_or_else(|e| panic!("{what}: {e}"));
-    let want = reference::grouped_matmul(&h.inputs(), &options).unwrap();
-    let c = compare(&got.to_f32(), &want, swiftgmm::tolerance(spec.out_dtype));
-    assert!(c.pass, "{what}: {}", c.summary(got.shape()));
+    let m = spec.m_total();
+    let n_out = match spec.activation {
+        Activation::None => spec.n,
+        Activation::SwiGlu => spec.n / 2,
+    };
+    let offsets = h.groups.offsets(m).unwrap();
+    let x = g.upload(&h.x).unwrap();
+    let x_scale = h.x_scale.as_ref().map(|s| g.upload(s).unwrap());
+    let weights = QuantWeights::upload(g, &h.w, &h.w_scale, h.w_offset.as_ref()).unwrap();
+    let row_scale = h.row_scale.as_ref().map(|s| g.upload(s).unwrap());
+    let offsets_dev = g
+        .upload(&Tensor::u32(&[offsets.len()], offsets.clone()).unwrap())
+        .unwrap();
+    let y = g.zeros(&[m, n_out], spec.out_dtype).unwrap();
+    let plan = GmmPlan::new_quantized(
+        g,
+        &QuantGmmArgs {
+            x: match &x_scale {
+                Some(scale) => QuantX::Int8 { q: &x, scale },
+                None => QuantX::Float(&x),
+            },
+            groups: DeviceGroups::Offsets(&offsets_dev),
+            weights: &weights,
+            row_scale: row_scale.as_ref(),
+            y: &y,
+            host_offsets: Some(&offsets),
+        },
+        &options,
+    )
+    .unwrap_or_else(|e| panic!("{what}: {e}"));
+    g.run(|rec| plan.record(rec)).unwrap();
+    let coop = plan.coop_groups(&offsets);
+    // Groups on the GEMM path (the default threshold is 8 rows).
+    let gemm_groups = spec.counts.iter().any(|&c| match spec.mode {
+        Mode::Gemm => c > 0,
+        Mode::Gemv => false,
+        Mode::Auto => c > 8,
+    });
+    if common::expect_coop() && spec.quant == Quant::W8A16 && gemm_groups {
+        assert!(
+            coop.iter().any(|&c| c),
+            "{what}: W8A16 GEMM not on cooperative matrices"
+        );
+        assert!(
+            plan.variant().contains("coop"),
+            "{what}: {}",
+            plan.variant()
+        );
+    }
+    let rows: Vec<usize> = (0..m).collect();
+    let want = reference::grouped_matmul_rows_staged(&h.inputs(), &options, &rows, &coop).unwrap();
+    let got = g.download_f32(&y).unwrap();
+    let c = compare(&got, &want, swiftgmm::tolerance(spec.out_dtype));
+    assert!(
+        c.pass,
+        "{what} ({}): {}",
+        plan.variant(),
+        c.summary(&[m, n_out])
+    );
 }
 
 /// Each path forced (the automatic choice is covered below and by the registry cases).

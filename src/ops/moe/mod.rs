@@ -244,6 +244,7 @@ impl MoeOptions {
             mode: self.mode,
             tiling: self.tiling,
             max_workgroups: self.max_workgroups,
+            ..Options::default()
         }
     }
 }

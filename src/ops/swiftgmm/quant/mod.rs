@@ -27,11 +27,13 @@
 
 pub mod reference;
 
-use super::tiling::{self, GemvConfig, KernelLimits, MAX_GEMV_ROWS, MAX_GEMV_UNROLL, TileConfig};
+use super::tiling::{
+    self, GemmPath, GemvConfig, KernelLimits, MAX_GEMV_ROWS, MAX_GEMV_UNROLL, ShapeKey, TileConfig,
+};
 use super::{
-    Desc, DeviceGroups, ExpertWeights, GEMM_ARGS, GEMV_ARGS, GmmParams, GmmPlan, Groups, Layout,
-    OP, Options, PathDispatch, Problem, Scheduler, Tiling, Validated, check_binding, check_offsets,
-    effective_mode, weight_dims,
+    Desc, DeviceGroups, ExpertWeights, GEMM_ARGS, GEMV_ARGS, GemmKernel, GmmParams, GmmPlan,
+    Groups, Layout, OP, Options, PathDispatch, PlanInfo, Problem, Scheduler, Tiling, Validated,
+    check_binding, check_offsets, effective_mode, gemm_path, weight_dims,
 };
 use crate::error::{Error, Result};
 use crate::gpu::{Gpu, Kernel};
@@ -443,10 +445,11 @@ fn bad(what: &str, why: String) -> Error {
     Error::invalid(OP, format!("int8 tile configuration {what}"), why)
 }
 
-/// Check a tile configuration against the int8 kernels' rules and the device limits.
+/// Check a tile configuration against the int8 kernels' rules and the device limits: the GEMV
+/// tile, and the GEMM tile of `key.gemm` (int8 SIMT, or W8A16 on cooperative matrices).
 pub fn validate_config(
     config: &TileConfig,
-    layout: Layout,
+    key: &ShapeKey,
     quant: Quant,
     swiglu: bool,
     limits: &KernelLimits,
@@ -483,27 +486,70 @@ pub fn validate_config(
             format!("SwiGLU needs an even number of column groups, got {groups}"),
         ));
     }
-    let geo = gemv_geometry(v, layout, quant, swiglu);
+    let geo = gemv_geometry(v, key.layout, quant, swiglu);
     limits.check_workgroup("int8 gemv", v.workgroup, geo.workgroup_bytes)?;
-    let m = &config.gemm;
-    m.validate(swiglu, limits)?;
-    if !m.tk.is_multiple_of(16) {
-        return Err(bad(
-            "gemm.tk",
-            format!("{} must be a multiple of 16 (one int8 vector)", m.tk),
-        ));
+    match key.gemm {
+        GemmPath::Simt => {
+            let m = &config.gemm;
+            m.validate(swiglu, limits)?;
+            if !m.tk.is_multiple_of(16) {
+                return Err(bad(
+                    "gemm.tk",
+                    format!("{} must be a multiple of 16 (one int8 vector)", m.tk),
+                ));
+            }
+        }
+        GemmPath::Coop(fragment) => {
+            let c = &config.coop;
+            c.validate(fragment, key, swiglu, limits)?;
+            // Staged in 16-value int8 vectors: along k ([e, n, k]) or along n ([e, k, n], within
+            // one SwiGLU half).
+            let f = fragment.size();
+            let (bk, bn) = (c.k_frags * f, c.sg_n * c.frag_n * f);
+            let along = match key.layout {
+                Layout::Nk => bk,
+                Layout::Kn if swiglu => bn / 2,
+                Layout::Kn => bn,
+            };
+            if !along.is_multiple_of(16) {
+                return Err(bad(
+                    "coop",
+                    format!(
+                        "{} must hold whole 16-value int8 vectors ({} layout{})",
+                        c.describe(fragment),
+                        key.layout.name(),
+                        if swiglu { ", SwiGLU halves" } else { "" }
+                    ),
+                ));
+            }
+        }
     }
     Ok(())
 }
 
-/// The tile configuration of an int8 plan: the cache's or the defaults (the tuner measures the
-/// 16-bit kernels only, so `Tiling::Tune` is refused).
+/// The GEMM kernel of an int8 plan: W8A8 sums on `dot4I8Packed` (SIMT: WGSL has no int8
+/// fragments, and f16 fragments would lose the exact sums); W8A16 as [`gemm_path`].
+fn quant_gemm_path(gpu: &Gpu, quant: Quant, kernel: GemmKernel) -> Result<GemmPath> {
+    match (quant, kernel) {
+        (Quant::W8A16, kernel) => gemm_path(gpu, kernel),
+        (Quant::W8A8, GemmKernel::Coop) => Err(Error::unsupported(
+            OP,
+            "the cooperative-matrix GEMM kernel for W8A8 (its exact i32 sums run on \
+             dot4I8Packed; use gemm_kernel auto or simt)",
+        )),
+        (Quant::W8A8, _) => Ok(GemmPath::Simt),
+    }
+}
+
+/// The tile configuration of an int8 plan: `Fixed`, or the defaults for `Cached` and `Defaults`
+/// (the tuner measures the 16-bit kernels, so the cache holds no int8 entries and
+/// `Tiling::Tune` is refused).
 fn resolve_config(
     gpu: &Gpu,
     p: &QuantProblem,
     options: &Options,
     routed: usize,
-) -> Result<TileConfig> {
+) -> Result<(TileConfig, GemmPath)> {
     if options.tiling == Tiling::Tune {
         return Err(Error::unsupported(
             OP,
@@ -511,13 +557,17 @@ fn resolve_config(
              Tiling::Cached, Defaults or Fixed",
         ));
     }
-    let key = tiling::ShapeKey {
+    let gemm = quant_gemm_path(gpu, p.quant, options.gemm_kernel)?;
+    let key = ShapeKey {
         rows_bucket: tiling::rows_bucket(routed, p.experts),
-        ..p.key(None)
+        ..p.key(None, gemm)
     };
-    let config = tiling::resolve(gpu, &key, &options.tiling)?;
-    validate_config(&config, p.layout, p.quant, p.swiglu, &KernelLimits::of(gpu))?;
-    Ok(config)
+    let config = match options.tiling {
+        Tiling::Fixed(config) => config,
+        _ => tiling::default_config(gpu, &key),
+    };
+    validate_config(&config, &key, p.quant, p.swiglu, &KernelLimits::of(gpu))?;
+    Ok((config, gemm))
 }
 
 impl GmmPlan {
@@ -569,10 +619,18 @@ impl GmmPlan {
             Some(o) => (o[p.experts] - o[0]) as usize,
             None => p.m_total,
         };
-        let config = resolve_config(gpu, &p, options, routed)?;
+        let (config, gemm) = resolve_config(gpu, &p, options, routed)?;
         let geo = gemv_geometry(&config.gemv, p.layout, p.quant, p.swiglu);
         let gemv_n_tiles = (p.n_out as u32).div_ceil(geo.out_cols);
-        let gemm_n_tiles = (p.n_out as u32).div_ceil(config.gemm.out_cols(p.swiglu));
+        let (gemm_rows, gemm_cols) = match gemm {
+            GemmPath::Simt => (config.gemm.tm, config.gemm.tn),
+            GemmPath::Coop(f) => {
+                let c = &config.coop;
+                (c.sg_m * c.frag_m * f.size(), c.sg_n * c.frag_n * f.size())
+            }
+        };
+        let gemm_out_cols = if p.swiglu { gemm_cols / 2 } else { gemm_cols };
+        let gemm_n_tiles = (p.n_out as u32).div_ceil(gemm_out_cols);
         let mode = effective_mode(options.mode, args.host_offsets, config.threshold);
         let scheduler = Scheduler::new(
             gpu,
@@ -580,14 +638,15 @@ impl GmmPlan {
             args.groups,
             (p.experts, p.m_total),
             &config,
-            mode,
+            (mode, gemm_rows),
             (gemv_n_tiles, gemm_n_tiles),
             options.max_workgroups,
         )?;
 
         let placeholder = Validated::placeholder(gpu)?;
         let optional = |t| binding_or(t, &placeholder);
-        let bind_shards = |pipeline: &wgpu::ComputePipeline, n_tiles: u32| {
+        // The int8 kernels bind x_scale last; the cooperative-matrix kernel (W8A16) does not.
+        let bind_shards = |pipeline: &wgpu::ComputePipeline, n_tiles: u32, coop: bool| {
             w.weights
                 .ranges()
                 .map(|(lo, hi, shard)| {
@@ -602,20 +661,20 @@ impl GmmPlan {
                         n_tiles,
                         ..GmmParams::default()
                     })?;
-                    gpu.bind_group(
-                        pipeline,
-                        &[
-                            params.as_entire_binding(),
-                            x.binding(),
-                            shard.tensor.binding(),
-                            scheduler.sched.as_entire_binding(),
-                            optional(args.row_scale),
-                            args.y.binding(),
-                            w.scale.binding(),
-                            optional(w.offset.as_ref()),
-                            optional(x_scale),
-                        ],
-                    )
+                    let mut resources = vec![
+                        params.as_entire_binding(),
+                        x.binding(),
+                        shard.tensor.binding(),
+                        scheduler.sched.as_entire_binding(),
+                        optional(args.row_scale),
+                        args.y.binding(),
+                        w.scale.binding(),
+                        optional(w.offset.as_ref()),
+                    ];
+                    if !coop {
+                        resources.push(optional(x_scale));
+                    }
+                    gpu.bind_group(pipeline, &resources)
                 })
                 .collect::<Result<Vec<_>>>()
         };
@@ -641,7 +700,7 @@ impl GmmPlan {
                 (Layout::Kn, Quant::W8A8) => "gemv_kn_w8a8",
             };
             let pipeline = gpu.pipeline(&KERNEL, entry, &constants)?;
-            let binds = bind_shards(&pipeline, gemv_n_tiles)?;
+            let binds = bind_shards(&pipeline, gemv_n_tiles, false)?;
             paths.push(PathDispatch {
                 pipeline,
                 binds,
@@ -649,22 +708,36 @@ impl GmmPlan {
             });
         }
         if use_gemm {
-            let m = &config.gemm;
-            let mut constants = p.constants(args.row_scale.is_some());
-            constants.extend([
-                ("TM", m.tm as f64),
-                ("TN", m.tn as f64),
-                ("TK", m.tk as f64),
-                ("RM", m.rm as f64),
-                ("RN", m.rn as f64),
-                ("GEMM_WG", m.workgroup() as f64),
-            ]);
-            let entry = match p.quant {
-                Quant::W8A16 => "gemm_w8a16",
-                Quant::W8A8 => "gemm_w8a8",
+            let has_scale = args.row_scale.is_some();
+            let pipeline = match gemm {
+                GemmPath::Simt => {
+                    let m = &config.gemm;
+                    let mut constants = p.constants(has_scale);
+                    constants.extend([
+                        ("TM", m.tm as f64),
+                        ("TN", m.tn as f64),
+                        ("TK", m.tk as f64),
+                        ("RM", m.rm as f64),
+                        ("RN", m.rn as f64),
+                        ("GEMM_WG", m.workgroup() as f64),
+                    ]);
+                    let entry = match p.quant {
+                        Quant::W8A16 => "gemm_w8a16",
+                        Quant::W8A8 => "gemm_w8a8",
+                    };
+                    gpu.pipeline(&KERNEL, entry, &constants)?
+                }
+                // W8A16: int8 becomes f16 q + offset while staging.
+                GemmPath::Coop(fragment) => p.problem.coop_pipeline(
+                    gpu,
+                    (&config.coop, fragment),
+                    has_scale,
+                    &[("HAS_OFFSET", if p.has_offset { 1.0 } else { 0.0 })],
+                    false,
+                )?,
             };
-            let pipeline = gpu.pipeline(&KERNEL, entry, &constants)?;
-            let binds = bind_shards(&pipeline, gemm_n_tiles)?;
+            let coop = matches!(gemm, GemmPath::Coop(_));
+            let binds = bind_shards(&pipeline, gemm_n_tiles, coop)?;
             paths.push(PathDispatch {
                 pipeline,
                 binds,
@@ -674,11 +747,15 @@ impl GmmPlan {
         Ok(GmmPlan::assemble(
             scheduler,
             paths,
-            mode,
-            &format!("{suffix} "),
-            p.layout,
-            config,
-            w.weights.shards().len(),
+            PlanInfo {
+                kind: &format!("{suffix} "),
+                layout: p.layout,
+                config,
+                gemm,
+                asked: options.mode,
+                recorded: mode,
+                shards: w.weights.shards().len(),
+            },
         ))
     }
 }
@@ -816,6 +893,23 @@ mod tests {
             max_invocations: 1024,
             max_workgroup_size_x: 1024,
             max_workgroup_bytes: 32 << 10,
+            subgroup_size: 8,
+        }
+    }
+
+    fn key(layout: Layout, quant: Quant, gemm: GemmPath) -> ShapeKey {
+        ShapeKey {
+            x_dtype: if quant == Quant::W8A8 {
+                DType::I8
+            } else {
+                DType::BF16
+            },
+            w_dtype: DType::I8,
+            layout,
+            k: 64,
+            n: 64,
+            rows_bucket: 16,
+            gemm,
         }
     }
 
@@ -837,6 +931,8 @@ mod tests {
 
     #[test]
     fn int8_rules_are_enforced() {
+        use crate::gpu::Fragment;
+        use crate::ops::swiftgmm::tiling::CoopGemmConfig;
         let base = TileConfig {
             threshold: 8,
             gemv: GemvConfig {
@@ -852,15 +948,40 @@ mod tests {
                 rm: 4,
                 rn: 8,
             },
+            coop: CoopGemmConfig {
+                sg_m: 2,
+                sg_n: 2,
+                frag_m: 2,
+                frag_n: 2,
+                k_frags: 2,
+            },
         };
+        let coop8 = GemmPath::Coop(Fragment::Size8);
         for quant in [Quant::W8A16, Quant::W8A8] {
             for layout in [Layout::Nk, Layout::Kn] {
-                validate_config(&base, layout, quant, true, &limits()).unwrap();
+                let simt = key(layout, quant, GemmPath::Simt);
+                validate_config(&base, &simt, quant, true, &limits()).unwrap();
             }
         }
+        for layout in [Layout::Nk, Layout::Kn] {
+            let k = key(layout, Quant::W8A16, coop8);
+            validate_config(&base, &k, Quant::W8A16, true, &limits()).unwrap();
+        }
+        let simt = key(Layout::Nk, Quant::W8A8, GemmPath::Simt);
         let mut tk8 = base;
         tk8.gemm.tk = 8;
-        assert!(validate_config(&tk8, Layout::Nk, Quant::W8A8, false, &limits()).is_err());
+        assert!(validate_config(&tk8, &simt, Quant::W8A8, false, &limits()).is_err());
+        // A coop stage of 8 k values at 8x8 cannot hold a 16-value int8 vector along k; nor a
+        // 16-column tile's SwiGLU halves along n.
+        let mut thin = base;
+        thin.coop.k_frags = 1;
+        let nk = key(Layout::Nk, Quant::W8A16, coop8);
+        assert!(validate_config(&thin, &nk, Quant::W8A16, false, &limits()).is_err());
+        let mut narrow = base;
+        narrow.coop.sg_n = 1;
+        let kn = key(Layout::Kn, Quant::W8A16, coop8);
+        assert!(validate_config(&narrow, &kn, Quant::W8A16, true, &limits()).is_err());
+        validate_config(&narrow, &kn, Quant::W8A16, false, &limits()).unwrap();
         let mut big = base;
         big.gemv = GemvConfig {
             rows: 16,
@@ -869,8 +990,9 @@ mod tests {
             unroll: 4,
         };
         // 16 rows x 1024 k x 4 bytes of x alone pass 32 KiB.
+        let a16 = key(Layout::Nk, Quant::W8A16, GemmPath::Simt);
         assert!(matches!(
-            validate_config(&big, Layout::Nk, Quant::W8A16, false, &limits()),
+            validate_config(&big, &a16, Quant::W8A16, false, &limits()),
             Err(Error::Limit { .. })
         ));
     }

@@ -6,10 +6,12 @@
 //!   `y = epilogue(acc · x_scale[row] · w_scale[col])`.
 //!
 //! The epilogue is SwiftGMM's: SwiGLU on the dequantized gate and up columns, then the row scale.
+//! W8A16 groups on the cooperative-matrix path stage x and `q + offset` in f16
+//! ([`grouped_matmul_rows_staged`] emulates that with [`stage_f16`]).
 
 use super::{Quant, QuantInputs, check_host};
 use crate::error::Result;
-use crate::ops::swiftgmm::reference::{group_of_row, silu};
+use crate::ops::swiftgmm::reference::{group_of_row, silu, stage_f16};
 use crate::ops::swiftgmm::{Activation, Layout, Options};
 use crate::tensor::Tensor;
 
@@ -58,6 +60,18 @@ pub fn grouped_matmul_rows(
     options: &Options,
     rows: &[usize],
 ) -> Result<Vec<f64>> {
+    grouped_matmul_rows_staged(inputs, options, rows, &[])
+}
+
+/// [`grouped_matmul_rows`] with the W8A16 groups flagged in `staged` (by group; missing: not
+/// staged) computed as the cooperative-matrix kernel stages them: x and `q + offset` (an f32
+/// sum) rounded to f16 by [`stage_f16`], the scale applied to the sum.
+pub fn grouped_matmul_rows_staged(
+    inputs: &QuantInputs,
+    options: &Options,
+    rows: &[usize],
+    staged: &[bool],
+) -> Result<Vec<f64>> {
     let (p, offsets) = check_host(inputs, options)?;
     let (k, n, n_out) = (p.k, p.n, p.n_out);
     let g_scale = inputs.w_scale.to_f64();
@@ -88,18 +102,25 @@ pub fn grouped_matmul_rows(
                     continue;
                 };
                 let xr = &x[row * k..(row + 1) * k];
+                let stage = staged.get(g).copied().unwrap_or(false);
                 for col in 0..n {
                     let s = g_scale[g * n + col];
                     let o = g_offset.as_ref().map_or(0.0, |o| o[g * n + col]);
-                    acc[i * n + col] = (0..k)
+                    let sum: f64 = (0..k)
                         .map(|kk| {
                             let q = match options.layout {
                                 Layout::Kn => qw[(g * k + kk) * n + col],
                                 Layout::Nk => qw[(g * n + col) * k + kk],
                             };
-                            xr[kk] * (q as f64 + o) * s
+                            if stage {
+                                let w = stage_f16(q as f32 + o as f32) as f64;
+                                stage_f16(xr[kk] as f32) as f64 * w
+                            } else {
+                                xr[kk] * (q as f64 + o)
+                            }
                         })
                         .sum();
+                    acc[i * n + col] = sum * s;
                 }
             }
             acc
