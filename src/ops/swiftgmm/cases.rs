@@ -1097,9 +1097,14 @@ impl Operator for SwiftGmmOperator {
             ("gemm".into(), gemm),
             (
                 "w8a16".into(),
-                "int8 weights become q + offset (f32) in registers (gemv) or while staging (gemm), \
-                 f32 sums, the per-channel scale in the epilogue (plain WGSL)"
-                    .into(),
+                format!(
+                    "int8 weights become q + offset in registers (gemv, f32) or while staging \
+                     (gemm: {}), the per-channel scale in the epilogue",
+                    match coop_support(gpu) {
+                        Ok(f) => format!("f16 on cooperative matrices {}", f.name()),
+                        Err(_) => "f32, SIMT".to_string(),
+                    }
+                ),
             ),
             ("w8a8".into(), quant::dot_product_path(gpu)),
             (
