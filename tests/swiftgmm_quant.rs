@@ -557,6 +557,27 @@ fn named_tensor_interface_matches_its_reference() {
         op.tolerance("y", &named, &params),
     );
     assert!(c.pass, "{}", c.summary(got["y"].shape()));
+    // W8A16 with f32 x and offsets, a group on the GEMM path (cooperative matrices on the coop
+    // lane: the tolerance covers their f16 staging of these inputs).
+    let mut a16 = Spec::new(Quant::W8A16, 2, 32, 24, &[2, 12]);
+    a16.x_dtype = DType::F32;
+    a16.offset = true;
+    let h16 = host(&a16, 12);
+    let mut named16 = NamedTensors::new();
+    named16.insert("x".into(), h16.x.clone());
+    named16.insert("w".into(), h16.w.clone());
+    named16.insert("w_scale".into(), h16.w_scale.clone());
+    named16.insert("w_offset".into(), h16.w_offset.clone().unwrap());
+    named16.insert("counts".into(), Tensor::u32(&[2], vec![2, 12]).unwrap());
+    let params16 = serde_json::json!({"layout": "nk", "tiling": "defaults"});
+    let got = op.run_named(g, &named16, &params16).unwrap();
+    let want = op.reference_named(&named16, &params16).unwrap();
+    let c = compare(
+        &got["y"].to_f32(),
+        &want["y"].to_f32(),
+        op.tolerance("y", &named16, &params16),
+    );
+    assert!(c.pass, "w8a16: {}", c.summary(got["y"].shape()));
     // int8 w without its scale; a scale for float weights.
     named.remove("w_scale");
     let e = op.run_named(g, &named, &params).unwrap_err();
