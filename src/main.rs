@@ -292,6 +292,9 @@ fn info(json: bool, no_probes: bool) -> Result<ExitCode> {
         yes(c.timestamps_inside_encoders),
         yes(!c.coop_matrix.is_empty())
     );
+    for refused in &c.refused {
+        println!("refused      {refused} (advertised, but the device opened only without it)");
+    }
     if !c.disabled.is_empty() {
         println!("disabled     {} (FUSEDOPS_DISABLE)", c.disabled.join(", "));
     }

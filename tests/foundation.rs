@@ -315,6 +315,41 @@ fn cli_info_runs_and_prints_json() {
 }
 
 #[test]
+fn a_feature_the_driver_refuses_is_dropped_and_reported() {
+    // Mesa 26.1 lavapipe at 128-bit vectors (an SSE-only CPU) advertises cooperative matrices and
+    // then fails vkCreateDevice with them; wgpu-hal panics on that. The device must open without
+    // the feature and say so. Other drivers ignore the variable, and then nothing is refused.
+    let out = fusedops()
+        .args(["info", "--no-probes"])
+        .env("LP_NATIVE_VECTOR_WIDTH", "128")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let coop_line = stdout
+        .lines()
+        .find(|l| l.starts_with("coop-matrix"))
+        .expect("info names the cooperative-matrix configurations");
+    let refused: Vec<&str> = stdout
+        .lines()
+        .filter(|l| l.starts_with("refused"))
+        .collect();
+    if common::expect_coop() && coop_line.contains("none") {
+        assert!(
+            refused.iter().any(|l| l.contains("coop")),
+            "cooperative matrices vanished without a `refused` line:\n{stdout}"
+        );
+    }
+    for line in refused {
+        assert!(line.contains("advertised"), "{line}");
+    }
+}
+
+#[test]
 fn cli_without_a_driver_fails_with_the_hint() {
     // Point the Vulkan loader at no driver at all: no adapter can exist.
     let out = fusedops()

@@ -190,6 +190,9 @@ pub struct Capabilities {
     pub max_storage_buffers_per_stage: u32,
     /// Features the user switched off with FUSEDOPS_DISABLE.
     pub disabled: Vec<&'static str>,
+    /// Features the adapter advertised but device creation refused, with the driver's reason;
+    /// the device was opened without them.
+    pub refused: Vec<String>,
 }
 
 impl Capabilities {
@@ -277,6 +280,59 @@ fn scalar_name(t: wgpu::CooperativeScalarType) -> &'static str {
     }
 }
 
+/// Optional features in the order they are given up when the driver refuses a device: the
+/// experimental one first, timing last (it only affects how runs are measured).
+const DROP_ORDER: [(wgpu::Features, &str); 4] = [
+    (wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX, "coop"),
+    (wgpu::Features::SUBGROUP, "subgroups"),
+    (wgpu::Features::SHADER_F16, "f16"),
+    (
+        wgpu::Features::TIMESTAMP_QUERY
+            .union(wgpu::Features::TIMESTAMP_QUERY_INSIDE_PASSES)
+            .union(wgpu::Features::TIMESTAMP_QUERY_INSIDE_ENCODERS),
+        "timestamps",
+    ),
+];
+
+/// `request_device` with `features`, its errors and wgpu-hal's panics as a message.
+fn open_device(
+    adapter: &wgpu::Adapter,
+    features: wgpu::Features,
+    limits: &wgpu::Limits,
+) -> std::result::Result<(wgpu::Device, wgpu::Queue), String> {
+    let experimental = if features.contains(wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX) {
+        // SAFETY: the opt-in acknowledges that wgpu's experimental cooperative-matrix support
+        // may have bugs; every kernel using it checks its results against a CPU reference in
+        // `fusedops check`, and plain kernels are used whenever the feature is off.
+        unsafe { wgpu::ExperimentalFeatures::enabled() }
+    } else {
+        wgpu::ExperimentalFeatures::disabled()
+    };
+    let request = || {
+        pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
+            label: Some("fusedops"),
+            required_features: features,
+            required_limits: limits.clone(),
+            experimental_features: experimental,
+            memory_hints: wgpu::MemoryHints::Performance,
+            trace: wgpu::Trace::Off,
+        }))
+    };
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(request)) {
+        Ok(result) => result.map_err(|e| e.to_string()),
+        Err(panic) => Err(panic_message(&*panic)),
+    }
+}
+
+/// The text of a caught panic.
+pub(crate) fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<String>()
+        .cloned()
+        .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+        .unwrap_or_else(|| "a panic without a message".into())
+}
+
 impl Gpu {
     /// The default adapter, chosen with the options in the environment (see [`GpuOptions`]).
     pub fn new() -> Result<Self> {
@@ -343,25 +399,35 @@ impl Gpu {
         {
             wanted |= F::EXPERIMENTAL_COOPERATIVE_MATRIX;
         }
-        let features = offered & wanted;
-        let experimental = if features.contains(F::EXPERIMENTAL_COOPERATIVE_MATRIX) {
-            // SAFETY: the opt-in acknowledges that wgpu's experimental cooperative-matrix support
-            // may have bugs; every kernel using it checks its results against a CPU reference in
-            // `fusedops check`, and plain kernels are used whenever the feature is off.
-            unsafe { wgpu::ExperimentalFeatures::enabled() }
-        } else {
-            wgpu::ExperimentalFeatures::disabled()
-        };
         let limits = adapter.limits();
-        let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
-            label: Some("fusedops"),
-            required_features: features,
-            required_limits: limits.clone(),
-            experimental_features: experimental,
-            memory_hints: wgpu::MemoryHints::Performance,
-            trace: wgpu::Trace::Off,
-        }))
-        .map_err(|e| Error::Device(format!("request_device on {}: {e}", info.name)))?;
+        // A driver may advertise a feature and then refuse a device with it (Mesa 26.1 lavapipe
+        // offers cooperative matrices at 128-bit vectors, LP_NATIVE_VECTOR_WIDTH=128 or an SSE-only
+        // CPU, and then fails vkCreateDevice), and wgpu-hal panics on that refusal. Drop optional features one at a time, the
+        // experimental one first, and report what was refused instead of crashing.
+        let mut features = offered & wanted;
+        let mut refused = Vec::new();
+        let (device, queue) = loop {
+            match open_device(&adapter, features, &limits) {
+                Ok(opened) => break opened,
+                Err(why) => {
+                    let Some(&(flag, name)) =
+                        DROP_ORDER.iter().find(|(f, _)| features.intersects(*f))
+                    else {
+                        let also = if refused.is_empty() {
+                            String::new()
+                        } else {
+                            format!(" (after dropping {})", refused.join("; "))
+                        };
+                        return Err(Error::Device(format!(
+                            "request_device on {}: {why}{also}",
+                            info.name
+                        )));
+                    };
+                    refused.push(format!("{name}: {why}"));
+                    features.remove(flag);
+                }
+            }
+        };
 
         let uncaptured = Arc::new(Mutex::new(Vec::new()));
         let sink = uncaptured.clone();
@@ -403,6 +469,7 @@ impl Gpu {
             max_workgroups_per_dim: limits.max_compute_workgroups_per_dimension,
             max_storage_buffers_per_stage: limits.max_storage_buffers_per_shader_stage,
             disabled: disabled.iter().map(|f| f.name()).collect(),
+            refused,
         };
         Ok(Gpu {
             adapter,

@@ -178,11 +178,7 @@ impl Gpu {
         // GPU-free shader test catches that; this keeps it an error, not a crash, at run time.
         let compiled = std::panic::catch_unwind(std::panic::AssertUnwindSafe(compile))
             .unwrap_or_else(|panic| {
-                let why = panic
-                    .downcast_ref::<String>()
-                    .map(String::as_str)
-                    .or_else(|| panic.downcast_ref::<&str>().copied())
-                    .unwrap_or("panic in the shader compiler");
+                let why = super::panic_message(&*panic);
                 Err(Error::Device(format!("shader compiler panicked: {why}")))
             });
         let pipeline = compiled.map_err(|e| match e {
