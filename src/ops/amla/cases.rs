@@ -4,8 +4,8 @@
 use super::inputs::{AmlaInputs, ColumnFill, InputSpec, Pattern};
 use super::reference::{self, Emulation, Exact};
 use super::{
-    AmlaBindings, AmlaParams, AmlaPlan, AmlaSchedule, AmlaShape, D_QK, D_V, PPrecision, Rescale,
-    Split, TileConfig, visible_keys,
+    AmlaBindings, AmlaParams, AmlaPlan, AmlaSchedule, AmlaShape, CoopConfig, D_QK, D_V, PPrecision,
+    Rescale, Split, TileConfig, coop, visible_keys,
 };
 use crate::check::{Tolerance, compare};
 use crate::error::{Error, Result};
@@ -162,6 +162,22 @@ impl AmlaCase {
         self
     }
 
+    /// The shape the case plans for (dtypes and rows; the cache size does not matter here).
+    fn plan_shape(&self) -> AmlaShape {
+        let s = &self.spec;
+        AmlaShape {
+            batch: s.seqlens.len(),
+            s_q: s.s_q,
+            h_q: s.h_q,
+            num_blocks: 1,
+            page_size: s.page_size,
+            max_blocks: 1,
+            q_dtype: s.q_dtype,
+            kv_dtype: s.kv_dtype,
+            out_dtype: s.q_dtype,
+        }
+    }
+
     fn visible_pairs(&self) -> u64 {
         let s = &self.spec;
         s.seqlens
@@ -217,6 +233,10 @@ impl Case for AmlaCase {
         2 * (D_QK + D_V) as u64 * self.visible_pairs()
     }
 
+    fn uses_tensor_cores(&self, gpu: &Gpu) -> bool {
+        CoopConfig::choose(gpu, &self.plan_shape(), &self.params).is_ok()
+    }
+
     fn prepare<'g>(&self, gpu: &'g Gpu) -> Result<Box<dyn Prepared + 'g>> {
         let x = AmlaInputs::generate(&self.spec, self.seed)?;
         let shape = AmlaShape::of(&x.q, &x.kv_cache, &x.block_table, &x.cache_seqlens)?;
@@ -228,14 +248,8 @@ impl Case for AmlaCase {
             &x.cache_seqlens,
             &self.params,
         )?;
-        let emulation = reference::emulate(
-            &x.q,
-            &x.kv_cache,
-            &x.block_table,
-            &x.cache_seqlens,
-            &self.params,
-            plan.tiles(),
-        )?;
+        let (emulation, emulation_out, emulation_lse) =
+            coop::emulate_plan(&plan, &x.q, &x.kv_cache, &x.block_table, &x.cache_seqlens)?;
         let q = gpu.upload(&x.q)?;
         let kv = gpu.upload(&x.kv_cache)?;
         let main = Run::new(gpu, plan, &x, &q, &kv)?;
@@ -244,7 +258,7 @@ impl Case for AmlaCase {
                 rescale: Rescale::Multiply,
                 ..self.params
             };
-            let plan = AmlaPlan::with_tiles(gpu, &shape, &params, *main.plan.tiles())?;
+            let plan = main.plan.sibling(gpu, &params)?;
             Some(Run::new(gpu, plan, &x, &q, &kv)?)
         } else {
             None
@@ -256,6 +270,7 @@ impl Case for AmlaCase {
             baseline,
             exact,
             emulation,
+            emulation_tolerances: (emulation_out, emulation_lse),
             _inputs: (q, kv),
         }))
     }
@@ -300,6 +315,8 @@ struct AmlaPrepared<'g> {
     baseline: Option<Run>,
     exact: Exact,
     emulation: Emulation,
+    /// Of `out` and `lse` against the emulation (they depend on the path).
+    emulation_tolerances: (Tolerance, Tolerance),
     _inputs: (DeviceTensor, DeviceTensor),
 }
 
@@ -333,17 +350,13 @@ impl Prepared for AmlaPrepared<'_> {
                 compare(
                     &out,
                     &round_to(self.shape.out_dtype, &self.emulation.out),
-                    emulation_out_tolerance(
-                        self.shape.out_dtype,
-                        self.main.plan.params().p_precision,
-                        self.emulation.max_score,
-                    ),
+                    self.emulation_tolerances.0,
                 ),
             ),
             Checked::new(
                 "lse~emulation",
                 &lse_shape,
-                compare(&lse, &self.emulation.lse, emulation_lse_tolerance()),
+                compare(&lse, &self.emulation.lse, self.emulation_tolerances.1),
             ),
         ])
     }
@@ -665,7 +678,33 @@ impl Operator for AmlaOperator {
             ),
             Err(e) => format!("unavailable: {e}"),
         };
+        // The coop path for a DeepSeek-V3 head count (128 rows: the largest head block).
+        let deepseek = AmlaShape {
+            batch: 1,
+            s_q: 1,
+            h_q: 128,
+            num_blocks: 1,
+            page_size: 64,
+            max_blocks: 1,
+            q_dtype: DType::BF16,
+            kv_dtype: DType::BF16,
+            out_dtype: DType::BF16,
+        };
+        let p16 = AmlaParams {
+            p_precision: PPrecision::F16,
+            ..AmlaParams::default()
+        };
+        let coop = match CoopConfig::choose(gpu, &deepseek, &p16) {
+            Ok(c) => format!(
+                "{} (head block: s_q x h_q rounded up to a power of two, {}..64); the SIMT \
+                 kernel below for f32 q, an f32 cache or P in f32",
+                c.describe(max),
+                c.fragment.size()
+            ),
+            Err(why) => format!("f32 SIMT ({why})"),
+        };
         vec![
+            ("decode (16-bit q, cache and P)".into(), coop),
             (
                 "decode (16-bit cache)".into(),
                 format!("f32 SIMT, {}", tiles(16, DType::BF16)),

@@ -38,6 +38,7 @@
 //! ```
 
 pub mod cases;
+pub mod coop;
 pub mod inputs;
 pub mod reference;
 pub mod schedule;
@@ -50,6 +51,7 @@ use crate::gpu::{Gpu, Kernel, Recorder, grid};
 use crate::tensor::{DType, DeviceTensor, Tensor};
 
 pub use cases::OPERATOR;
+pub use coop::CoopConfig;
 pub use schedule::{D_QK, D_V, Split, TileConfig, WorkPlan};
 
 const OP: &str = "amla";
@@ -403,7 +405,11 @@ pub struct AmlaPlan {
     id: u64,
     shape: AmlaShape,
     params: AmlaParams,
+    /// The SIMT kernel's tiles: what runs when `coop` is `None` (and what would run with
+    /// cooperative matrices off).
     tiles: TileConfig,
+    /// The cooperative-matrix decode, which replaces the SIMT prep and decode kernels.
+    coop: Option<CoopConfig>,
     row_blocks: usize,
     max_partial_slots: u32,
     prep: Arc<wgpu::ComputePipeline>,
@@ -423,6 +429,7 @@ impl std::fmt::Debug for AmlaPlan {
             .field("shape", &self.shape)
             .field("params", &self.params)
             .field("tiles", &self.tiles)
+            .field("coop", &self.coop)
             .field("max_partial_slots", &self.max_partial_slots)
             .finish_non_exhaustive()
     }
@@ -433,14 +440,19 @@ fn dtype_code(dtype: DType) -> f64 {
 }
 
 impl AmlaPlan {
-    /// Plan for `shape` on `gpu` with the tiles chosen from the device limits.
+    /// Plan for `shape` on `gpu`: the cooperative-matrix decode where the adapter and the
+    /// dtypes allow it ([`CoopConfig::choose`]), else the SIMT kernel, with tiles chosen from the
+    /// device limits.
     pub fn new(gpu: &Gpu, shape: &AmlaShape, params: &AmlaParams) -> Result<Self> {
+        if let Ok(config) = CoopConfig::choose(gpu, shape, params) {
+            return AmlaPlan::with_coop(gpu, shape, params, config);
+        }
         let tiles =
             TileConfig::choose(shape.rows(), shape.kv_dtype, gpu.caps.max_workgroup_storage)?;
         AmlaPlan::with_tiles(gpu, shape, params, tiles)
     }
 
-    /// Plan with explicit tiles (validated against the device limits).
+    /// Plan for the SIMT kernel with explicit tiles (validated against the device limits).
     pub fn with_tiles(
         gpu: &Gpu,
         shape: &AmlaShape,
@@ -563,6 +575,7 @@ impl AmlaPlan {
             shape: *shape,
             params: *params,
             tiles,
+            coop: None,
             row_blocks,
             max_partial_slots: slots as u32,
             prep,
@@ -583,8 +596,24 @@ impl AmlaPlan {
         &self.params
     }
 
+    /// The SIMT kernel's tiles (see [`AmlaPlan::coop`] for the kernel that runs).
     pub fn tiles(&self) -> &TileConfig {
         &self.tiles
+    }
+
+    /// The cooperative-matrix configuration when that decode runs, `None` for the SIMT one.
+    pub fn coop(&self) -> Option<&CoopConfig> {
+        self.coop.as_ref()
+    }
+
+    /// Query rows per work item of the kernel that runs.
+    fn head_block(&self) -> u32 {
+        self.coop.map_or(self.tiles.head_block, |c| c.head_block)
+    }
+
+    /// Keys per tile of the kernel that runs (the split boundaries are whole tiles).
+    fn tile_keys(&self) -> u32 {
+        self.coop.map_or(self.tiles.tile_keys, |c| c.tile_keys)
     }
 
     /// Head blocks per sequence.
@@ -599,6 +628,9 @@ impl AmlaPlan {
 
     /// The kernel variant, as reported by `fusedops check`/`bench`.
     pub fn variant(&self) -> String {
+        if let Some(c) = &self.coop {
+            return c.variant(&self.params);
+        }
         let t = &self.tiles;
         format!(
             "{} p={} hb={} tn={}",
@@ -651,7 +683,7 @@ impl AmlaPlan {
         let work = schedule::plan_work(
             &lengths,
             self.row_blocks,
-            self.tiles.tile_keys,
+            self.tile_keys(),
             self.params.split,
         )?;
         if work.partial_slots > self.max_partial_slots {
@@ -675,7 +707,7 @@ impl AmlaPlan {
             s_q: s.s_q as u32,
             h_q: s.h_q as u32,
             rows,
-            rows_padded: (self.row_blocks * self.tiles.head_block as usize) as u32,
+            rows_padded: (self.row_blocks * self.head_block() as usize) as u32,
             num_blocks: s.num_blocks as u32,
             page_shift: s.page_size.trailing_zeros(),
             max_blocks: s.max_blocks as u32,
@@ -782,18 +814,19 @@ impl AmlaPlan {
             )?)
         };
         let max = gpu.caps.max_workgroups_per_dim;
-        let quads = (s.batch * s.rows()) as u32 * schedule::QUADS;
+        // The SIMT prep converts a quad per invocation, the coop prep a row per workgroup.
+        let prep_groups = match self.coop {
+            Some(_) => (s.batch * s.rows()) as u32,
+            None => ((s.batch * s.rows()) as u32 * schedule::QUADS).div_ceil(256),
+        };
         Ok(AmlaBindings {
             plan_id: self.id,
             prep,
             decode,
             combine,
-            prep_grid: grid(quads.div_ceil(256), max),
+            prep_grid: grid(prep_groups, max),
             decode_grid: grid(schedule.work.items.len() as u32, max),
-            combine_grid: grid(
-                schedule.work.combines.len() as u32 * self.tiles.head_block,
-                max,
-            ),
+            combine_grid: grid(schedule.work.combines.len() as u32 * self.head_block(), max),
         })
     }
 

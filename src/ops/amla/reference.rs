@@ -86,7 +86,7 @@ impl<'a> Checked<'a> {
 }
 
 /// Run `f(seq)` for every sequence on all cores, results in sequence order.
-fn per_sequence<T: Send>(batch: usize, f: impl Fn(usize) -> T + Sync) -> Vec<T> {
+pub(super) fn per_sequence<T: Send>(batch: usize, f: impl Fn(usize) -> T + Sync) -> Vec<T> {
     let threads = std::thread::available_parallelism()
         .map_or(1, |n| n.get())
         .min(batch.max(1));
@@ -358,7 +358,7 @@ fn kernel_score(q: &[f32], k: &[f32], d_groups: usize) -> f32 {
 }
 
 /// Merge split partials as the combine kernel: weights exp(lse_i - max), lse = max + ln(sum).
-fn combine(parts: &[(Vec<f32>, f32)]) -> (Vec<f32>, f32) {
+pub(super) fn combine(parts: &[(Vec<f32>, f32)]) -> (Vec<f32>, f32) {
     let live: Vec<&(Vec<f32>, f32)> = parts.iter().filter(|p| p.1 != f32::NEG_INFINITY).collect();
     let m = live.iter().map(|p| p.1).fold(MASKED, f32::max);
     let mut acc = vec![0.0f32; D_V];

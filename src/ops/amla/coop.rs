@@ -1,0 +1,950 @@
+//! The cooperative-matrix (tensor-core) decode: `shaders/amla_decode_coop.wgsl`, its
+//! configuration, the plan that runs it, and the emulation of its steps.
+//!
+//! S = q·Kᵀ over the 576 dims and O += P·V run on f16 x f16 -> f32 fragments of the size the
+//! adapter reports (8x8 or 16x16), with the head block's query rows as the M dimension. q, the
+//! cache and P must be 16-bit (f16 or bf16): an f32 input or P in f32 keeps the f32 SIMT kernel,
+//! which stays the fallback and the A/B baseline. The split-KV schedule, the workspace layout of
+//! the partial results and the combine kernel are the SIMT path's.
+//!
+//! Numerics, beyond the SIMT kernel's (docs/amla.md has the design and its arithmetic):
+//! - q is divided by the power of two of its row's largest |q| and rounded to f16 (exact for f16
+//!   and bf16 q); the power of two and softmax_scale·log2(e) scale S in f32.
+//! - The cache is rounded to f16 while staged: exact for f16 and for bf16 within the f16 range;
+//!   bf16 values beyond ±65504 **saturate** at ±65504 (they never become inf), and bf16 values
+//!   below 2^-14 in magnitude lose the bits an f16 subnormal cannot hold.
+//! - The reference max of a row moves only when a tile's max exceeds it by more than
+//!   [`CoopConfig::lazy_binades`]; P = 2^(s - m_ref) (times AMLA's c_hat) then stays below
+//!   2^(lazy + 0.5). O lives in accumulator fragments, which WGSL gives no per-element access,
+//!   so a rescale is a round trip of the row fragment through workgroup memory: lazy moves make
+//!   them rare. With a lazy threshold of 0 the rescale steps are the SIMT kernel's.
+
+use half::f16;
+
+use super::cases;
+use super::reference::{self, AmlaStats, Emulation, MASKED, MIN_EXPONENT_STEP};
+use super::schedule::{self, D_QK, D_V, TileConfig};
+use super::{
+    AmlaParams, AmlaPlan, AmlaShape, COMBINE, DECODE_STORAGE_BUFFERS, NEXT_PLAN_ID, PPrecision,
+    Rescale, dtype_code, expect_float,
+};
+use crate::check::Tolerance;
+use crate::error::{Error, Result};
+use crate::gpu::{Fragment, Gpu, Kernel};
+use crate::tensor::{DType, Tensor};
+
+const OP: &str = "amla";
+
+const DECODE_COOP: Kernel = Kernel {
+    name: "amla_decode_coop",
+    source: include_str!("../../../shaders/amla_decode_coop.wgsl"),
+};
+
+/// Largest head block: P^T of a tile is held in the 64 rope columns of the staged key tile.
+pub const MAX_HEAD_BLOCK: u32 = 64;
+/// Accumulator fragments per subgroup (`MAX_ACC` in the kernel): 16 fragments of 16x16 f32 are
+/// 128 registers per lane of a 32-wide subgroup.
+const MAX_ACCUMULATORS: u32 = 16;
+/// Output column fragments per subgroup (`MAX_NCF` in the kernel).
+const MAX_COLUMN_FRAGMENTS: u32 = 8;
+/// f16 values per staged key row and per q16 row: 576 + 8 (the padding keeps 16-byte rows; the
+/// q16 row holds its f32 factor's bytes there).
+const ROW_HALVES: u32 = 584;
+/// Key tile sizes tried, largest first.
+const TILE_KEYS: [u32; 3] = [32, 16, 8];
+/// Subgroup counts tried, smallest first (8 fills a 16x16 workgroup to 256 lanes on NVIDIA).
+const SUBGROUPS: [u32; 4] = [8, 16, 32, 64];
+/// Largest lazy threshold: P = 2^(s - m_ref) · c_hat <= 2^(lazy + 0.5) must stay an f16.
+pub const MAX_LAZY_BINADES: u32 = 14;
+/// The default lazy threshold (binades a row's max may rise above its reference before O is
+/// rescaled): after the first tile random scores hardly ever rise that far, and P <= 2^8.5
+/// keeps O far from AMLA's 1e10 guard.
+pub const DEFAULT_LAZY_BINADES: u32 = 8;
+
+/// The cooperative-matrix decode's configuration (all of it becomes WGSL override constants).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct CoopConfig {
+    /// Fragment size (an f16 x f16 -> f32 configuration the adapter reports).
+    pub fragment: Fragment,
+    /// Lanes per subgroup: the adapter's fixed subgroup size.
+    pub subgroup_size: u32,
+    /// Query rows per workgroup (a multiple of the fragment, at most [`MAX_HEAD_BLOCK`]).
+    pub head_block: u32,
+    /// Keys per tile.
+    pub tile_keys: u32,
+    /// Binades a row's max may rise above its reference max before O is rescaled (0: at every
+    /// rise, as the SIMT kernel).
+    pub lazy_binades: u32,
+    /// Subgroups per workgroup.
+    pub subgroups: u32,
+    /// Subgroups sharing one S fragment (each takes 576 / k_split dims).
+    pub k_split: u32,
+    /// Workgroup memory of the decode entry point, in bytes.
+    pub workgroup_bytes: u32,
+}
+
+impl CoopConfig {
+    /// The configuration for `head_block` rows and `tile_keys` keys per tile on fragments of
+    /// `fragment` with subgroups of `subgroup_size`; an error if they do not tile the kernel.
+    pub fn new(
+        fragment: Fragment,
+        subgroup_size: u32,
+        head_block: u32,
+        tile_keys: u32,
+        lazy_binades: u32,
+    ) -> Result<Self> {
+        let f = fragment.size();
+        if !(1..=128).contains(&subgroup_size) || !subgroup_size.is_power_of_two() {
+            return Err(Error::invalid(
+                OP,
+                "subgroup size",
+                format!("{subgroup_size} (a power of two up to 128)"),
+            ));
+        }
+        if !head_block.is_power_of_two() || head_block < f || head_block > MAX_HEAD_BLOCK {
+            return Err(Error::invalid(
+                OP,
+                "coop head block",
+                format!("{head_block} (a power of two from {f} to {MAX_HEAD_BLOCK})"),
+            ));
+        }
+        if !TILE_KEYS.contains(&tile_keys) || !tile_keys.is_multiple_of(f) {
+            return Err(Error::invalid(
+                OP,
+                "coop key tile",
+                format!("{tile_keys} (one of {TILE_KEYS:?}, a multiple of {f})"),
+            ));
+        }
+        if lazy_binades > MAX_LAZY_BINADES {
+            return Err(Error::invalid(
+                OP,
+                "lazy_binades",
+                format!("{lazy_binades} (at most {MAX_LAZY_BINADES}: P must stay an f16)"),
+            ));
+        }
+        let row_frags = head_block / f;
+        let s_frags = row_frags * (tile_keys / f);
+        let chunks = D_QK as u32 / f;
+        // The fewest subgroups whose accumulators fit and whose count splits the S fragments
+        // evenly over the dims.
+        let subgroups = SUBGROUPS.into_iter().find(|&n| {
+            let columns = D_V as u32 / (n * f);
+            (1..=MAX_COLUMN_FRAGMENTS).contains(&columns)
+                && row_frags * columns <= MAX_ACCUMULATORS
+                && n.is_multiple_of(s_frags)
+                && chunks.is_multiple_of(n / s_frags)
+        });
+        let Some(subgroups) = subgroups else {
+            return Err(Error::invalid(
+                OP,
+                "coop tiles",
+                format!(
+                    "head block {head_block} x {tile_keys}-key tiles on {} fragments: no subgroup \
+                     count holds the accumulators and splits S evenly",
+                    fragment.name()
+                ),
+            ));
+        };
+        // Key tile (f16) + S partials / O fragments in transit + row step, row factor, flags.
+        let workgroup_bytes =
+            tile_keys * ROW_HALVES * 2 + subgroups * f * f * 4 + 2 * head_block * 4 + row_frags * 4;
+        Ok(CoopConfig {
+            fragment,
+            subgroup_size,
+            head_block,
+            tile_keys,
+            lazy_binades,
+            subgroups,
+            k_split: subgroups / s_frags,
+            workgroup_bytes,
+        })
+    }
+
+    /// The configuration [`super::AmlaPlan::new`] takes for `shape` and `params` on `gpu`, or why
+    /// the SIMT kernel runs instead.
+    pub fn choose(
+        gpu: &Gpu,
+        shape: &AmlaShape,
+        params: &AmlaParams,
+    ) -> std::result::Result<CoopConfig, String> {
+        let caps = &gpu.caps;
+        let fragment = caps.coop_fragment().ok_or(
+            "no f16 x f16 -> f32 cooperative-matrix fragments (adapter, or FUSEDOPS_DISABLE=coop)",
+        )?;
+        let subgroup_size = caps
+            .fixed_subgroup_size()
+            .ok_or("no fixed subgroup size (subgroups off, or the adapter varies it)")?;
+        eligible(shape, params)?;
+        let f = fragment.size();
+        let head_block = (shape.rows().max(1).next_power_of_two() as u32).clamp(f, MAX_HEAD_BLOCK);
+        TILE_KEYS
+            .into_iter()
+            .filter_map(|tn| {
+                CoopConfig::new(
+                    fragment,
+                    subgroup_size,
+                    head_block,
+                    tn,
+                    DEFAULT_LAZY_BINADES,
+                )
+                .ok()
+            })
+            .find(|c| {
+                c.workgroup_bytes <= caps.max_workgroup_storage
+                    && c.workgroup_size() <= caps.max_invocations_per_workgroup
+            })
+            .ok_or_else(|| {
+                format!(
+                    "no configuration for head block {head_block} fits {} B of workgroup memory \
+                     and {} invocations",
+                    caps.max_workgroup_storage, caps.max_invocations_per_workgroup
+                )
+            })
+    }
+
+    /// Invocations per workgroup.
+    pub fn workgroup_size(&self) -> u32 {
+        self.subgroups * self.subgroup_size
+    }
+
+    /// Row fragments of the head block.
+    pub fn row_fragments(&self) -> u32 {
+        self.head_block / self.fragment.size()
+    }
+
+    /// Output column fragments each subgroup owns (of all rows of the head block).
+    pub fn column_fragments(&self) -> u32 {
+        D_V as u32 / (self.subgroups * self.fragment.size())
+    }
+
+    /// Head blocks per sequence for `rows` query rows.
+    pub fn row_blocks(&self, rows: usize) -> usize {
+        rows.div_ceil(self.head_block as usize)
+    }
+
+    /// An error unless this is what [`CoopConfig::new`] gives for its inputs (the fields are
+    /// public; the kernel's arrays are sized for those configurations only).
+    pub(crate) fn check(&self) -> Result<()> {
+        let derived = CoopConfig::new(
+            self.fragment,
+            self.subgroup_size,
+            self.head_block,
+            self.tile_keys,
+            self.lazy_binades,
+        )?;
+        if derived != *self {
+            return Err(Error::invalid(
+                OP,
+                "coop config",
+                format!("{self:?} is not what CoopConfig::new gives for its inputs ({derived:?})"),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The variant string of `fusedops check`/`bench`, e.g. `amla p=f16 coop16x16 hb=64 tn=32
+    /// lazy=8`.
+    pub fn variant(&self, params: &AmlaParams) -> String {
+        format!(
+            "{} p={} coop{} hb={} tn={} lazy={}",
+            match params.rescale {
+                Rescale::Amla => "amla",
+                Rescale::Multiply => "multiply",
+            },
+            match params.p_precision {
+                PPrecision::F32 => "f32",
+                PPrecision::F16 => "f16",
+            },
+            self.fragment.name(),
+            self.head_block,
+            self.tile_keys,
+            self.lazy_binades
+        )
+    }
+
+    /// How `fusedops info` describes this configuration.
+    pub fn describe(&self, max_workgroup_bytes: u32) -> String {
+        format!(
+            "cooperative matrices {f} (f16 x f16 -> f32), head block {hb} x {tn}-key tiles, {n} \
+             subgroups of {sg} ({k} per S fragment), {b} B of {max} B workgroup memory; O round \
+             trips through workgroup memory: one per row fragment of {fs} rows and tile in which \
+             a row's max rises more than {lazy} binades above its reference",
+            f = self.fragment.name(),
+            hb = self.head_block,
+            tn = self.tile_keys,
+            n = self.subgroups,
+            sg = self.subgroup_size,
+            k = self.k_split,
+            b = self.workgroup_bytes,
+            max = max_workgroup_bytes,
+            fs = self.fragment.size(),
+            lazy = self.lazy_binades,
+        )
+    }
+}
+
+/// Whether the cooperative-matrix decode can run `shape` with `params`: q and the cache 16-bit
+/// (their f16 rounding is then exact within the f16 range) and P 16-bit. The reason otherwise.
+pub fn eligible(shape: &AmlaShape, params: &AmlaParams) -> std::result::Result<(), String> {
+    let sixteen = |d: DType| matches!(d, DType::F16 | DType::BF16);
+    if !sixteen(shape.q_dtype) {
+        return Err(format!(
+            "q is {} (the f32 SIMT kernel keeps it)",
+            shape.q_dtype
+        ));
+    }
+    if !sixteen(shape.kv_dtype) {
+        return Err(format!(
+            "the cache is {} (the f32 SIMT kernel keeps it)",
+            shape.kv_dtype
+        ));
+    }
+    if params.p_precision == PPrecision::F32 {
+        return Err("P in f32 (fragments multiply 16-bit P)".into());
+    }
+    Ok(())
+}
+
+/// Uniform of the coop prep entry (`PrepParams` in shaders/amla_decode_coop.wgsl).
+#[derive(Clone, Copy, Debug, bytemuck::Pod, bytemuck::Zeroable)]
+#[repr(C)]
+pub struct CoopPrepParams {
+    /// b * s_q * h_q: one workgroup each.
+    pub rows_total: u32,
+    /// s_q * h_q rows per sequence.
+    pub rows: u32,
+    /// row blocks * head block: q16 rows per sequence.
+    pub rows_padded: u32,
+    /// softmax_scale * log2(e).
+    pub scale_log2: f32,
+}
+
+impl AmlaPlan {
+    /// Plan for the cooperative-matrix decode with an explicit configuration (validated against
+    /// the adapter and the shape). [`AmlaPlan::new`] takes it wherever it can.
+    pub fn with_coop(
+        gpu: &Gpu,
+        shape: &AmlaShape,
+        params: &AmlaParams,
+        config: CoopConfig,
+    ) -> Result<Self> {
+        params.validate()?;
+        AmlaShape::from_parts(
+            (&shape.q_shape(), shape.q_dtype),
+            (&shape.kv_shape(), shape.kv_dtype),
+            (&[shape.batch, shape.max_blocks], DType::I32),
+            (&[shape.batch], DType::I32),
+        )?;
+        expect_float("out", shape.out_dtype)?;
+        eligible(shape, params)
+            .map_err(|why| Error::unsupported(OP, format!("cooperative-matrix decode: {why}")))?;
+        config.check()?;
+        let caps = &gpu.caps;
+        if caps.fixed_subgroup_size() != Some(config.subgroup_size) {
+            return Err(Error::unsupported(
+                OP,
+                format!(
+                    "cooperative-matrix decode for subgroups of {}: the device has subgroups {}, \
+                     sizes {:?}",
+                    config.subgroup_size, caps.subgroups, caps.subgroup_size
+                ),
+            ));
+        }
+        let limits = [
+            (
+                "amla coop workgroup memory",
+                config.workgroup_bytes,
+                caps.max_workgroup_storage,
+            ),
+            (
+                "amla coop invocations per workgroup",
+                config.workgroup_size(),
+                caps.max_invocations_per_workgroup,
+            ),
+            (
+                "amla storage buffers per shader stage",
+                DECODE_STORAGE_BUFFERS,
+                caps.max_storage_buffers_per_stage,
+            ),
+        ];
+        for (what, need, max) in limits {
+            if need > max {
+                return Err(Error::Limit {
+                    what: what.into(),
+                    need: need as u64,
+                    max: max as u64,
+                });
+            }
+        }
+        // The SIMT tiles stay in the plan: what runs with cooperative matrices off.
+        let tiles = TileConfig::choose(shape.rows(), shape.kv_dtype, caps.max_workgroup_storage)?;
+        let rows = shape.rows();
+        let row_blocks = config.row_blocks(rows);
+        let rows_padded = row_blocks * config.head_block as usize;
+        let hb = config.head_block as u64;
+        let slots = schedule::max_partial_slots(
+            params.split,
+            shape.batch,
+            row_blocks,
+            shape.max_blocks * shape.page_size,
+            config.tile_keys,
+        );
+        let b = shape.batch as u64;
+        let q16_bytes = b * rows_padded as u64 * ROW_HALVES as u64 * 2;
+        let part_out_bytes = slots.max(1) * hb * D_V as u64 * 4;
+        let part_lse_bytes = slots.max(1) * hb * 4;
+        let bindings = [
+            ("q", b * rows as u64 * (D_QK * shape.q_dtype.size()) as u64),
+            (
+                "kv_cache",
+                (shape.num_blocks * shape.page_size * D_QK * shape.kv_dtype.size()) as u64,
+            ),
+            (
+                "out",
+                b * rows as u64 * (D_V * shape.out_dtype.size()) as u64,
+            ),
+            ("lse", b * rows as u64 * 4),
+            ("q16 workspace", q16_bytes),
+            ("partial out", part_out_bytes),
+            ("partial lse", part_lse_bytes),
+        ];
+        for (what, bytes) in bindings {
+            gpu.check_binding(&format!("amla {what}"), bytes)?;
+            if bytes / 2 > u32::MAX as u64 {
+                return Err(Error::Limit {
+                    what: format!("amla {what} elements indexed with u32"),
+                    need: bytes / 2,
+                    max: u32::MAX as u64,
+                });
+            }
+        }
+        let fragment = config.fragment;
+        let prep = gpu.coop_pipeline(
+            &DECODE_COOP,
+            fragment,
+            "prep",
+            &[("Q_DTYPE", dtype_code(shape.q_dtype))],
+        )?;
+        let p_round = match params.p_precision {
+            PPrecision::F16 => 1.0,
+            PPrecision::F32 => unreachable!("eligible() refuses P in f32"),
+        };
+        let decode = gpu.coop_pipeline(
+            &DECODE_COOP,
+            fragment,
+            "decode",
+            &[
+                ("HB", config.head_block as f64),
+                ("TN", config.tile_keys as f64),
+                ("NSG", config.subgroups as f64),
+                ("SG", config.subgroup_size as f64),
+                ("KSPLIT", config.k_split as f64),
+                ("LAZY", config.lazy_binades as f64),
+                ("KV_DTYPE", dtype_code(shape.kv_dtype)),
+                ("OUT_DTYPE", dtype_code(shape.out_dtype)),
+                (
+                    "RESCALE_AMLA",
+                    f64::from(u8::from(params.rescale == Rescale::Amla)),
+                ),
+                ("P_ROUND", p_round),
+            ],
+        )?;
+        let combine = gpu.pipeline(
+            &COMBINE,
+            "combine",
+            &[
+                ("HB", config.head_block as f64),
+                ("OUT_DTYPE", dtype_code(shape.out_dtype)),
+            ],
+        )?;
+        let prep_params = gpu.uniform(&CoopPrepParams {
+            rows_total: (b * rows as u64) as u32,
+            rows: rows as u32,
+            rows_padded: rows_padded as u32,
+            scale_log2: (params.scale() as f64 * std::f64::consts::LOG2_E) as f32,
+        })?;
+        Ok(AmlaPlan {
+            id: NEXT_PLAN_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+            shape: *shape,
+            params: *params,
+            tiles,
+            coop: Some(config),
+            row_blocks,
+            max_partial_slots: slots as u32,
+            prep,
+            decode,
+            combine,
+            prep_params,
+            q_prep: gpu.storage_buffer("amla q16 workspace", q16_bytes)?,
+            part_out: gpu.storage_buffer("amla partial out", part_out_bytes)?,
+            part_lse: gpu.storage_buffer("amla partial lse", part_lse_bytes)?,
+        })
+    }
+
+    /// A plan for `params` on the same path (the same tiles or cooperative-matrix
+    /// configuration) as this one: the baseline of an A/B comparison.
+    pub fn sibling(&self, gpu: &Gpu, params: &AmlaParams) -> Result<AmlaPlan> {
+        match self.coop {
+            Some(config) => AmlaPlan::with_coop(gpu, &self.shape, params, config),
+            None => AmlaPlan::with_tiles(gpu, &self.shape, params, self.tiles),
+        }
+    }
+}
+
+/// What the emulation of the cooperative-matrix decode produced.
+#[derive(Clone, Debug, PartialEq)]
+pub struct CoopEmulation {
+    /// Outputs, the AMLA counters and the largest score, as [`reference::emulate`] gives them.
+    pub emulation: Emulation,
+    /// Round trips of a row fragment's O through workgroup memory (tiles in which some row of
+    /// the fragment moved its reference max after its first tile).
+    pub round_trips: u64,
+    /// (row fragment, tile) pairs processed: the round trips' denominator.
+    pub fragment_tiles: u64,
+    /// How far the kernel's scores may lie from the emulation's (log2 units): fragments sum S
+    /// in an order of their own ([`emulation_out_tolerance`]).
+    pub score_order_bound: f32,
+}
+
+/// Tolerance of the coop kernel's `out` against [`emulate`] (rounded to the output dtype).
+///
+/// The SIMT kernel's emulation tolerance ([`cases::emulation_out_tolerance`] with 16-bit P),
+/// plus what the summation order of S adds: fragments sum the 576 products in the hardware's
+/// order, the emulation in dim order. Modelling each of the at most n = 578 roundings of either
+/// sum as an independent error of at most 2^-24 of its running sum, the two scores differ by
+/// about δs = 4·2^-24·√n·‖q16 ⊙ k16‖₂·|factor| (four standard deviations;
+/// [`CoopEmulation::score_order_bound`] is the largest over the visible pairs). A P whose
+/// unrounded value lies within p·ln2·δs of an f16 rounding boundary rounds to the neighbouring
+/// f16 in one of them, with probability at most 2^11·ln2·δs and an error of one ulp
+/// (≤ 2^-10·P): E[ΔP²] ≤ ln2·2^-10·δs·P². Summed over keys with V of random sign, the
+/// expected cosine difference of the output is at most ln2·2^-10·δs / 2; the bound allows
+/// twice that (ln2·2^-10·δs) on top of the SIMT figure.
+pub fn emulation_out_tolerance(out_dtype: DType, emu: &CoopEmulation) -> Tolerance {
+    let base = cases::emulation_out_tolerance(out_dtype, PPrecision::F16, emu.emulation.max_score);
+    let flips = std::f64::consts::LN_2 * (-10f64).exp2() * emu.score_order_bound as f64;
+    base.with_cos_diff(base.max_cos_diff.unwrap_or(0.0) + flips)
+}
+
+/// Tolerance of the coop kernel's `lse` against [`emulate`]: the SIMT figure plus ln2·δs (the
+/// lse moves by at most the largest score difference).
+pub fn emulation_lse_tolerance(emu: &CoopEmulation) -> Tolerance {
+    let base = cases::emulation_lse_tolerance();
+    Tolerance::new(
+        base.abs + std::f64::consts::LN_2 * emu.score_order_bound as f64,
+        base.rel,
+    )
+}
+
+/// A finite f32 rounded to the nearest f16 (ties to even) and saturated at ±65504, as the kernel
+/// stages the cache.
+pub fn to_f16_saturating(x: f32) -> f32 {
+    f16::from_f32(x.clamp(-65504.0, 65504.0)).to_f32()
+}
+
+/// One row's state in the kernel's softmax invocation.
+struct LazyRow {
+    m_ref: f32,
+    l: f32,
+    n_ref: f32,
+    cof_ref: f32,
+    c_hat_ref: f32,
+}
+
+/// The cooperative-matrix decode's steps in f32 in its block order: q scaled by a power of two
+/// per row and rounded to f16, the cache staged as f16 (saturating), S summed per dim share
+/// (in dim order within a share, the shares in order; fragments may sum in another order), the
+/// lazy reference max, the rescale steps (AMLA or multiply) applied to the row fragments that
+/// make a round trip, P rounded to f16, the AMLA guard and the combine of split partials.
+pub fn emulate(
+    q: &Tensor,
+    kv_cache: &Tensor,
+    block_table: &Tensor,
+    cache_seqlens: &Tensor,
+    params: &AmlaParams,
+    config: &CoopConfig,
+) -> Result<CoopEmulation> {
+    let shape = AmlaShape::of(q, kv_cache, block_table, cache_seqlens)?;
+    config.check()?;
+    eligible(&shape, params)
+        .map_err(|why| Error::unsupported(OP, format!("cooperative-matrix decode: {why}")))?;
+    let table = block_table.as_i32().unwrap_or_default();
+    let lengths = shape.validate_indices(table, cache_seqlens.as_i32().unwrap_or_default())?;
+    let rows = shape.rows();
+    let frag = config.fragment.size() as usize;
+    let work = schedule::plan_work(
+        &lengths,
+        config.row_blocks(rows),
+        config.tile_keys,
+        params.split,
+    )?;
+    let amla = params.rescale == Rescale::Amla;
+    let tn = config.tile_keys as usize;
+    let lazy = config.lazy_binades as f32;
+    let share = D_QK / config.k_split as usize;
+    let scale_log2 = (params.scale() as f64 * std::f64::consts::LOG2_E) as f32;
+    let q_all = q.to_f32();
+    let kv_all = kv_cache.to_f32();
+    let page = shape.page_size;
+    let per_seq = reference::per_sequence(shape.batch, |seq| {
+        let len = lengths[seq];
+        let mut keys = Vec::with_capacity(len * D_QK);
+        for k in 0..len {
+            let block = table[seq * shape.max_blocks + k / page] as usize;
+            let at = (block * page + k % page) * D_QK;
+            keys.extend(kv_all[at..at + D_QK].iter().map(|&v| to_f16_saturating(v)));
+        }
+        let mut stats = AmlaStats::default();
+        let mut max_score = 0.0f32;
+        let mut max_norm = 0.0f32;
+        let mut out = Vec::with_capacity(rows * D_V);
+        let mut lse = Vec::with_capacity(rows);
+        // Per split range: for each (row fragment, tile), whether some row moved its reference.
+        let mut moved = vec![Vec::<bool>::new(); work.ranges[seq].len()];
+        let mut frags_seen = vec![Vec::<bool>::new(); work.ranges[seq].len()];
+        for row in 0..rows {
+            let limit = shape.visible_keys(len, row / shape.h_q, params.causal);
+            let (q16, factor) = q_row_f16(&q_all[(seq * rows + row) * D_QK..][..D_QK], scale_log2);
+            let fragment = row / frag; // row fragments in sequence order (head blocks are whole)
+            let mut parts = Vec::new();
+            for (r, &(begin, end)) in work.ranges[seq].iter().enumerate() {
+                let (begin, end) = (begin as usize, end as usize);
+                let tiles = (end - begin).div_ceil(tn);
+                let slots = (fragment + 1) * tiles;
+                if moved[r].len() < slots {
+                    moved[r].resize(slots, false);
+                    frags_seen[r].resize(slots, false);
+                }
+                let mut state = LazyRow {
+                    m_ref: MASKED,
+                    l: 0.0,
+                    n_ref: 0.0,
+                    cof_ref: 1.0,
+                    c_hat_ref: 1.0,
+                };
+                let mut o = vec![0.0f32; D_V];
+                for (t, tile_begin) in (begin..end).step_by(tn).enumerate() {
+                    stats.tiles += 1;
+                    frags_seen[r][fragment * tiles + t] = true;
+                    let scores: Vec<f32> = (0..tn)
+                        .map(|c| {
+                            let k = tile_begin + c;
+                            if k < end && k < limit {
+                                let key = &keys[k * D_QK..(k + 1) * D_QK];
+                                let norm: f32 =
+                                    q16.iter().zip(key).map(|(a, b)| (a * b).powi(2)).sum();
+                                max_norm = max_norm.max(norm.sqrt() * factor.abs());
+                                let mut s = 0.0f32;
+                                for part in 0..config.k_split as usize {
+                                    let mut acc = 0.0f32;
+                                    for d in part * share..(part + 1) * share {
+                                        acc = q16[d].mul_add(key[d], acc);
+                                    }
+                                    s += acc;
+                                }
+                                s * factor
+                            } else {
+                                MASKED
+                            }
+                        })
+                        .collect();
+                    for &s in scores.iter().filter(|&&s| s > MASKED) {
+                        max_score = max_score.max(s.abs());
+                    }
+                    let m_tile = scores.iter().copied().fold(MASKED, f32::max);
+                    if m_tile > state.m_ref + lazy {
+                        let first = state.m_ref == MASKED;
+                        let mut step = (state.m_ref - m_tile).exp2().to_bits();
+                        if amla {
+                            let n_new = -m_tile.round_ties_even();
+                            let c = (m_tile + n_new).exp2();
+                            let c_hat = reference::round_f16(c);
+                            let cof = c / c_hat;
+                            if !first {
+                                if n_new - state.n_ref < MIN_EXPONENT_STEP {
+                                    stats.clamped_steps += 1;
+                                }
+                                step = reference::exponent_step(
+                                    state.n_ref,
+                                    n_new,
+                                    state.cof_ref,
+                                    cof,
+                                );
+                                stats.exponent_steps += 1;
+                            }
+                            state.n_ref = n_new;
+                            state.cof_ref = cof;
+                            state.c_hat_ref = c_hat;
+                        }
+                        if !first {
+                            for v in o.iter_mut() {
+                                *v = if amla {
+                                    reference::add_to_exponent(*v, step)
+                                } else {
+                                    *v * f32::from_bits(step)
+                                };
+                            }
+                            state.l *= (state.m_ref - m_tile).exp2();
+                            moved[r][fragment * tiles + t] = true;
+                        }
+                        state.m_ref = m_tile;
+                    }
+                    let p_mult = if amla { state.c_hat_ref } else { 1.0 };
+                    for (c, &s) in scores.iter().enumerate() {
+                        let p = if s > MASKED {
+                            (s - state.m_ref).exp2()
+                        } else {
+                            0.0
+                        };
+                        state.l += p;
+                        let pv = reference::round_f16(p * p_mult);
+                        if c < tn.min(end - tile_begin) && pv != 0.0 {
+                            let v = &keys[(tile_begin + c) * D_QK..][..D_V];
+                            for (od, &vd) in o.iter_mut().zip(v) {
+                                *od = pv.mul_add(vd, *od);
+                            }
+                        }
+                    }
+                }
+                let norm = if state.l > 0.0 {
+                    1.0 / if amla {
+                        state.l * state.c_hat_ref
+                    } else {
+                        state.l
+                    }
+                } else {
+                    0.0
+                };
+                for x in o.iter_mut() {
+                    if let (true, Some(zero)) = (amla, reference::guard(*x)) {
+                        *x = zero;
+                        stats.guard_zeroed += 1;
+                    }
+                    *x *= norm;
+                }
+                let l = if state.l > 0.0 {
+                    (state.m_ref + state.l.log2()) * std::f32::consts::LN_2
+                } else {
+                    f32::NEG_INFINITY
+                };
+                parts.push((o, l));
+            }
+            let (o, l) = if parts.len() == 1 {
+                parts.pop().expect("one part")
+            } else {
+                reference::combine(&parts)
+            };
+            out.extend(o);
+            lse.push(l);
+        }
+        let count = |v: &Vec<Vec<bool>>| v.iter().flatten().filter(|&&b| b).count() as u64;
+        let (trips, frag_tiles) = (count(&moved), count(&frags_seen));
+        (out, lse, stats, max_score, trips, frag_tiles, max_norm)
+    });
+    let mut out = Vec::with_capacity(shape.batch * rows * D_V);
+    let mut lse = vec![0.0; shape.batch * rows];
+    let mut stats = AmlaStats::default();
+    let (mut max_score, mut round_trips, mut fragment_tiles) = (0.0f32, 0, 0);
+    let mut max_norm = 0.0f32;
+    for (seq, (o, l, st, m, trips, frag_tiles, norm)) in per_seq.into_iter().enumerate() {
+        out.extend(o);
+        stats += st;
+        max_score = max_score.max(m);
+        max_norm = max_norm.max(norm);
+        round_trips += trips;
+        fragment_tiles += frag_tiles;
+        for (row, v) in l.into_iter().enumerate() {
+            let (token, head) = (row / shape.h_q, row % shape.h_q);
+            lse[(seq * shape.h_q + head) * shape.s_q + token] = v;
+        }
+    }
+    Ok(CoopEmulation {
+        emulation: Emulation {
+            out,
+            lse,
+            stats,
+            max_score,
+        },
+        round_trips,
+        fragment_tiles,
+        score_order_bound: 4.0 * (-24f32).exp2() * (SUM_ROUNDINGS as f32).sqrt() * max_norm,
+    })
+}
+
+/// Roundings in a kernel score: 576 products summed, the k-split partials added, the factor.
+const SUM_ROUNDINGS: u32 = 578;
+
+/// A q row as the coop prep writes it: divided by 2^e (the power of two of its largest |q|) and
+/// rounded to f16, with the factor softmax_scale·log2(e)·2^e.
+fn q_row_f16(q: &[f32], scale_log2: f32) -> (Vec<f32>, f32) {
+    let largest = q.iter().fold(0.0f32, |m, &x| m.max(x.abs()));
+    let e = if largest > 0.0 {
+        (((largest.to_bits() >> 23) & 0xff) as i32).max(1) - 127
+    } else {
+        0
+    };
+    let q16 = q
+        .iter()
+        .map(|&x| f16::from_f32(x * 2f32.powi(-e)).to_f32())
+        .collect();
+    (q16, scale_log2 * 2f32.powi(e))
+}
+
+/// The emulation of the kernel `plan` runs ([`reference::emulate`] for the SIMT decode,
+/// [`emulate`] for the cooperative-matrix one) and the tolerances of `out` and `lse` against it.
+pub fn emulate_plan(
+    plan: &AmlaPlan,
+    q: &Tensor,
+    kv_cache: &Tensor,
+    block_table: &Tensor,
+    cache_seqlens: &Tensor,
+) -> Result<(Emulation, Tolerance, Tolerance)> {
+    let out_dtype = plan.shape().out_dtype;
+    match plan.coop() {
+        Some(config) => {
+            let emu = emulate(
+                q,
+                kv_cache,
+                block_table,
+                cache_seqlens,
+                plan.params(),
+                config,
+            )?;
+            let (out, lse) = (
+                emulation_out_tolerance(out_dtype, &emu),
+                emulation_lse_tolerance(&emu),
+            );
+            Ok((emu.emulation, out, lse))
+        }
+        None => {
+            let emu = reference::emulate(
+                q,
+                kv_cache,
+                block_table,
+                cache_seqlens,
+                plan.params(),
+                plan.tiles(),
+            )?;
+            let out =
+                cases::emulation_out_tolerance(out_dtype, plan.params().p_precision, emu.max_score);
+            Ok((emu, out, cases::emulation_lse_tolerance()))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn configurations_fit_their_budgets() {
+        use Fragment::{Size8, Size16};
+        // (fragment, subgroup, head block, tile) -> (subgroups, k split, bytes)
+        let table = [
+            (Size16, 32, 16, 32, 8, 4, 45_700),
+            (Size16, 32, 32, 32, 8, 2, 45_832),
+            (Size16, 32, 64, 32, 8, 1, 46_096),
+            (Size16, 32, 64, 16, 8, 2, 27_408),
+            (Size8, 8, 8, 16, 8, 4, 20_804),
+            (Size8, 8, 16, 16, 8, 2, 20_872),
+            (Size8, 8, 32, 16, 16, 2, 23_056),
+            (Size8, 8, 64, 16, 32, 2, 27_424),
+        ];
+        for (f, sg, hb, tn, n, k, bytes) in table {
+            let c = CoopConfig::new(f, sg, hb, tn, 8).unwrap();
+            assert_eq!(
+                (c.subgroups, c.k_split, c.workgroup_bytes),
+                (n, k, bytes),
+                "{c:?}"
+            );
+            assert!(c.row_fragments() * c.column_fragments() <= MAX_ACCUMULATORS);
+            assert!(c.column_fragments() <= MAX_COLUMN_FRAGMENTS);
+            c.check().unwrap();
+        }
+        // 48 KiB (NVIDIA under Vulkan) holds the largest 16x16 configuration; 32 KiB (lavapipe)
+        // the largest 8x8 one at 16-key tiles.
+        assert!(
+            CoopConfig::new(Size16, 32, 64, 32, 8)
+                .unwrap()
+                .workgroup_bytes
+                <= 48 << 10
+        );
+        assert!(
+            CoopConfig::new(Size8, 8, 64, 16, 8)
+                .unwrap()
+                .workgroup_bytes
+                <= 32 << 10
+        );
+        assert!(
+            CoopConfig::new(Size8, 8, 64, 32, 8)
+                .unwrap()
+                .workgroup_bytes
+                > 32 << 10
+        );
+    }
+
+    #[test]
+    fn bad_configurations_are_refused() {
+        use Fragment::{Size8, Size16};
+        for (f, sg, hb, tn, lazy) in [
+            (Size16, 32, 8, 32, 8),   // head block below the fragment
+            (Size16, 32, 128, 32, 8), // above 64
+            (Size16, 32, 48, 32, 8),  // not a power of two
+            (Size16, 32, 16, 8, 8),   // tile below the fragment
+            (Size8, 8, 16, 24, 8),    // tile not offered
+            (Size8, 8, 16, 16, 15),   // P past the f16 range
+            (Size8, 0, 16, 16, 8),    // no subgroup
+            (Size8, 12, 16, 16, 8),   // not a power of two
+        ] {
+            assert!(
+                matches!(
+                    CoopConfig::new(f, sg, hb, tn, lazy),
+                    Err(Error::Invalid { .. })
+                ),
+                "{f:?} {sg} {hb} {tn} {lazy}"
+            );
+        }
+        let c = CoopConfig::new(Size8, 8, 16, 16, 8).unwrap();
+        for forged in [
+            CoopConfig { subgroups: 4, ..c },
+            CoopConfig { k_split: 1, ..c },
+            CoopConfig {
+                workgroup_bytes: 100,
+                ..c
+            },
+        ] {
+            assert!(matches!(forged.check(), Err(Error::Invalid { .. })));
+        }
+    }
+
+    #[test]
+    fn prep_params_match_the_wgsl_struct() {
+        assert_eq!(std::mem::size_of::<CoopPrepParams>(), 16);
+    }
+
+    #[test]
+    fn staging_saturates_and_rounds_to_f16() {
+        assert_eq!(to_f16_saturating(1.0e6), 65504.0);
+        assert_eq!(to_f16_saturating(-3.0e38), -65504.0);
+        assert_eq!(to_f16_saturating(65519.0), 65504.0);
+        assert_eq!(to_f16_saturating(1.5), 1.5);
+        // bf16 values within the f16 normal range are exact.
+        let x = half::bf16::from_f32(0.123_456).to_f32();
+        assert_eq!(to_f16_saturating(x), x);
+    }
+
+    #[test]
+    fn q_rows_are_scaled_by_a_power_of_two() {
+        let q = [3.0f32, -0.75, 1.0e-3, 0.0];
+        let (q16, factor) = q_row_f16(&q, 0.5);
+        // Largest |q| = 3 in [2, 4): e = 1, q / 2 is exact in f16 where representable.
+        assert_eq!(factor, 1.0);
+        assert_eq!(&q16[..2], &[1.5, -0.375]);
+        assert!((q16[2] - 5.0e-4).abs() <= 2.5e-7); // half an f16 ulp at 2^-11
+        let (zeros, factor) = q_row_f16(&[0.0; 4], 0.5);
+        assert_eq!((zeros, factor), (vec![0.0; 4], 0.5));
+        // Large bf16 q stays finite: scaled down before the f16 rounding.
+        let (big, factor) = q_row_f16(&[1.0e10, 2.0e9], 1.0);
+        assert!(big.iter().all(|v| v.is_finite() && v.abs() < 2.0));
+        assert_eq!(factor, 2f32.powi(33));
+    }
+}
