@@ -5,11 +5,12 @@
 //! against the same run's copy probe.
 
 use criterion::{Criterion, Throughput};
-use fusedops::bench::{fmt_num, gpu_duration, text_table};
+use fusedops::bench::gpu_duration;
 use fusedops::gpu::Gpu;
 use fusedops::ops::moe::OPERATOR;
 use fusedops::registry::{Operator, Scale};
 use fusedops::roofline::{ProbeSizes, copy_probe};
+use fusedops::util::{fmt_num, text_table};
 
 /// Warm-up and timed iterations of the step tables.
 const WARMUP: usize = 3;

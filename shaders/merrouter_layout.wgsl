@@ -18,7 +18,7 @@ struct Params {
     top_k: u32,      // k
     blocks: u32,     // token blocks: rows of block_counts
     block_size: u32, // rows per padded block (1: no padding)
-    rows: u32,       // rows of sorted_slots: t * k + e * (block_size - 1)
+    rows: u32,       // rows of sorted_slots: t * k + min(t * k, e) * (block_size - 1)
     row_blocks: u32, // entries of block_experts: ceil(rows / block_size)
     pad0: u32,
     pad1: u32,

@@ -34,6 +34,8 @@ override RENORMALIZE: bool = false;
 override FUSED_GATE: bool = false;
 override IN_DTYPE: u32 = 0u;
 override W_DTYPE: u32 = 0u;
+override BIAS_DTYPE: u32 = 0u;
+override SCALE_DTYPE: u32 = 0u;
 override TILE_LEN: u32 = TILE * E;
 override HIDDEN_TILE_LEN: u32 = TILE * HIDDEN_TILE;
 
@@ -54,8 +56,8 @@ struct Params {
 
 @group(0) @binding(0) var<storage, read> scores_in: array<u32>;    // logits [t, e] or hidden [t, h], IN_DTYPE
 @group(0) @binding(1) var<storage, read> gate_weight: array<u32>;  // [h, e], W_DTYPE (fused gate)
-@group(0) @binding(2) var<storage, read> bias: array<f32>;         // [e] (HAS_BIAS)
-@group(0) @binding(3) var<storage, read> router_scale: array<f32>; // [e] (HAS_SCALE)
+@group(0) @binding(2) var<storage, read> bias: array<u32>;         // [e], BIAS_DTYPE (HAS_BIAS)
+@group(0) @binding(3) var<storage, read> router_scale: array<u32>; // [e], SCALE_DTYPE (HAS_SCALE)
 @group(0) @binding(4) var<storage, read_write> topk_ids: array<i32>;     // [t, k]
 @group(0) @binding(5) var<storage, read_write> topk_weights: array<f32>; // [t, k]
 @group(0) @binding(6) var<storage, read_write> block_counts: array<atomic<u32>>; // [blocks, e]
@@ -190,6 +192,22 @@ fn load_input(i: u32) -> f32 {
     return unpack_half(scores_in[i >> 1u], (i & 1u) == 1u, IN_DTYPE);
 }
 
+// Bias and router scale may be f32, f16 or bf16 (sglang's DeepSeek tests use a bf16 bias); they
+// are widened exactly to f32, as torch's type promotion does for `f32 scores + bf16 bias`.
+fn load_bias(x: u32) -> f32 {
+    if (BIAS_DTYPE == DTYPE_F32) {
+        return bitcast<f32>(bias[x]);
+    }
+    return unpack_half(bias[x >> 1u], (x & 1u) == 1u, BIAS_DTYPE);
+}
+
+fn load_router_scale(x: u32) -> f32 {
+    if (SCALE_DTYPE == DTYPE_F32) {
+        return bitcast<f32>(router_scale[x]);
+    }
+    return unpack_half(router_scale[x >> 1u], (x & 1u) == 1u, SCALE_DTYPE);
+}
+
 fn load_gate_weight(i: u32) -> f32 {
     if (W_DTYPE == DTYPE_F32) {
         return bitcast<f32>(gate_weight[i]);
@@ -293,7 +311,7 @@ fn compute_scores(row: u32, th: Thread) {
     }
     if (HAS_BIAS) {
         for (var x = th.lid; x < E; x += WG) {
-            keys[x] = order_key(tile[row + x] + bias[x]);
+            keys[x] = order_key(tile[row + x] + load_bias(x));
         }
     }
     workgroupBarrier();
@@ -403,7 +421,7 @@ fn final_weight(score: f32, total: f32, id: u32) -> f32 {
     }
     w = w * params.scaling;
     if (HAS_SCALE) {
-        w = w * router_scale[id];
+        w = w * load_router_scale(id);
     }
     return w;
 }

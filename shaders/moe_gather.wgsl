@@ -6,8 +6,8 @@
 // Rows are copied as 32-bit words (one f32, or two 16-bit elements: 16-bit rows have an even
 // length, checked on the host), one word per invocation: neighbouring invocations copy neighbouring
 // words of the same row, so reads and writes are coalesced. The copy is the same for every dtype.
-// The grid covers the worst-case row count t·K + e·(block_size − 1), so it does not depend on the
-// routing; no host round trip is needed.
+// The grid covers the worst-case row count t·K + min(t·K, e)·(block_size − 1), so it does not
+// depend on the routing; no host round trip is needed.
 
 override WG: u32 = 256u;
 override K: u32 = 8u;
@@ -15,7 +15,7 @@ override K: u32 = 8u;
 struct Params {
     tokens: u32,    // t: rows of hidden [t, h]
     row_words: u32, // 32-bit words per row of hidden [t, h] and x_sorted [rows, h]
-    rows: u32,      // rows of x_sorted and row_weights: t·K + e·(block_size − 1)
+    rows: u32,      // rows of x_sorted and row_weights: t·K + min(t·K, e)·(block_size − 1)
     words: u32,     // rows · row_words
 }
 

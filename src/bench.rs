@@ -1,9 +1,10 @@
 //! Running the registry: `check` verifies every case against its CPU reference; `bench` also
-//! times it (and its baseline) and relates the result to the same run's roofline probes.
+//! times it (and its baseline) and relates the result to the same run's roofline probes;
+//! `bench --host-only` measures the host half of each case (inputs and reference) alone.
 
 use crate::error::Result;
 use crate::gpu::{Capabilities, Clock, Gpu, Timing};
-use crate::registry::{Bound, Case, CaseInfo, Checked, Operator, Scale, operators};
+use crate::registry::{Bound, Case, CaseInfo, Checked, Coverage, HostPrepared, Operator, Target};
 use crate::roofline::Roofline;
 
 /// Which cases to run.
@@ -16,11 +17,11 @@ pub struct Filter {
 }
 
 impl Filter {
-    fn accepts_op(&self, op: &dyn Operator) -> bool {
+    pub fn accepts_op(&self, op: &dyn Operator) -> bool {
         self.op.as_deref().is_none_or(|o| o == op.name())
     }
 
-    fn accepts(&self, info: &CaseInfo) -> bool {
+    pub fn accepts(&self, info: &CaseInfo) -> bool {
         self.preset.as_deref().is_none_or(|p| p == info.preset) && info.matches(&self.params)
     }
 }
@@ -33,21 +34,13 @@ pub fn parse_key_value(s: &str) -> std::result::Result<(String, String), String>
         .ok_or_else(|| format!("expected key=value, got {s:?}"))
 }
 
-/// The registered cases that pass the filter, with their operator.
-pub fn selected_cases(gpu: &Gpu, scale: Scale, filter: &Filter) -> Vec<Box<dyn Case>> {
-    operators()
-        .into_iter()
-        .filter(|op| filter.accepts_op(*op))
-        .flat_map(|op| op.cases(scale, gpu))
-        .filter(|case| filter.accepts(&case.info()))
-        .collect()
-}
-
 /// Outcome of checking one case.
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct CheckRow {
     pub case: CaseInfo,
     pub variant: String,
+    /// How much of the output was compared (all of it, or sampled rows on large cases).
+    pub coverage: Option<Coverage>,
     pub checks: Vec<Checked>,
     /// Set when the case could not run (an error from the operator or the device).
     pub error: Option<String>,
@@ -67,10 +60,25 @@ impl CheckRow {
             .map(|c| format!("{}: {}", c.output, c.comparison.summary(&c.shape)))
             .unwrap_or_else(|| "no outputs compared".to_string())
     }
+
+    fn failed(case: CaseInfo, coverage: Option<Coverage>, error: String) -> Self {
+        CheckRow {
+            case,
+            variant: String::new(),
+            coverage,
+            checks: Vec::new(),
+            error: Some(error),
+            pass: false,
+        }
+    }
 }
 
-fn check_prepared(case: &dyn Case, gpu: &Gpu) -> Result<(String, Vec<Checked>)> {
-    let prepared = case.prepare(gpu)?;
+fn all_pass(checks: &[Checked]) -> bool {
+    !checks.is_empty() && checks.iter().all(|c| c.comparison.pass)
+}
+
+fn check_host(host: &dyn HostPrepared, gpu: &Gpu) -> Result<(String, Vec<Checked>)> {
+    let prepared = host.upload(gpu)?;
     gpu.run(|rec| prepared.record(rec))?;
     let checks = prepared.verify()?;
     Ok((prepared.variant(), checks))
@@ -79,24 +87,21 @@ fn check_prepared(case: &dyn Case, gpu: &Gpu) -> Result<(String, Vec<Checked>)> 
 /// Verify one case.
 pub fn check_case(case: &dyn Case, gpu: &Gpu) -> CheckRow {
     let info = case.info();
-    match check_prepared(case, gpu) {
-        Ok((variant, checks)) => {
-            let pass = !checks.is_empty() && checks.iter().all(|c| c.comparison.pass);
-            CheckRow {
-                case: info,
-                variant,
-                checks,
-                error: None,
-                pass,
-            }
-        }
-        Err(e) => CheckRow {
+    let host = match case.host(&Target::of(gpu)) {
+        Ok(host) => host,
+        Err(e) => return CheckRow::failed(info, None, e.to_string()),
+    };
+    let coverage = Some(host.coverage());
+    match check_host(host.as_ref(), gpu) {
+        Ok((variant, checks)) => CheckRow {
             case: info,
-            variant: String::new(),
-            checks: Vec::new(),
-            error: Some(e.to_string()),
-            pass: false,
+            variant,
+            coverage,
+            pass: all_pass(&checks),
+            checks,
+            error: None,
         },
+        Err(e) => CheckRow::failed(info, coverage, e.to_string()),
     }
 }
 
@@ -134,6 +139,9 @@ impl From<&Timing> for TimeSummary {
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct BenchRow {
     pub check: CheckRow,
+    /// This row times the case of the row before it again with cooperative matrices off (the
+    /// SIMT kernels), so that the two stand side by side.
+    pub coop_off: bool,
     pub bytes: u64,
     pub flops: u64,
     pub time: Option<TimeSummary>,
@@ -151,6 +159,39 @@ pub struct BenchRow {
     pub tokens_per_s: Option<f64>,
 }
 
+impl BenchRow {
+    /// The row of a case that could not be verified or timed.
+    fn failed(case: &dyn Case, coverage: Option<Coverage>, error: String) -> Self {
+        BenchRow {
+            check: CheckRow::failed(case.info(), coverage, error),
+            coop_off: false,
+            bytes: case.bytes(),
+            flops: case.flops(),
+            time: None,
+            gbps: None,
+            tflops: None,
+            bound: None,
+            roof_percent: None,
+            baseline: None,
+            baseline_time: None,
+            speedup: None,
+            tokens_per_s: None,
+        }
+    }
+
+    /// The row's key for `--compare`: operator, case name, and whether cooperative matrices
+    /// were off.
+    pub fn key(&self) -> String {
+        let c = &self.check.case;
+        format!(
+            "{} {}{}",
+            c.op,
+            c.name,
+            if self.coop_off { " [coop off]" } else { "" }
+        )
+    }
+}
+
 /// Benchmark settings.
 #[derive(Clone, Copy, Debug)]
 pub struct BenchSettings {
@@ -158,17 +199,18 @@ pub struct BenchSettings {
     pub iters: usize,
 }
 
-fn bench_prepared(
+fn bench_host(
     case: &dyn Case,
+    host: &dyn HostPrepared,
     gpu: &Gpu,
     roof: &Roofline,
     settings: BenchSettings,
 ) -> Result<BenchRow> {
     let info = case.info();
-    let prepared = case.prepare(gpu)?;
+    let prepared = host.upload(gpu)?;
     gpu.run(|rec| prepared.record(rec))?;
     let checks = prepared.verify()?;
-    let pass = !checks.is_empty() && checks.iter().all(|c| c.comparison.pass);
+    let pass = all_pass(&checks);
     let timing = gpu.time(settings.warmup, settings.iters, |rec| prepared.record(rec))?;
     let baseline = prepared.baseline();
     let baseline_timing = match &baseline {
@@ -218,10 +260,12 @@ fn bench_prepared(
         check: CheckRow {
             case: info,
             variant: prepared.variant(),
+            coverage: Some(host.coverage()),
             checks,
             error: None,
             pass,
         },
+        coop_off: false,
         bytes,
         flops,
         time: Some(TimeSummary::from(&timing)),
@@ -236,33 +280,83 @@ fn bench_prepared(
     })
 }
 
-/// Verify and time one case; errors become a failed row.
+/// The devices a bench runs on: the adapter as configured and, where it has cooperative
+/// matrices, the same adapter with them off, for the SIMT twin of every tensor-core case.
+pub struct Devices<'a> {
+    pub gpu: &'a Gpu,
+    pub simt: Option<&'a Gpu>,
+}
+
+/// Verify and time one case, its host work done once; errors become a failed row. A case that
+/// uses tensor cores gets a second row from the SIMT device, when there is one.
 pub fn bench_case(
     case: &dyn Case,
-    gpu: &Gpu,
+    devices: &Devices,
     roof: &Roofline,
     settings: BenchSettings,
-) -> BenchRow {
-    bench_prepared(case, gpu, roof, settings).unwrap_or_else(|e| BenchRow {
-        check: CheckRow {
-            case: case.info(),
-            variant: String::new(),
-            checks: Vec::new(),
-            error: Some(e.to_string()),
-            pass: false,
-        },
-        bytes: case.bytes(),
-        flops: case.flops(),
-        time: None,
-        gbps: None,
-        tflops: None,
-        bound: None,
-        roof_percent: None,
-        baseline: None,
-        baseline_time: None,
-        speedup: None,
-        tokens_per_s: None,
-    })
+) -> Vec<BenchRow> {
+    let host = match case.host(&Target::of(devices.gpu)) {
+        Ok(host) => host,
+        Err(e) => return vec![BenchRow::failed(case, None, e.to_string())],
+    };
+    let coverage = Some(host.coverage());
+    let run = |gpu: &Gpu| {
+        bench_host(case, host.as_ref(), gpu, roof, settings)
+            .unwrap_or_else(|e| BenchRow::failed(case, coverage.clone(), e.to_string()))
+    };
+    let mut rows = vec![run(devices.gpu)];
+    if let Some(simt) = devices.simt.filter(|_| case.uses_tensor_cores(devices.gpu)) {
+        let mut twin = run(simt);
+        twin.coop_off = true;
+        rows.push(twin);
+    }
+    rows
+}
+
+/// The host half of one case, measured: what `fusedops bench --host-only` reports.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct HostRow {
+    pub case: CaseInfo,
+    pub coverage: Option<Coverage>,
+    /// Wall time of [`Case::host`]: input generation and the CPU reference.
+    pub seconds: f64,
+    /// Peak resident memory of the process while it ran (Linux, whose peak mark is reset
+    /// before each case; elsewhere none).
+    pub peak_rss_bytes: Option<u64>,
+    pub error: Option<String>,
+}
+
+/// Run the host half of `case` for `target`, measure it, and drop the result.
+pub fn host_case(case: &dyn Case, target: &Target) -> HostRow {
+    let reset = reset_peak_rss();
+    let start = std::time::Instant::now();
+    let host = case.host(target);
+    let seconds = start.elapsed().as_secs_f64();
+    let peak_rss_bytes = reset.then(peak_rss).flatten();
+    let (coverage, error) = match host {
+        Ok(h) => (Some(h.coverage()), None),
+        Err(e) => (None, Some(e.to_string())),
+    };
+    HostRow {
+        case: case.info(),
+        coverage,
+        seconds,
+        peak_rss_bytes,
+        error,
+    }
+}
+
+/// Reset this process's peak-RSS mark (Linux `clear_refs` 5); false where that is impossible.
+fn reset_peak_rss() -> bool {
+    std::fs::write("/proc/self/clear_refs", "5").is_ok()
+}
+
+/// This process's peak resident memory since the last reset (Linux `VmHWM`).
+fn peak_rss() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
 }
 
 /// Everything a report says about the machine it ran on.
@@ -278,77 +372,11 @@ impl Environment {
     pub fn of(gpu: &Gpu) -> Self {
         Environment {
             fusedops_version: env!("CARGO_PKG_VERSION"),
-            date_utc: utc_now(),
+            date_utc: crate::util::utc_now(),
             adapter: gpu.summary(),
             capabilities: gpu.caps.clone(),
         }
     }
-}
-
-/// The current UTC time as `YYYY-MM-DD HH:MM:SS` (no date crate needed for this).
-pub fn utc_now() -> String {
-    let secs = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0);
-    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
-    // Civil-from-days (Howard Hinnant's algorithm).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02}",
-        rem / 3600,
-        rem / 60 % 60,
-        rem % 60
-    )
-}
-
-/// Format a number with engineering-friendly precision for tables.
-pub fn fmt_num(x: Option<f64>) -> String {
-    match x {
-        None => "-".to_string(),
-        Some(v) if v.abs() >= 100.0 => format!("{v:.0}"),
-        Some(v) if v.abs() >= 10.0 => format!("{v:.1}"),
-        Some(v) if v.abs() >= 0.1 || v == 0.0 => format!("{v:.2}"),
-        Some(v) => format!("{v:.2e}"),
-    }
-}
-
-/// A plain text table with aligned columns.
-pub fn text_table(header: &[&str], rows: &[Vec<String>]) -> String {
-    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
-    for row in rows {
-        for (w, cell) in widths.iter_mut().zip(row) {
-            *w = (*w).max(cell.chars().count());
-        }
-    }
-    let line = |cells: Vec<String>| -> String {
-        let mut s = String::new();
-        for (i, (cell, w)) in cells.iter().zip(&widths).enumerate() {
-            if i > 0 {
-                s.push_str("  ");
-            }
-            s.push_str(cell);
-            s.push_str(&" ".repeat(w - cell.chars().count()));
-        }
-        s.trim_end().to_string()
-    };
-    let mut out = line(header.iter().map(|h| h.to_string()).collect());
-    out.push('\n');
-    out.push_str(&line(widths.iter().map(|w| "-".repeat(*w)).collect()));
-    out.push('\n');
-    for row in rows {
-        out.push_str(&line(row.clone()));
-        out.push('\n');
-    }
-    out
 }
 
 /// GPU time of `iters` runs of a prepared case, for criterion's `iter_custom` (GPU timestamps
@@ -375,18 +403,5 @@ mod tests {
         );
         assert!(parse_key_value("b128").is_err());
         assert!(parse_key_value("=3").is_err());
-    }
-
-    #[test]
-    fn utc_date_is_well_formed() {
-        let now = utc_now();
-        assert_eq!(now.len(), 19);
-        assert!(now.starts_with("20"));
-    }
-
-    #[test]
-    fn table_aligns_columns() {
-        let t = text_table(&["a", "bb"], &[vec!["xxx".into(), "y".into()]]);
-        assert_eq!(t, "a    bb\n---  --\nxxx  y\n");
     }
 }

@@ -5,7 +5,9 @@
 //! double tensors) are narrowed to i32 and f32, with an error naming the tensor if an integer does
 //! not fit. Other dtypes are refused with the tensor's name.
 
-use std::path::Path;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use safetensors::tensor::{Dtype, SafeTensors, TensorView};
 
@@ -105,12 +107,144 @@ pub fn to_bytes(tensors: &NamedTensors) -> Result<Vec<u8>> {
     })
 }
 
-/// Write `tensors` to a safetensors file.
+/// Write `tensors` to a safetensors file, atomically (see [`OutputFile`]).
 pub fn save(path: &Path, tensors: &NamedTensors) -> Result<()> {
-    std::fs::write(path, to_bytes(tensors)?).map_err(|source| Error::Io {
+    let bytes = to_bytes(tensors)?;
+    OutputFile::create(path)?.commit(&bytes)
+}
+
+fn io_error(path: &Path, source: std::io::Error) -> Error {
+    Error::Io {
         path: path.display().to_string(),
         source,
-    })
+    }
+}
+
+/// A file a command writes once, at its end, made so that nothing is lost on failure:
+/// [`OutputFile::create`] is called before the work starts and proves the target can be written
+/// (it creates the temporary file beside it); [`OutputFile::commit`] writes the temporary file,
+/// flushes it to disk and renames it over the target, so a reader sees the old file or the
+/// complete new one, never a truncated one. Dropped without a commit, it removes the temporary
+/// file and leaves the target untouched.
+#[derive(Debug)]
+pub struct OutputFile {
+    /// The file replaced (a symlink's target, so the link stays a link).
+    target: PathBuf,
+    temp: PathBuf,
+    file: Option<std::fs::File>,
+}
+
+impl OutputFile {
+    /// Check that `path` can be written and reserve a temporary file beside it.
+    pub fn create(path: &Path) -> Result<Self> {
+        let target = resolve(path);
+        let refuse = |why: &str| Error::Format {
+            what: path.display().to_string(),
+            why: why.into(),
+        };
+        let Some(name) = target.file_name() else {
+            return Err(refuse("not a file name"));
+        };
+        let existing = std::fs::metadata(&target).ok();
+        if let Some(meta) = &existing {
+            if meta.is_dir() {
+                return Err(refuse("is a directory"));
+            }
+            if meta.permissions().readonly() {
+                return Err(refuse("is read-only"));
+            }
+        }
+        let dir = match target.parent() {
+            Some(dir) if !dir.as_os_str().is_empty() => dir.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        static COUNTER: AtomicUsize = AtomicUsize::new(0);
+        let temp = dir.join(format!(
+            ".{}.{}-{}.tmp",
+            name.to_string_lossy(),
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::Relaxed)
+        ));
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&temp)
+            .map_err(|e| io_error(path, e))?;
+        if let Some(meta) = existing {
+            // The new file keeps the old one's permissions.
+            let _ = file.set_permissions(meta.permissions());
+        }
+        Ok(OutputFile {
+            target,
+            temp,
+            file: Some(file),
+        })
+    }
+
+    /// Write `bytes`, flush them to disk and replace the target.
+    pub fn commit(mut self, bytes: &[u8]) -> Result<()> {
+        let Some(mut file) = self.file.take() else {
+            return Err(io_error(
+                &self.target,
+                std::io::Error::other("already committed"),
+            ));
+        };
+        file.write_all(bytes)
+            .and_then(|()| file.sync_all())
+            .map_err(|e| io_error(&self.target, e))?;
+        drop(file);
+        std::fs::rename(&self.temp, &self.target).map_err(|e| io_error(&self.target, e))?;
+        // The rename is durable once the directory is flushed (where directories can be opened).
+        if let Some(dir) = self.target.parent().filter(|d| !d.as_os_str().is_empty()) {
+            if let Ok(dir) = std::fs::File::open(dir) {
+                let _ = dir.sync_all();
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Drop for OutputFile {
+    fn drop(&mut self) {
+        if self.file.take().is_some() {
+            let _ = std::fs::remove_file(&self.temp);
+        }
+    }
+}
+
+/// `path` with its directory made absolute and, when it is a symlink, followed to its target;
+/// a path that cannot be resolved is kept as given.
+fn resolve(path: &Path) -> PathBuf {
+    if let Ok(full) = std::fs::canonicalize(path) {
+        return full;
+    }
+    match (path.parent(), path.file_name()) {
+        (Some(dir), Some(name)) => {
+            let dir = if dir.as_os_str().is_empty() {
+                Path::new(".")
+            } else {
+                dir
+            };
+            std::fs::canonicalize(dir).map_or_else(|_| path.to_path_buf(), |d| d.join(name))
+        }
+        _ => path.to_path_buf(),
+    }
+}
+
+/// Whether `a` and `b` name the same file: the same resolved path (through symlinks and `..`),
+/// or, for existing files, the same file on disk (hard links).
+pub fn same_file(a: &Path, b: &Path) -> bool {
+    if resolve(a) == resolve(b) {
+        return true;
+    }
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::MetadataExt;
+        if let (Ok(a), Ok(b)) = (std::fs::metadata(a), std::fs::metadata(b)) {
+            return a.dev() == b.dev() && a.ino() == b.ino();
+        }
+    }
+    false
 }
 
 #[cfg(test)]

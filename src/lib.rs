@@ -36,6 +36,9 @@ pub mod ops;
 pub mod registry;
 pub mod report;
 pub mod roofline;
+pub mod seeded;
+pub mod suite;
 pub mod tensor;
+pub mod util;
 
 pub use error::{Error, Result};

@@ -8,10 +8,12 @@ use clap::{Args, Parser, Subcommand};
 use fusedops::bench::{self, BenchSettings, Environment, Filter, parse_key_value};
 use fusedops::check::compare;
 use fusedops::error::{Error, Result};
-use fusedops::gpu::Gpu;
-use fusedops::registry::{Operator, Scale, operators};
+use fusedops::gpu::{Feature, Gpu, GpuOptions};
+use fusedops::io::OutputFile;
+use fusedops::registry::{Operator, Scale, Target};
 use fusedops::report::{self, BenchReport, probe_lines};
 use fusedops::roofline::{self, ProbeSizes};
+use fusedops::suite::{self, operators};
 
 #[derive(Parser)]
 #[command(
@@ -46,8 +48,9 @@ enum Command {
         #[command(flatten)]
         filter: FilterArgs,
     },
-    /// Benchmark every operator on its presets (each case checked first), with the same run's
-    /// roofline probes as denominators.
+    /// The headline suite: every operator on its presets (each case checked first, large cases
+    /// on sampled rows), timed, with the same run's roofline probes as denominators. Full size on
+    /// a GPU, shrunk on a CPU adapter.
     Bench {
         #[command(flatten)]
         filter: FilterArgs,
@@ -66,6 +69,20 @@ enum Command {
         /// Also draw the roofline plot (intensity vs TFLOP/s, one point per case) to this SVG.
         #[arg(long, value_name = "FILE")]
         svg: Option<PathBuf>,
+        /// Also print, per case, the ratio of this run's time to the one in an earlier JSON report.
+        #[arg(long, value_name = "OLD.json")]
+        compare: Option<PathBuf>,
+        /// Only the host half of the full-size suite (input generation and the CPU references,
+        /// no GPU): time and peak memory per case. RAYON_NUM_THREADS sets the cores used.
+        #[arg(long, conflicts_with_all = ["svg", "compare", "markdown"])]
+        host_only: bool,
+    },
+    /// The device sections of docs/PERFORMANCE.md (Markdown) from saved `fusedops bench --json`
+    /// reports, one section per file in the order given.
+    Report {
+        /// Reports written by `fusedops bench --json`.
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
     },
     /// Run one operator on tensors from a safetensors file and write its outputs to another.
     Run {
@@ -97,9 +114,10 @@ enum Command {
         rebuild: bool,
     },
     /// Plan an operator's tiling on an Ascend NPU: per-core buffers against UB/L1/L0 capacity,
-    /// alignment, core split and a roofline estimate (docs/ascend/README.md).
+    /// alignment, core split, tiling struct and key, pipeline and a roofline estimate
+    /// (docs/ascend/README.md).
     AscendPlan {
-        /// amla | swiftgmm | merrouter
+        /// amla | swiftgmm | merrouter | moe (the MoE layer's chain of kernels)
         op: String,
         /// 910B2 | 910B4 | 310P3
         #[arg(long)]
@@ -113,6 +131,15 @@ enum Command {
         /// Print JSON instead of tables.
         #[arg(long)]
         json: bool,
+        /// Print the C++ a CANN operator project starts from instead of tables: TilingData
+        /// structs filled with this plan's values, tiling keys, blockDim, workspace sizes and
+        /// op_host registrations.
+        #[arg(long, conflicts_with = "json")]
+        tiling_data: bool,
+        /// Also draw the kernels' pipeline timeline (MTE2, MTE1, M, FIX or CO1->CO2, V, MTE3)
+        /// to this SVG file.
+        #[arg(long, value_name = "FILE.svg")]
+        timeline: Option<PathBuf>,
     },
 }
 
@@ -170,15 +197,25 @@ fn run(cli: Cli) -> Result<ExitCode> {
             json,
             markdown,
             svg,
-        } => bench_cmd(
-            &filter.to_filter()?,
-            BenchSettings { warmup, iters },
-            &BenchOutputs {
-                json,
-                markdown,
-                svg,
-            },
-        ),
+            compare,
+            host_only,
+        } => {
+            let filter = filter.to_filter()?;
+            if host_only {
+                return host_only_cmd(&filter, json.as_deref());
+            }
+            bench_cmd(
+                &filter,
+                BenchSettings { warmup, iters },
+                &BenchOutputs {
+                    json,
+                    markdown,
+                    svg,
+                    compare,
+                },
+            )
+        }
+        Command::Report { files } => report_cmd(&files),
         Command::Run {
             op,
             input,
@@ -193,9 +230,17 @@ fn run(cli: Cli) -> Result<ExitCode> {
             preset,
             shape,
             json,
+            tiling_data,
+            timeline,
         } => {
+            let timeline_file = timeline.as_deref().map(OutputFile::create).transpose()?;
             let plan = fusedops::ascend::plan_command(&op, &chip, preset.as_deref(), &shape)?;
-            if json {
+            if let Some(file) = timeline_file {
+                file.commit(plan.timeline_svg()?.as_bytes())?;
+            }
+            if tiling_data {
+                print!("{}", plan.tiling_data_cpp());
+            } else if json {
                 println!("{}", plan.to_json());
             } else {
                 print!("{}", plan.to_text());
@@ -314,7 +359,7 @@ fn check(full: bool, filter: &Filter) -> Result<ExitCode> {
         return Ok(no_operators());
     }
     let scale = if full { Scale::Full } else { Scale::Ci };
-    let cases = bench::selected_cases(&gpu, scale, filter);
+    let cases = suite::selected_cases(&gpu, scale, filter);
     if cases.is_empty() {
         println!("no case matches the filter");
         return Ok(ExitCode::FAILURE);
@@ -352,20 +397,44 @@ struct BenchOutputs {
     json: Option<PathBuf>,
     markdown: bool,
     svg: Option<PathBuf>,
+    compare: Option<PathBuf>,
 }
 
-fn write_file(path: &Path, contents: &str) -> Result<()> {
-    std::fs::write(path, contents).map_err(|source| Error::Io {
+/// The report files, checked writable before anything runs (see [`OutputFile`]).
+fn report_files(outputs: &BenchOutputs) -> Result<(Option<OutputFile>, Option<OutputFile>)> {
+    if let (Some(json), Some(svg)) = (&outputs.json, &outputs.svg) {
+        if fusedops::io::same_file(json, svg) {
+            return Err(Error::Format {
+                what: "--json and --svg".into(),
+                why: format!("both name {}; give two files", json.display()),
+            });
+        }
+    }
+    let json = outputs
+        .json
+        .as_deref()
+        .map(OutputFile::create)
+        .transpose()?;
+    let svg = outputs.svg.as_deref().map(OutputFile::create).transpose()?;
+    Ok((json, svg))
+}
+
+fn read_json(path: &Path) -> Result<serde_json::Value> {
+    let text = std::fs::read_to_string(path).map_err(|source| Error::Io {
         path: path.display().to_string(),
         source,
+    })?;
+    serde_json::from_str(&text).map_err(|e| Error::Format {
+        what: path.display().to_string(),
+        why: e.to_string(),
     })
 }
 
 fn bench_cmd(filter: &Filter, settings: BenchSettings, outputs: &BenchOutputs) -> Result<ExitCode> {
+    let (json_file, svg_file) = report_files(outputs)?;
     let gpu = Gpu::new()?;
-    if operators().is_empty() {
-        return Ok(no_operators());
-    }
+    // Read the earlier report first: a bad file fails before minutes of benchmarking.
+    let old = outputs.compare.as_deref().map(read_json).transpose()?;
     let env = Environment::of(&gpu);
     let a = &env.adapter;
     println!(
@@ -373,14 +442,21 @@ fn bench_cmd(filter: &Filter, settings: BenchSettings, outputs: &BenchOutputs) -
         a.name, a.backend, a.device_type, a.driver, a.driver_info
     );
     if gpu.is_cpu() {
-        println!(
-            "CPU adapter: benchmark sizes are shrunk to fit; timings say nothing about GPU speed."
-        );
+        println!("CPU adapter: the suite runs at CPU size; timings say nothing about GPU speed.");
     }
+    // With cooperative matrices, tensor-core cases are timed again on the same adapter with them
+    // off (the SIMT kernels), beside their row.
+    let simt = if gpu.caps.coop_matrix.is_empty() {
+        None
+    } else {
+        let mut options = GpuOptions::from_env()?;
+        options.disabled.push(Feature::CooperativeMatrix);
+        Some(Gpu::with_options(&options)?)
+    };
     let roof = roofline::measure(&gpu, &ProbeSizes::for_gpu(&gpu))?;
     println!("roofline ({} UTC):", env.date_utc);
     print!("{}", probe_lines(&roof));
-    let cases = bench::selected_cases(&gpu, Scale::Bench, filter);
+    let cases = suite::headline(!gpu.is_cpu(), filter);
     if cases.is_empty() {
         println!("no case matches the filter");
         return Ok(ExitCode::FAILURE);
@@ -389,30 +465,94 @@ fn bench_cmd(filter: &Filter, settings: BenchSettings, outputs: &BenchOutputs) -
         indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} {msg}")
             .expect("valid template"),
     );
+    let devices = bench::Devices {
+        gpu: &gpu,
+        simt: simt.as_ref(),
+    };
+    let started = std::time::Instant::now();
     let mut rows = Vec::with_capacity(cases.len());
     for case in &cases {
         let info = case.info();
         progress.set_message(format!("{} {}", info.op, info.name));
-        rows.push(bench::bench_case(case.as_ref(), &gpu, &roof, settings));
+        rows.extend(bench::bench_case(case.as_ref(), &devices, &roof, settings));
         progress.inc(1);
     }
     progress.finish_and_clear();
-    let report = BenchReport::new(env, roof, rows);
+    let report = BenchReport::new(env, roof, rows, started.elapsed().as_secs_f64());
     if outputs.markdown {
-        print!("{}", report::markdown(&report));
+        print!("{}", report::markdown(&report.to_value()));
     } else {
         print!("{}", report::text(&report));
     }
-    if let Some(path) = &outputs.json {
-        write_file(path, &report.to_json())?;
+    if let Some(old) = &old {
+        print!("{}", report::compare(&report.to_value(), old));
     }
-    if let Some(path) = &outputs.svg {
-        write_file(path, &report::roofline_svg(&report)?)?;
+    if let Some(file) = json_file {
+        file.commit(report.to_json().as_bytes())?;
     }
+    if let Some(file) = svg_file {
+        file.commit(report::roofline_svg(&report)?.as_bytes())?;
+    }
+    println!("suite wall time {:.1} s", report.wall_seconds);
     let failed = report.failures();
     if failed > 0 {
         println!("{failed} case(s) failed their check");
         return Ok(ExitCode::FAILURE);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn host_only_cmd(filter: &Filter, json: Option<&Path>) -> Result<ExitCode> {
+    let json_file = json.map(OutputFile::create).transpose()?;
+    let cases = suite::headline(true, filter);
+    if cases.is_empty() {
+        println!("no case matches the filter");
+        return Ok(ExitCode::FAILURE);
+    }
+    let threads = rayon::current_num_threads();
+    println!(
+        "host half of the full-size suite (inputs and CPU references, no GPU) on {threads} threads, \
+         prepared for {} KiB of workgroup memory",
+        Target::NVIDIA_VULKAN.max_workgroup_storage >> 10
+    );
+    let started = std::time::Instant::now();
+    let mut rows = Vec::with_capacity(cases.len());
+    for case in &cases {
+        let row = bench::host_case(case.as_ref(), &Target::NVIDIA_VULKAN);
+        println!("{}", report::host_line(&row));
+        rows.push(row);
+    }
+    let total = started.elapsed().as_secs_f64();
+    print!("{}", report::host_summary(&rows, total, threads));
+    if let Some(file) = json_file {
+        let value = serde_json::json!({
+            "command": std::env::args().collect::<Vec<_>>().join(" "),
+            "date_utc": fusedops::util::utc_now(),
+            "threads": threads,
+            "total_seconds": total,
+            "cases": rows,
+        });
+        file.commit(
+            serde_json::to_string_pretty(&value)
+                .expect("serialisable")
+                .as_bytes(),
+        )?;
+    }
+    let failed = rows.iter().filter(|r| r.error.is_some()).count();
+    Ok(if failed == 0 {
+        ExitCode::SUCCESS
+    } else {
+        println!("{failed} case(s) failed");
+        ExitCode::FAILURE
+    })
+}
+
+fn report_cmd(files: &[PathBuf]) -> Result<ExitCode> {
+    for (i, path) in files.iter().enumerate() {
+        if i > 0 {
+            println!();
+        }
+        print!("{}", report::markdown(&read_json(path)?));
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -448,16 +588,25 @@ fn run_cmd(
                 })?,
                 None => text.to_string(),
             };
-            serde_json::from_str(&text).map_err(|e| Error::Format {
-                what: "--params".into(),
-                why: e.to_string(),
-            })?
+            fusedops::registry::parse_params(&text)?
         }
     };
+    if fusedops::io::same_file(input, output) {
+        return Err(Error::Format {
+            what: "--output".into(),
+            why: format!(
+                "{} is the input file (--input {}); writing it would destroy the input",
+                output.display(),
+                input.display()
+            ),
+        });
+    }
+    // Checked before the work: a run never ends with outputs that cannot be written.
+    let output_file = OutputFile::create(output)?;
     let inputs = fusedops::io::load(input)?;
     let gpu = Gpu::new()?;
     let outputs = operator.run_named(&gpu, &inputs, &params)?;
-    fusedops::io::save(output, &outputs)?;
+    output_file.commit(&fusedops::io::to_bytes(&outputs)?)?;
     for (name, t) in &outputs {
         println!("{name}: {:?} {}", t.shape(), t.dtype());
     }

@@ -3,12 +3,20 @@
 
 use plotters::prelude::*;
 
-use crate::bench::{BenchRow, Environment, fmt_num, text_table};
-use crate::error::{Error, Result};
-use crate::roofline::Roofline;
+use serde_json::Value;
 
-/// Version of the JSON layout below; bumped on any incompatible change.
+use crate::bench::{BenchRow, Environment, HostRow};
+use crate::error::{Error, Result};
+use crate::registry::Bound;
+use crate::roofline::Roofline;
+use crate::util::{fmt_num, text_table};
+
+/// Version of the JSON layout below; bumped on any incompatible change (fields are only added
+/// within a version).
 pub const SCHEMA_VERSION: u32 = 1;
+
+/// The terminal table's width limit: it fits a normal terminal without wrapping.
+pub const TEXT_WIDTH: usize = 160;
 
 /// Everything one `fusedops bench` run produced.
 #[derive(Clone, Debug, serde::Serialize)]
@@ -19,16 +27,24 @@ pub struct BenchReport {
     pub environment: Environment,
     pub roofline: Roofline,
     pub cases: Vec<BenchRow>,
+    /// Wall time of the cases (host work, verification and timing), probes excluded.
+    pub wall_seconds: f64,
 }
 
 impl BenchReport {
-    pub fn new(environment: Environment, roofline: Roofline, cases: Vec<BenchRow>) -> Self {
+    pub fn new(
+        environment: Environment,
+        roofline: Roofline,
+        cases: Vec<BenchRow>,
+        wall_seconds: f64,
+    ) -> Self {
         BenchReport {
             schema_version: SCHEMA_VERSION,
             command: std::env::args().collect::<Vec<_>>().join(" "),
             environment,
             roofline,
             cases,
+            wall_seconds,
         }
     }
 
@@ -36,52 +52,145 @@ impl BenchReport {
         serde_json::to_string_pretty(self).expect("reports serialise")
     }
 
+    /// The report as JSON data: what the Markdown and `--compare` read, so that a saved report
+    /// renders exactly as a fresh one.
+    pub fn to_value(&self) -> serde_json::Value {
+        serde_json::to_value(self).expect("reports serialise")
+    }
+
     pub fn failures(&self) -> usize {
         self.cases.iter().filter(|r| !r.check.pass).count()
     }
 }
 
-const HEADER: [&str; 11] = [
-    "op",
-    "case",
-    "path",
-    "time us (min-max)",
-    "GB/s",
-    "TFLOP/s",
-    "tokens/s",
-    "roof",
-    "vs baseline",
-    "check",
-    "max error",
+/// The check column: pass or FAIL, and how much was compared when it was a sample.
+fn check_cell(r: &BenchRow) -> String {
+    let verdict = if r.check.pass { "pass" } else { "FAIL" };
+    match &r.check.coverage {
+        Some(c) if c.is_sampled() => format!("{verdict} {}/{} {}", c.checked, c.total, c.unit),
+        _ => verdict.to_string(),
+    }
+}
+
+/// The path column; a row with cooperative matrices off says so first.
+fn path_cell(r: &BenchRow) -> String {
+    if r.coop_off {
+        format!("coop off: {}", r.check.variant)
+    } else {
+        r.check.variant.clone()
+    }
+}
+
+const TEXT_HEADER: [&str; 10] = [
+    "op", "case", "path", "time us", "GB/s", "TFLOP/s", "tokens/s", "roof", "vs base", "check",
 ];
 
-fn cells(r: &BenchRow) -> Vec<String> {
-    let time = r
-        .time
-        .as_ref()
-        .map(|t| format!("{:.1} ({:.1}-{:.1})", t.median_us, t.min_us, t.max_us))
-        .unwrap_or_else(|| "-".into());
+fn text_cells(r: &BenchRow) -> Vec<String> {
     let roof = match (r.roof_percent, r.bound) {
-        (Some(p), Some(b)) => format!("{p:.0}% of {}", format!("{b:?}").to_lowercase()),
-        _ => "-".into(),
-    };
-    let speedup = match (&r.baseline, r.speedup) {
-        (Some(name), Some(s)) => format!("{s:.2}x {name}"),
+        (Some(p), Some(Bound::Memory)) => format!("{p:.0}% mem"),
+        (Some(p), Some(Bound::Compute)) => format!("{p:.0}% comp"),
         _ => "-".into(),
     };
     vec![
         r.check.case.op.to_string(),
         r.check.case.name.clone(),
-        r.check.variant.clone(),
-        time,
+        path_cell(r),
+        r.time
+            .as_ref()
+            .map_or("-".into(), |t| format!("{:.1}", t.median_us)),
         fmt_num(r.gbps),
         fmt_num(r.tflops),
         fmt_num(r.tokens_per_s),
         roof,
-        speedup,
-        if r.check.pass { "pass" } else { "FAIL" }.to_string(),
-        r.check.summary(),
+        r.speedup.map_or("-".into(), |s| format!("{s:.2}x")),
+        check_cell(r),
     ]
+}
+
+/// Columns that give way, in this order, when a table is wider than the limit: the path,
+/// then the case name. Each keeps at least this many characters.
+const SHRINKABLE: [(usize, usize); 2] = [(2, 16), (1, 24)];
+
+/// Cut the cells of the shrinkable columns until `text_table` fits `max` characters.
+fn fit(header: &[&str], rows: &mut [Vec<String>], max: usize) {
+    let width = |rows: &[Vec<String>], col: usize| {
+        rows.iter()
+            .map(|r| r[col].chars().count())
+            .max()
+            .unwrap_or(0)
+            .max(header[col].len())
+    };
+    let total = |rows: &[Vec<String>]| {
+        (0..header.len()).map(|c| width(rows, c)).sum::<usize>() + 2 * (header.len() - 1)
+    };
+    for (col, floor) in SHRINKABLE {
+        let over = total(rows).saturating_sub(max);
+        if over == 0 {
+            return;
+        }
+        let target = width(rows, col).saturating_sub(over).max(floor);
+        for row in rows.iter_mut() {
+            row[col] = shorten(&row[col], target);
+        }
+    }
+}
+
+/// The terminal table (at most [`TEXT_WIDTH`] columns), the per-pass split of multi-pass cases,
+/// and details: the baselines, each path cut in the table, and the whole error of every failed
+/// case (the JSON has everything).
+pub fn text(report: &BenchReport) -> String {
+    let mut rows: Vec<Vec<String>> = report.cases.iter().map(text_cells).collect();
+    fit(&TEXT_HEADER, &mut rows, TEXT_WIDTH);
+    let mut s = text_table(&TEXT_HEADER, &rows);
+    let split = pass_split_lines(report);
+    if !split.is_empty() {
+        s += "\ntime per pass (median):\n";
+        for line in split {
+            s += &wrap(&line, TEXT_WIDTH);
+        }
+    }
+    let mut details = Vec::new();
+    for (r, row) in report.cases.iter().zip(&rows) {
+        let name = format!("{} {}", r.check.case.op, r.check.case.name);
+        if row[2] != path_cell(r) {
+            details.push(format!("{name}: path {}", path_cell(r)));
+        }
+        if let (Some(base), Some(speedup)) = (&r.baseline, r.speedup) {
+            details.push(format!("{name}: {speedup:.2}x against {base}"));
+        }
+        if !r.check.pass {
+            details.push(format!("{name}: {}", r.check.summary()));
+        }
+    }
+    if !details.is_empty() {
+        s += "\ndetails:\n";
+        for line in details {
+            s += &wrap(&line, TEXT_WIDTH);
+        }
+    }
+    s
+}
+
+/// `text` indented by two spaces and wrapped at spaces to lines of at most `width` characters
+/// (continuation lines indented by four; a word longer than a line is cut).
+fn wrap(text: &str, width: usize) -> String {
+    let mut out = String::new();
+    let mut line = String::from("  ");
+    for word in text.split(' ') {
+        let used = line.chars().count();
+        if used > 4 && used + 1 + word.chars().count() > width {
+            out += line.trim_end();
+            out.push('\n');
+            line = String::from("    ");
+        }
+        if !line.trim().is_empty() {
+            line.push(' ');
+        }
+        line += &shorten(word, width - 4);
+    }
+    out += line.trim_end();
+    out.push('\n');
+    out
 }
 
 /// One line per probe.
@@ -109,50 +218,23 @@ pub fn probe_lines(roof: &Roofline) -> String {
 /// Median time per compute pass of every case that records several (GPU timestamps only), e.g.
 /// the steps of the MoE layer: `op case: step a us, step b us, ...`.
 pub fn pass_split_lines(report: &BenchReport) -> Vec<String> {
-    report
-        .cases
+    pass_splits(&report.to_value())
+}
+
+fn pass_splits(report: &Value) -> Vec<String> {
+    cases_of(report)
         .iter()
         .filter_map(|r| {
-            let t = r.time.as_ref()?;
-            (t.passes.len() > 1).then(|| {
-                let steps: Vec<String> = t
-                    .passes
+            let passes = r["time"]["passes"].as_array()?;
+            (passes.len() > 1).then(|| {
+                let steps: Vec<String> = passes
                     .iter()
-                    .map(|(label, us)| format!("{label} {us:.1} us"))
+                    .map(|p| format!("{} {:.1} us", str_of(&p[0]), p[1].as_f64().unwrap_or(0.0)))
                     .collect();
-                format!(
-                    "{} {}: {}",
-                    r.check.case.op,
-                    r.check.case.name,
-                    steps.join(", ")
-                )
+                format!("{}: {}", row_name(r), steps.join(", "))
             })
         })
         .collect()
-}
-
-/// The terminal table, then the per-pass split of multi-pass cases.
-pub fn text(report: &BenchReport) -> String {
-    // Long path descriptions (the MoE layer names every step's) are cut in the terminal table;
-    // the Markdown and JSON reports keep them whole.
-    let rows: Vec<Vec<String>> = report
-        .cases
-        .iter()
-        .map(|r| {
-            let mut row = cells(r);
-            row[2] = shorten(&row[2], 64);
-            row
-        })
-        .collect();
-    let mut s = text_table(&HEADER, &rows);
-    let split = pass_split_lines(report);
-    if !split.is_empty() {
-        s += "\ntime per pass (median):\n";
-        for line in split {
-            s += &format!("  {line}\n");
-        }
-    }
-    s
 }
 
 fn md_row(cells: &[String]) -> String {
@@ -160,38 +242,166 @@ fn md_row(cells: &[String]) -> String {
     format!("| {} |\n", escaped.join(" | "))
 }
 
-/// Markdown: the environment, the probes and the case table.
-pub fn markdown(report: &BenchReport) -> String {
-    let env = &report.environment;
-    let a = &env.adapter;
+fn str_of(v: &Value) -> String {
+    v.as_str().unwrap_or("").to_string()
+}
+
+fn num(v: &Value) -> Option<f64> {
+    v.as_f64()
+}
+
+fn cases_of(report: &Value) -> Vec<Value> {
+    report["cases"].as_array().cloned().unwrap_or_default()
+}
+
+/// `op name`, with `[coop off]` for the SIMT twin of a tensor-core case: a row's key.
+fn row_name(r: &Value) -> String {
+    let case = &r["check"]["case"];
+    format!(
+        "{} {}{}",
+        str_of(&case["op"]),
+        str_of(&case["name"]),
+        if r["coop_off"].as_bool() == Some(true) {
+            " [coop off]"
+        } else {
+            ""
+        }
+    )
+}
+
+const MD_HEADER: [&str; 11] = [
+    "op",
+    "case",
+    "path",
+    "time us (min-max)",
+    "GB/s",
+    "TFLOP/s",
+    "tokens/s",
+    "roof",
+    "vs baseline",
+    "checked",
+    "max error",
+];
+
+fn md_cells(r: &Value) -> Vec<String> {
+    let check = &r["check"];
+    let time = &r["time"];
+    let time = match (
+        num(&time["median_us"]),
+        num(&time["min_us"]),
+        num(&time["max_us"]),
+    ) {
+        (Some(m), Some(lo), Some(hi)) => format!("{m:.1} ({lo:.1}-{hi:.1})"),
+        _ => "-".into(),
+    };
+    let roof = match (num(&r["roof_percent"]), r["bound"].as_str()) {
+        (Some(p), Some(b)) => format!("{p:.0}% of {b}"),
+        _ => "-".into(),
+    };
+    let speedup = match (r["baseline"].as_str(), num(&r["speedup"])) {
+        (Some(name), Some(s)) => format!("{s:.2}x {name}"),
+        _ => "-".into(),
+    };
+    let coverage = &check["coverage"];
+    let checked = match (coverage["checked"].as_u64(), coverage["total"].as_u64()) {
+        (Some(c), Some(t)) if c < t => format!("{c} of {t} {}", str_of(&coverage["unit"])),
+        (Some(_), Some(t)) => format!("all {t} {}", str_of(&coverage["unit"])),
+        _ => "-".into(),
+    };
+    let verdict = if check["pass"].as_bool() == Some(true) {
+        "pass"
+    } else {
+        "FAIL"
+    };
+    let worst = match check["error"].as_str() {
+        Some(e) => format!("ERROR: {e}"),
+        None => check["checks"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|c| {
+                let cmp = &c["comparison"];
+                format!(
+                    "{} max abs {:.2e} rel {:.2e}",
+                    str_of(&c["output"]),
+                    num(&cmp["max_abs"]).unwrap_or(f64::NAN),
+                    num(&cmp["max_rel"]).unwrap_or(f64::NAN)
+                )
+            })
+            .next()
+            .unwrap_or_default(),
+    };
+    let case = &check["case"];
+    let path = if r["coop_off"].as_bool() == Some(true) {
+        format!("coop off: {}", str_of(&check["variant"]))
+    } else {
+        str_of(&check["variant"])
+    };
+    vec![
+        str_of(&case["op"]),
+        str_of(&case["name"]),
+        path,
+        time,
+        fmt_num(num(&r["gbps"])),
+        fmt_num(num(&r["tflops"])),
+        fmt_num(num(&r["tokens_per_s"])),
+        roof,
+        speedup,
+        format!("{verdict}, {checked}"),
+        worst,
+    ]
+}
+
+/// One device's section of docs/PERFORMANCE.md from a report's JSON (fresh, or saved by
+/// `--json`): the device, driver, date and command, the probes, the case table and the per-pass
+/// split.
+pub fn markdown(report: &Value) -> String {
+    let env = &report["environment"];
+    let a = &env["adapter"];
     let mut s = format!(
-        "Adapter: {} ({}, {}), driver {} {}; fusedops {}; {} UTC; command `{}`\n\n",
-        a.name,
-        a.backend,
-        a.device_type,
-        a.driver,
-        a.driver_info,
-        env.fusedops_version,
-        env.date_utc,
-        report.command
+        "### {} ({}, {})\n\nDriver {} {}; fusedops {}; {} UTC; suite wall time {}; command `{}`\n\n",
+        str_of(&a["name"]),
+        str_of(&a["backend"]),
+        str_of(&a["device_type"]),
+        str_of(&a["driver"]),
+        str_of(&a["driver_info"]),
+        str_of(&env["fusedops_version"]),
+        str_of(&env["date_utc"]),
+        num(&report["wall_seconds"]).map_or("-".into(), |w| format!("{w:.1} s")),
+        str_of(&report["command"])
     );
+    if str_of(&a["device_type"]) == "Cpu" {
+        s += "A CPU driver: correctness only. The suite runs at CPU size and these timings say \
+              nothing about GPU speed.\n\n";
+    }
     s += "| probe | value | size | clock | verified |\n|---|---|---|---|---|\n";
-    for p in report.roofline.probes() {
-        s += &md_row(&[
-            p.name.to_string(),
-            format!("{} {}", significant(p.value), p.unit),
-            p.size.clone(),
-            p.clock.to_string(),
-            if p.verified { "yes" } else { "NO" }.to_string(),
-        ]);
+    if let Some(probes) = report["roofline"].as_object() {
+        for p in probes.values().filter(|p| p.is_object()) {
+            s += &md_row(&[
+                str_of(&p["name"]),
+                format!(
+                    "{} {}",
+                    significant(num(&p["value"]).unwrap_or(0.0)),
+                    str_of(&p["unit"])
+                ),
+                str_of(&p["size"]),
+                str_of(&p["clock"]),
+                if p["verified"].as_bool() == Some(true) {
+                    "yes"
+                } else {
+                    "NO"
+                }
+                .to_string(),
+            ]);
+        }
     }
     s.push('\n');
-    s += &md_row(&HEADER.map(String::from));
-    s += &format!("|{}\n", "---|".repeat(HEADER.len()));
-    for r in &report.cases {
-        s += &md_row(&cells(r));
+    s += &md_row(&MD_HEADER.map(String::from));
+    s += &format!("|{}\n", "---|".repeat(MD_HEADER.len()));
+    for r in cases_of(report) {
+        s += &md_row(&md_cells(&r));
     }
-    let split = pass_split_lines(report);
+    let split = pass_splits(report);
     if !split.is_empty() {
         s += "\nTime per compute pass (median):\n\n";
         for line in split {
@@ -199,6 +409,85 @@ pub fn markdown(report: &BenchReport) -> String {
         }
     }
     s
+}
+
+/// Per case of `new`, its median time against the same case in `old` (matched by operator, name
+/// and coop-off): `new / old` below 1 is faster.
+pub fn compare(new: &Value, old: &Value) -> String {
+    let median = |r: &Value| num(&r["time"]["median_us"]);
+    let old_times: std::collections::HashMap<String, Option<f64>> = cases_of(old)
+        .iter()
+        .map(|r| (row_name(r), median(r)))
+        .collect();
+    let mut rows: Vec<Vec<String>> = cases_of(new)
+        .iter()
+        .map(|r| {
+            let name = row_name(r);
+            let now = median(r);
+            let before = old_times.get(&name).copied().flatten();
+            let ratio = match (now, before) {
+                (Some(n), Some(b)) if b > 0.0 => format!("{:.2}x", n / b),
+                _ if !old_times.contains_key(&name) => "new case".into(),
+                _ => "-".into(),
+            };
+            vec![
+                name,
+                before.map_or("-".into(), |b| format!("{b:.1}")),
+                now.map_or("-".into(), |n| format!("{n:.1}")),
+                ratio,
+            ]
+        })
+        .collect();
+    let header = ["case", "old us", "new us", "new/old"];
+    fit_first(&header, &mut rows, TEXT_WIDTH);
+    format!(
+        "\ncompared with {} ({}):\n{}",
+        str_of(&old["environment"]["date_utc"]),
+        str_of(&old["environment"]["adapter"]["name"]),
+        text_table(&header, &rows)
+    )
+}
+
+/// Cut the first column until the table fits `max` characters.
+fn fit_first(header: &[&str], rows: &mut [Vec<String>], max: usize) {
+    let others: usize = (1..header.len())
+        .map(|c| {
+            rows.iter()
+                .map(|r| r[c].chars().count())
+                .max()
+                .unwrap_or(0)
+                .max(header[c].len())
+                + 2
+        })
+        .sum();
+    for row in rows.iter_mut() {
+        row[0] = shorten(&row[0], max.saturating_sub(others).max(16));
+    }
+}
+
+/// One case of `fusedops bench --host-only`.
+pub fn host_line(row: &HostRow) -> String {
+    let coverage = row.coverage.as_ref().map_or("-".into(), |c| c.to_string());
+    let rss = row
+        .peak_rss_bytes
+        .map_or("-".into(), |b| format!("{:.2} GB", b as f64 / 1e9));
+    let line = format!(
+        "{:>8.2} s  peak {:>9}  {:<24} {} {}",
+        row.seconds, rss, coverage, row.case.op, row.case.name
+    );
+    match &row.error {
+        Some(e) => format!("{line}\n  ERROR: {e}"),
+        None => line,
+    }
+}
+
+/// The totals of a host-only run.
+pub fn host_summary(rows: &[HostRow], total: f64, threads: usize) -> String {
+    let peak = rows.iter().filter_map(|r| r.peak_rss_bytes).max();
+    format!(
+        "total {total:.1} s on {threads} threads; largest per-case peak {}\n",
+        peak.map_or("-".into(), |b| format!("{:.2} GB", b as f64 / 1e9))
+    )
 }
 
 /// The cases that can be placed on a log-log roofline: timed, with bytes and FLOPs.

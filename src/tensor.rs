@@ -277,16 +277,19 @@ impl Tensor {
 
     /// A tensor of `dtype` and `shape` from raw little-endian bytes.
     pub fn from_bytes(shape: &[usize], dtype: DType, bytes: &[u8]) -> Result<Self> {
-        let n: usize = shape.iter().product();
-        if bytes.len() < n * dtype.size() {
+        let n = checked_numel("tensor", shape)?;
+        let size = n
+            .checked_mul(dtype.size())
+            .ok_or_else(|| Error::shape("tensor", "shape", shape, "a size that fits in usize"))?;
+        if bytes.len() < size {
             return Err(Error::shape(
                 "tensor",
                 "bytes",
                 bytes.len(),
-                format!("{} bytes for {n} x {dtype}", n * dtype.size()),
+                format!("{size} bytes for {n} x {dtype}"),
             ));
         }
-        let bytes = &bytes[..n * dtype.size()];
+        let bytes = &bytes[..size];
         // Copy through u32/u16 vectors: `bytes` need not be aligned.
         let data = match dtype {
             DType::F32 => TensorData::F32(
@@ -341,20 +344,51 @@ impl Tensor {
 
 /// A tensor in GPU memory. The buffer is padded to a multiple of 16 bytes so that kernels may
 /// read it as `array<vec4<u32>>`; the padding is zero.
+///
+/// The fields are private: a `DeviceTensor` only comes from [`crate::gpu::Gpu`] (upload, zeros)
+/// or an operator, so its buffer always holds at least the elements its shape describes and the
+/// kernels that bind it never read past it:
+///
+/// ```compile_fail
+/// // error[E0616]: field `buffer` of struct `DeviceTensor` is private
+/// fn swap(t: &mut fusedops::tensor::DeviceTensor, other: &fusedops::tensor::DeviceTensor) {
+///     t.buffer = other.buffer().clone();
+/// }
+/// ```
 #[derive(Debug)]
 pub struct DeviceTensor {
-    pub buffer: wgpu::Buffer,
+    buffer: wgpu::Buffer,
     shape: Vec<usize>,
     dtype: DType,
 }
 
 impl DeviceTensor {
-    pub(crate) fn from_parts(buffer: wgpu::Buffer, shape: &[usize], dtype: DType) -> Self {
-        DeviceTensor {
+    /// A tensor over `buffer`, which must hold the elements of `shape` (refused otherwise).
+    pub(crate) fn from_parts(buffer: wgpu::Buffer, shape: &[usize], dtype: DType) -> Result<Self> {
+        let bytes = checked_numel("device tensor", shape)?
+            .checked_mul(dtype.size())
+            .ok_or_else(|| {
+                Error::shape("device tensor", "shape", shape, "a size that fits in usize")
+            })?;
+        if buffer.size() < bytes as u64 {
+            return Err(Error::shape(
+                "device tensor",
+                "buffer",
+                buffer.size(),
+                format!("at least {bytes} bytes for {shape:?} {dtype}"),
+            ));
+        }
+        Ok(DeviceTensor {
             buffer,
             shape: shape.to_vec(),
             dtype,
-        }
+        })
+    }
+
+    /// The buffer holding the elements (read-only access: the shape and the buffer stay
+    /// consistent).
+    pub fn buffer(&self) -> &wgpu::Buffer {
+        &self.buffer
     }
 
     pub fn shape(&self) -> &[usize] {
@@ -418,6 +452,9 @@ mod tests {
             Err(Error::Shape { .. })
         ));
         assert!(Tensor::from_bytes(&[4], DType::F32, &[0u8; 15]).is_err());
+        // Element counts or byte sizes that wrap are refused, not read from a short slice.
+        assert!(Tensor::from_bytes(&[1 << 40, 1 << 40], DType::F32, &[0u8; 16]).is_err());
+        assert!(Tensor::from_bytes(&[usize::MAX / 2 + 1], DType::F16, &[0u8; 16]).is_err());
         assert!(Tensor::from_f32(&[1], &[1.0], DType::I32).is_err());
         // A shape whose element count wraps around usize is refused, not taken as 0 elements.
         let huge = [1usize << 40, 1 << 40];

@@ -111,8 +111,8 @@ fn run_checked(
     };
     let (out_tol, lse_tol) = match &coop {
         Some(c) => (
-            coop::emulation_out_tolerance(out_dtype, c),
-            coop::emulation_lse_tolerance(c),
+            coop::emulation_out_tolerance(out_dtype, emu.max_score, c.score_order_bound),
+            coop::emulation_lse_tolerance(c.score_order_bound),
         ),
         None => (
             emulation_out_tolerance(out_dtype, p.p_precision, emu.max_score),

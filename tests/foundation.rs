@@ -160,9 +160,9 @@ fn coop_kernels_are_instantiated_for_the_adapters_fragment() {
         .bind_group(
             &pipeline,
             &[
-                a.buffer.as_entire_binding(),
-                b.buffer.as_entire_binding(),
-                c.buffer.as_entire_binding(),
+                a.buffer().as_entire_binding(),
+                b.buffer().as_entire_binding(),
+                c.buffer().as_entire_binding(),
             ],
         )
         .unwrap();

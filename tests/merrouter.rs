@@ -956,7 +956,7 @@ fn run_named_agrees_with_reference_named() {
         ..RouterConfig::deepseek_v3()
     };
     let p = logits_problem(c.clone(), 5, true, false, DType::F32, 1200);
-    let rows = reference::row_capacity(5, 8, 256, 4);
+    let rows = reference::row_capacity(5, 8, 256, 4).unwrap();
     let mut r = rng(1201);
     let mut inputs = NamedTensors::new();
     inputs.insert("logits".into(), p.scores[0].clone());
@@ -1022,7 +1022,9 @@ fn bad_input_is_refused_and_dispatches_nothing() {
     let weight_wrong = g
         .upload(&Tensor::f32(&[15, 256], vec![0.0; 15 * 256]).unwrap())
         .unwrap();
-    let empty = g.upload(&Tensor::f32(&[0, 256], vec![]).unwrap()).unwrap();
+    let int_bias = g
+        .upload(&Tensor::i32(&[256], vec![0; 256]).unwrap())
+        .unwrap();
     let cases: Vec<Refusal> = vec![
         (
             "e not divisible by g",
@@ -1088,16 +1090,6 @@ fn bad_input_is_refused_and_dispatches_nothing() {
             |e| matches!(e, Error::Shape { .. }),
         ),
         (
-            "no tokens",
-            deepseek.clone(),
-            DeviceInputs {
-                scores: Scores::Logits(&empty),
-                bias: None,
-                router_scale: None,
-            },
-            |e| matches!(e, Error::Shape { .. }),
-        ),
-        (
             "integer logits",
             deepseek.clone(),
             DeviceInputs {
@@ -1113,6 +1105,16 @@ fn bad_input_is_refused_and_dispatches_nothing() {
             DeviceInputs {
                 scores: Scores::Logits(&logits),
                 bias: Some(&bias_short),
+                router_scale: None,
+            },
+            |e| matches!(e, Error::Shape { .. }),
+        ),
+        (
+            "integer bias",
+            deepseek.clone(),
+            DeviceInputs {
+                scores: Scores::Logits(&logits),
+                bias: Some(&int_bias),
                 router_scale: None,
             },
             |e| matches!(e, Error::Shape { .. }),
@@ -1237,5 +1239,241 @@ fn bad_input_is_refused_and_dispatches_nothing() {
         g.cached_pipelines(),
         before,
         "a refused call compiled a kernel"
+    );
+}
+
+/// Serving loops route empty batches (vLLM returns empty outputs): t = 0 gives empty ids and
+/// weights, an empty layout (zero counts, offsets and loads, no rows, imbalance 0), and records
+/// no pass, through the fused router, the fused gate, given ids, the combine and the references.
+#[test]
+fn empty_batches_give_empty_outputs_and_dispatch_nothing() {
+    let g = gpu();
+    let c = RouterConfig {
+        block_size: 4,
+        ..RouterConfig::deepseek_v3()
+    };
+    let (e, k) = (c.experts, c.top_k);
+    let logits = Tensor::f32(&[0, e], vec![]).unwrap();
+    let bias = Tensor::from_f32(&[e], &vec![0.01; e], DType::BF16).unwrap();
+    let hidden = Tensor::from_f32(&[0, 24], &[], DType::BF16).unwrap();
+    let weight = Tensor::f32(&[24, e], vec![0.5; 24 * e]).unwrap();
+    let want = reference::dispatch(&[], 0, k, e, c.groups, c.block_size).unwrap();
+    assert_eq!(want.counts, vec![0; e]);
+    assert_eq!(want.offsets, vec![0; e + 1]);
+    assert!(want.sorted_slots.is_empty() && want.block_experts.is_empty());
+    assert_eq!(want.imbalance, 0.0);
+    let routing = reference::route(&c, 0, &[], Some(&bias.to_f64()), None).unwrap();
+    assert!(routing.ids.is_empty() && routing.weights.is_empty());
+    for (name, scores) in [
+        ("logits", Scores::Logits(&logits)),
+        (
+            "fused gate",
+            Scores::Gate {
+                hidden: &hidden,
+                weight: &weight,
+            },
+        ),
+    ] {
+        let inputs = HostInputs {
+            scores,
+            bias: Some(&bias),
+            router_scale: None,
+        };
+        let out = merrouter::route_and_dispatch(g, &c, &inputs).unwrap();
+        assert_eq!(out.topk_ids.shape(), &[0, k], "{name}");
+        assert_eq!(out.topk_weights.shape(), &[0, k], "{name}");
+        assert_eq!(out.layout.slot_rows.shape(), &[0, k], "{name}");
+        assert_layout(name, &out.layout, &want);
+
+        // The device router records nothing at all.
+        let up = |t: &Tensor| g.upload(t).unwrap();
+        let (first, second) = match inputs.scores {
+            Scores::Logits(l) => (up(l), None),
+            Scores::Gate { hidden, weight } => (up(hidden), Some(up(weight))),
+        };
+        let bias_dev = up(&bias);
+        let router = Router::new(
+            g,
+            &c,
+            &DeviceInputs {
+                scores: match &second {
+                    None => Scores::Logits(&first),
+                    Some(weight) => Scores::Gate {
+                        hidden: &first,
+                        weight,
+                    },
+                },
+                bias: Some(&bias_dev),
+                router_scale: None,
+            },
+        )
+        .unwrap();
+        assert_eq!(router.dispatches(), 0, "{name}");
+        let chain = router.unfused_chain(g).unwrap();
+        assert_eq!(chain.dispatches(), 0, "{name}");
+        let mut encoder = g.device.create_command_encoder(&Default::default());
+        let mut rec = Recorder::new(&mut encoder);
+        router.record(&mut rec).unwrap();
+        chain.record(&mut rec).unwrap();
+        assert!(rec.pass_labels().is_empty(), "{name}: recorded a pass");
+    }
+
+    // Given ids: the host convenience and the device dispatcher.
+    let ids = Tensor::i32(&[0, k], vec![]).unwrap();
+    let layout = merrouter::dispatch(g, &ids, e, c.groups, c.block_size).unwrap();
+    assert_layout("given ids", &layout, &want);
+    let ids_dev = g.upload(&ids).unwrap();
+    let dispatcher = Dispatcher::new(g, &ids_dev, e, c.groups, c.block_size).unwrap();
+    let mut encoder = g.device.create_command_encoder(&Default::default());
+    let mut rec = Recorder::new(&mut encoder);
+    dispatcher.record(&mut rec).unwrap();
+    assert!(
+        rec.pass_labels().is_empty(),
+        "the dispatcher recorded a pass"
+    );
+
+    // The combine of no tokens: out [0, n], in every output dtype.
+    let weights = Tensor::f32(&[0, k], vec![]).unwrap();
+    let slot_rows = Tensor::i32(&[0, k], vec![]).unwrap();
+    let y = Tensor::from_f32(&[0, 7], &[], DType::BF16).unwrap();
+    for out_dtype in [DType::F32, DType::F16, DType::BF16] {
+        let out = merrouter::combine(g, &weights, &slot_rows, &y, out_dtype).unwrap();
+        assert_eq!((out.shape(), out.dtype()), (&[0, 7][..], out_dtype));
+    }
+    assert!(
+        reference::combine(0, k, 7, &[], &[], &[])
+            .unwrap()
+            .is_empty()
+    );
+}
+
+/// sglang's DeepSeek tests route with a bf16 correction bias: bias and router scale are accepted
+/// as f32, f16 or bf16, widened exactly, on the fused router (logits and fused gate) and the
+/// unfused chain, and agree with the reference over the same widened values.
+#[test]
+fn bias_and_router_scale_in_16_bits() {
+    let g = gpu();
+    let table = [
+        ("bf16 bias", DType::BF16, DType::F32),
+        ("f16 bias, bf16 scale", DType::F16, DType::BF16),
+        ("f32 bias, f16 scale", DType::F32, DType::F16),
+    ];
+    for (seed, (name, bias_dtype, scale_dtype)) in table.into_iter().enumerate() {
+        let c = RouterConfig {
+            block_size: 2,
+            ..RouterConfig::deepseek_v3()
+        };
+        let (t, e) = (37, c.experts);
+        let mut r = rng(1300 + seed as u64);
+        let bias: Vec<f32> = uniform(e, -0.1, 0.1, &mut r)
+            .iter()
+            .map(|&b| bias_dtype.round(b))
+            .collect();
+        let scale: Vec<f32> = uniform(e, 0.5, 1.5, &mut r)
+            .iter()
+            .map(|&s| scale_dtype.round(s))
+            .collect();
+        let logits = draw_logits(&c, t, &[Some(&bias)], DType::F32, &mut r, |_, _| {});
+        let p = Problem {
+            config: c.clone(),
+            scores: vec![Tensor::f32(&[t, e], logits).unwrap()],
+            bias: Some(Tensor::from_f32(&[e], &bias, bias_dtype).unwrap()),
+            router_scale: Some(Tensor::from_f32(&[e], &scale, scale_dtype).unwrap()),
+        };
+        assert_routing(name, &run(g, &p), &p);
+        let up = |t: &Tensor| g.upload(t).unwrap();
+        let (logits, bias, scale) = (
+            up(&p.scores[0]),
+            up(p.bias.as_ref().unwrap()),
+            up(p.router_scale.as_ref().unwrap()),
+        );
+        let router = Router::new(
+            g,
+            &c,
+            &DeviceInputs {
+                scores: Scores::Logits(&logits),
+                bias: Some(&bias),
+                router_scale: Some(&scale),
+            },
+        )
+        .unwrap();
+        let chain = router.unfused_chain(g).unwrap();
+        g.run(|rec| chain.record(rec)).unwrap();
+        assert_routing(&format!("{name} unfused"), &router.download(g).unwrap(), &p);
+    }
+    // The fused gate with a bf16 bias (the MoE layer's path).
+    let c = RouterConfig::deepseek_v3();
+    let bias: Vec<f32> = (0..256)
+        .map(|x| DType::BF16.round(0.0004 * x as f32))
+        .collect();
+    let (hidden, weight) = merrouter::tie_free_gate(&c, 6, 24, Some(&to64(&bias)), 1310).unwrap();
+    let p = Problem {
+        config: c,
+        scores: vec![
+            Tensor::f32(&[6, 24], hidden).unwrap(),
+            Tensor::f32(&[24, 256], weight).unwrap(),
+        ],
+        bias: Some(Tensor::from_f32(&[256], &bias, DType::BF16).unwrap()),
+        router_scale: None,
+    };
+    assert_routing("fused gate, bf16 bias", &run(g, &p), &p);
+}
+
+/// vLLM's bound: with t·k < e at most t·k experts receive a slot, so the padded layout needs
+/// t·k·block rows, not t·k + e·(block − 1) (DeepSeek-V3, one token, block 64: 512, not 16 136).
+#[test]
+fn padded_layout_uses_the_tighter_bound() {
+    let g = gpu();
+    assert_eq!(reference::row_capacity(1, 8, 256, 64).unwrap(), 512);
+    assert_eq!(
+        reference::row_capacity(100, 8, 256, 64).unwrap(),
+        800 + 256 * 63
+    );
+    assert_eq!(reference::row_capacity(0, 8, 256, 64).unwrap(), 0);
+    assert_eq!(reference::row_capacity(3, 8, 256, 1).unwrap(), 24);
+    // Counts that do not fit i32 rows, or usize at all, are errors, not wrapped numbers.
+    assert!(matches!(
+        reference::row_capacity(1 << 28, 8, 256, 64),
+        Err(Error::Limit { .. })
+    ));
+    assert!(reference::row_capacity(usize::MAX, 2, 4, 1).is_err());
+    assert!(reference::row_capacity(usize::MAX / 2, 2, usize::MAX, 3).is_err());
+    // Every expert of the token gets a full block; the GPU layout has exactly those rows.
+    for (t, block) in [(1usize, 64usize), (3, 16), (31, 8)] {
+        let c = RouterConfig {
+            block_size: block,
+            ..RouterConfig::deepseek_v3()
+        };
+        let p = logits_problem(c.clone(), t, true, false, DType::F32, 1400 + t as u64);
+        let out = run(g, &p);
+        let rows = reference::row_capacity(t, 8, 256, block).unwrap();
+        assert_eq!(out.layout.sorted_slots.numel(), rows, "t={t} block={block}");
+        assert_eq!(out.layout.block_experts.numel(), rows.div_ceil(block));
+        assert_routing(&format!("t={t} block={block}"), &out, &p);
+    }
+}
+
+/// The public references validate like the operators: sizes that overflow, routings for other
+/// token counts and ids out of range are errors, never panics or wrapped sizes.
+#[test]
+fn references_refuse_what_the_operators_refuse() {
+    let c = RouterConfig::deepseek_v3();
+    // t·e overflows usize: an error, not a capacity-overflow panic.
+    assert!(reference::route(&c, usize::MAX / 2, &[0.0; 256], None, None).is_err());
+    assert!(reference::gate_logits(usize::MAX, 2, 256, &[], &[]).is_err());
+    assert!(reference::gate_logits(1, usize::MAX, 256, &[], &[]).is_err());
+    assert!(reference::combine(usize::MAX, 2, 1, &[], &[], &[]).is_err());
+    assert!(reference::combine(2, 1, usize::MAX, &[0.5; 2], &[0, 1], &[]).is_err());
+    // Dispatch: wrapped slot counts, a repeated expert, sizes the operator refuses.
+    assert!(reference::dispatch(&[], usize::MAX, 2, 4, 1, 1).is_err());
+    assert!(reference::dispatch(&[1, 1], 1, 2, 4, 1, 1).is_err());
+    assert!(reference::dispatch(&[0, 1], 1, 2, 4, 1, 1 << 20).is_err());
+    assert!(
+        reference::dispatch(&[0, 1, 2], 1, 3, 2, 1, 1).is_err(),
+        "k > e"
+    );
+    assert!(
+        reference::dispatch(&[], 1 << 30, 4, 8, 1, 1).is_err(),
+        "i32 rows"
     );
 }

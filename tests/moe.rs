@@ -339,8 +339,9 @@ fn padded_dispatch_rows_are_zero() {
     };
     assert_matches(&got, &want, layer.tolerance(DType::BF16), "block 16");
 
-    let rows = config.rows(t);
-    assert_eq!(rows, t * 8 + 256 * 15);
+    // t·k = 72 < e = 256: at most 72 experts receive a row, so vLLM's bound t·k·block holds.
+    let rows = config.rows(t).unwrap();
+    assert_eq!(rows, t * 8 * 16);
     let slots = want.layout.sorted_slots.clone();
     let x = g.download_f32(&moe.intermediates().x_sorted).unwrap();
     let w = g.download_f32(&moe.intermediates().row_weights).unwrap();
@@ -656,9 +657,9 @@ fn bad_input_is_refused_and_dispatches_nothing() {
         ..weights
     };
     refuse("bias length", &config, &dev.hidden, &w, &out, shape);
-    let scale_bf16 = zeros(&[256], DType::BF16);
+    let scale_i32 = zeros(&[256], DType::I32);
     let w = MoeWeights {
-        router_scale: Some(&scale_bf16),
+        router_scale: Some(&scale_i32),
         ..weights
     };
     refuse("router scale dtype", &config, &dev.hidden, &w, &out, shape);
@@ -817,5 +818,154 @@ fn bad_input_is_refused_and_dispatches_nothing() {
         g.cached_pipelines(),
         before,
         "a refused run compiled a kernel"
+    );
+}
+
+/// Serving loops call the layer with empty batches (vLLM returns an empty output): t = 0 gives
+/// out [0, h] and an empty routing, and the layer records nothing.
+#[test]
+fn empty_batch_gives_empty_outputs_and_dispatches_nothing() {
+    let g = gpu();
+    for name in ["deepseek-v3-small", "pangu-pro-moe-small"] {
+        let config = preset(name);
+        let (h, k) = (config.hidden, config.router.top_k);
+        let layer = Layer::new(&config, 0, DType::BF16, DType::BF16, 91);
+        assert_eq!(layer.hidden.shape(), &[0, h]);
+        let got = layer.run(g, DType::BF16, &DEFAULTS);
+        assert_eq!(got.out.shape(), &[0, h], "{name}");
+        assert_eq!(got.router.topk_ids.shape(), &[0, k], "{name}");
+        assert!(got.router.layout.counts.to_f32().iter().all(|&c| c == 0.0));
+        let want = layer.reference(DType::BF16);
+        assert!(want.out.is_empty() && want.routing.ids.is_empty());
+
+        let dev = DeviceLayer::upload(g, &layer);
+        let out = g.zeros(&[0, h], DType::F32).unwrap();
+        let moe = MoeLayer::new(g, &config, &dev.hidden, &dev.weights(), &out, &DEFAULTS).unwrap();
+        assert!(moe.steps().is_empty(), "{name}: {:?}", moe.steps());
+        let offsets = vec![0u32; config.router.experts + 1];
+        let chain = moe
+            .per_expert_baseline(g, &dev.weights(), &offsets, &DEFAULTS)
+            .unwrap();
+        assert_eq!(chain.dispatches(), 0);
+        let mut encoder = g.device.create_command_encoder(&Default::default());
+        let mut rec = fusedops::gpu::Recorder::new(&mut encoder);
+        moe.record(&mut rec).unwrap();
+        moe.record_baseline(&mut rec, &chain).unwrap();
+        assert!(rec.pass_labels().is_empty(), "{name}: recorded a pass");
+    }
+}
+
+/// 16-bit layer outputs of odd row length (torch has no such limit): with f32 activations the
+/// combine writes out [t, h] bf16 / f16 for odd h, one 32-bit word per invocation (two
+/// neighbouring elements, possibly of two tokens), so no two invocations share a word.
+#[test]
+fn odd_hidden_size_with_16_bit_output() {
+    let g = gpu();
+    for (n, (h, out)) in [(45, DType::BF16), (33, DType::F16), (3, DType::BF16)]
+        .into_iter()
+        .enumerate()
+    {
+        let mut config = preset("deepseek-v3-small");
+        config.hidden = h;
+        let layer = Layer::new(&config, 5, DType::F32, DType::BF16, 120 + n as u64);
+        let what = format!("h={h} out {out}");
+        let got = layer.run(g, out, &DEFAULTS);
+        assert_eq!(
+            (got.out.shape(), got.out.dtype()),
+            (&[5, h][..], out),
+            "{what}"
+        );
+        assert_matches(&got, &layer.reference(out), layer.tolerance(out), &what);
+    }
+}
+
+/// sglang's DeepSeek-V3 tests give the correction bias in bf16: the layer routes with it as the
+/// router does (widened exactly), and a 16-bit router scale likewise.
+#[test]
+fn bias_and_router_scale_in_16_bits() {
+    let g = gpu();
+    let config = preset("deepseek-v3-small");
+    let e = config.router.experts;
+    let mut r = rng(130);
+    let bias: Vec<f32> = uniform(&mut r, e, 0.1)
+        .iter()
+        .map(|&b| DType::BF16.round(b))
+        .collect();
+    let scale: Vec<f32> = (0..e)
+        .map(|_| DType::F16.round(r.random_range(0.5..1.5)))
+        .collect();
+    let mut layer = Layer::with_router_inputs(
+        &config,
+        6,
+        DType::BF16,
+        DType::BF16,
+        131,
+        Some(bias.clone()),
+        None,
+    );
+    layer.bias = Some(Tensor::from_f32(&[e], &bias, DType::BF16).unwrap());
+    layer.router_scale = Some(Tensor::from_f32(&[e], &scale, DType::F16).unwrap());
+    let got = layer.run(g, DType::BF16, &DEFAULTS);
+    let what = "bf16 bias, f16 router scale";
+    assert_matches(
+        &got,
+        &layer.reference(DType::BF16),
+        layer.tolerance(DType::BF16),
+        what,
+    );
+}
+
+/// The public reference validates like the layer: a routing for fewer tokens than hidden has, ids
+/// out of range, or experts that do not match the config are errors, not index panics.
+#[test]
+fn token_outputs_refuses_a_routing_of_other_tokens() {
+    let config = preset("deepseek-v3-small");
+    let layer = Layer::new(&config, 4, DType::F32, DType::F32, 140);
+    let want = layer.reference(DType::F32);
+    let experts = reference::Experts::of(&layer.weights());
+    let tokens = [0, 3];
+    let ok = reference::token_outputs(
+        &config,
+        &layer.hidden,
+        &want.routing,
+        &experts,
+        &tokens,
+        DType::F32,
+    )
+    .unwrap();
+    assert_eq!(ok.len(), 2 * config.hidden);
+    let mut short = want.routing.clone();
+    short.ids.truncate(2 * 8);
+    short.weights.truncate(2 * 8);
+    let mut bad_id = want.routing.clone();
+    bad_id.ids[5] = 256;
+    for (what, routing, tokens) in [
+        ("routing for 2 of 4 tokens", &short, &tokens[..]),
+        ("expert id 256", &bad_id, &tokens[..]),
+        ("token past hidden", &want.routing, &[4][..]),
+    ] {
+        let err = reference::token_outputs(
+            &config,
+            &layer.hidden,
+            routing,
+            &experts,
+            tokens,
+            DType::F32,
+        );
+        assert!(err.is_err(), "{what}");
+    }
+    let mut other = config.clone();
+    other.shared_intermediate = None;
+    assert!(
+        reference::token_outputs(
+            &other,
+            &layer.hidden,
+            &want.routing,
+            &experts,
+            &tokens,
+            DType::F32
+        )
+        .is_err(),
+        "shared expert the config does not have"
     );
 }

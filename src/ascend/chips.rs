@@ -78,15 +78,14 @@ pub struct Features {
     pub sort32: bool,
 }
 
-/// A peak figure from a public source, used only for the roofline estimate.
+/// Where a chip's fp16 cube peak comes from.
 #[derive(Clone, Copy, Debug, Serialize)]
-pub struct PublicPeak {
-    /// Dense fp16 cube throughput of the whole chip, TFLOP/s.
-    pub cube_fp16_tflops: f64,
-    /// Off-chip memory bandwidth of the whole chip, GB/s.
-    pub mem_gbps: f64,
-    /// Where the figures come from and how they were derived.
-    pub basis: &'static str,
+#[serde(rename_all = "kebab-case")]
+pub enum CubePeak {
+    /// A public figure for the whole chip, TFLOP/s.
+    Public { tflops: f64, basis: &'static str },
+    /// An estimate: cube cores x 4096 fp16 MACs per cycle x 2 FLOP x a published clock.
+    Estimate { clock_ghz: f64, basis: &'static str },
 }
 
 /// One target chip.
@@ -110,9 +109,11 @@ pub struct ChipSpec {
     pub l0b_bytes: u64,
     pub l0c_bytes: u64,
     pub features: Features,
-    /// Public peak figures, where a public source gives them; `None` means the roofline needs
-    /// `peak_tflops=` and `mem_gbps=` from the caller.
-    pub public_peak: Option<PublicPeak>,
+    /// The fp16 cube peak, public or estimated (the caller's `peak_tflops=` wins).
+    pub cube_peak: CubePeak,
+    /// Off-chip memory bandwidth of the whole chip and its source, where a public figure with a
+    /// traceable source exists; `None` means the bound needs `mem_gbps=` from the caller.
+    pub public_mem_gbps: Option<(f64, &'static str)>,
     /// Public sources for the numbers above.
     pub sources: &'static [&'static str],
 }
@@ -129,6 +130,25 @@ impl ChipSpec {
         }
     }
 
+    /// The fp16 cube peak of the whole chip in TFLOP/s and where it comes from.
+    pub fn cube_peak(&self) -> Option<(f64, String)> {
+        match self.cube_peak {
+            CubePeak::Public { tflops, basis } => Some((tflops, format!("public figure: {basis}"))),
+            CubePeak::Estimate { clock_ghz, basis } => {
+                let tflops =
+                    f64::from(self.cube_cores) * CUBE_FP16_MACS_PER_CYCLE * 2.0 * clock_ghz / 1e3;
+                Some((
+                    tflops,
+                    format!(
+                        "estimate, not a vendor figure: {} cube cores x {} fp16 MACs/cycle x 2 \
+                         FLOP x {clock_ghz} GHz ({basis})",
+                        self.cube_cores, CUBE_FP16_MACS_PER_CYCLE
+                    ),
+                ))
+            }
+        }
+    }
+
     /// Vector cores that work beside one cube core in a mixed (cube + vector) kernel.
     pub fn vector_per_cube(&self) -> u32 {
         match self.arch {
@@ -139,6 +159,15 @@ impl ChipSpec {
 }
 
 const KIB: u64 = 1024;
+
+/// fp16 multiply-accumulates of one cube per cycle (16 x 16 x 16); int8 does twice as many
+/// (Hot Chips 2019, see the sources).
+pub const CUBE_FP16_MACS_PER_CYCLE: f64 = 4096.0;
+
+/// The basis of the A2 cube estimate.
+const A2_CLOCK_BASIS: &str = "1.8 GHz: the rated AI-core frequency a catlass tuner run reports \
+     on an Atlas A2 board, hicann/catlass tools/tuner/README.md; the same clock is assumed for \
+     910B4";
 
 const A2_SOURCES: &[&str] = &[
     "hicann/ops-transformer tests/ut/framework_special/utils/src/platform.cpp (Ascend910B2: \
@@ -151,6 +180,9 @@ const A2_SOURCES: &[&str] = &[
      https://www.hiascend.com/document/detail/zh/CANNCommunityEdition/910beta2/API/ascendcopapi/atlasascendc_api_07_0185.html",
     "Ascend C API, SetAtomicType: A2 atomics int8/int16/half/bfloat16/int32/float \
      https://www.hiascend.com/document/detail/en/canncommercial/latest/API/ascendcopapi/atlasascendc_api_07_0211.html",
+    "hicann/catlass tools/tuner/README.md (a tuner run prints 'rated freq 1800' for the AI core)",
+    "Da Vinci cube: 4096 fp16 MACs or 8192 int8 MACs per cycle (Hot Chips 2019, summarised at \
+     https://vengineer.hatenablog.com/entry/2019/09/06/070000)",
 ];
 
 const P310_SOURCES: &[&str] = &[
@@ -191,7 +223,11 @@ pub static CHIPS: [ChipSpec; 3] = [
         l0b_bytes: 64 * KIB,
         l0c_bytes: 128 * KIB,
         features: A2_FEATURES,
-        public_peak: None,
+        cube_peak: CubePeak::Estimate {
+            clock_ghz: 1.8,
+            basis: A2_CLOCK_BASIS,
+        },
+        public_mem_gbps: None,
         sources: A2_SOURCES,
     },
     ChipSpec {
@@ -207,7 +243,11 @@ pub static CHIPS: [ChipSpec; 3] = [
         l0b_bytes: 64 * KIB,
         l0c_bytes: 128 * KIB,
         features: A2_FEATURES,
-        public_peak: None,
+        cube_peak: CubePeak::Estimate {
+            clock_ghz: 1.8,
+            basis: A2_CLOCK_BASIS,
+        },
+        public_mem_gbps: None,
         sources: A2_SOURCES,
     },
     ChipSpec {
@@ -228,13 +268,16 @@ pub static CHIPS: [ChipSpec; 3] = [
             l0c_atomic_to_gm: false,
             sort32: false,
         },
-        public_peak: Some(PublicPeak {
-            cube_fp16_tflops: 70.0,
-            mem_gbps: 204.0,
-            basis: "public card figures for the Atlas 300I Duo (408 GB/s, 280 TOPS INT8 for two \
-                    chips) halved per chip; fp16 = int8 / 2 because the cube does 8192 int8 or \
-                    4096 fp16 MACs per cycle",
-        }),
+        cube_peak: CubePeak::Public {
+            tflops: 70.0,
+            basis: "the Atlas 300I Duo card's 280 TOPS INT8 for two chips, halved per chip; \
+                    fp16 = int8 / 2 because the cube does 8192 int8 or 4096 fp16 MACs per cycle",
+        },
+        public_mem_gbps: Some((
+            204.0,
+            "public figure: the Atlas 300I Duo card's 408 GB/s LPDDR4X for two chips, halved \
+             per chip",
+        )),
         sources: P310_SOURCES,
     },
 ];
@@ -308,6 +351,26 @@ pub fn markdown_table() -> String {
                 .collect(),
         ),
         (
+            "L0C results leave by",
+            CHIPS
+                .iter()
+                .map(|c| match c.arch {
+                    CoreArch::Separated => "Fixpipe (to GM)".to_string(),
+                    CoreArch::Coupled => "DataCopy CO1 -> CO2 (to UB)".to_string(),
+                })
+                .collect(),
+        ),
+        (
+            "UB -> L1 copy",
+            CHIPS
+                .iter()
+                .map(|c| match c.arch {
+                    CoreArch::Separated => "no (AIV and AIC share no memory)".to_string(),
+                    CoreArch::Coupled => "yes (VECOUT -> A1/B1)".to_string(),
+                })
+                .collect(),
+        ),
+        (
             "bf16",
             CHIPS
                 .iter()
@@ -336,12 +399,15 @@ pub fn markdown_table() -> String {
                 .collect(),
         ),
         (
-            "peak fp16 cube (public figure)",
+            "peak fp16 cube (int8: x2)",
             CHIPS
                 .iter()
-                .map(|c| match c.public_peak {
-                    Some(p) => format!("{} TFLOP/s", p.cube_fp16_tflops),
-                    None => "none found".to_string(),
+                .map(|c| match (c.cube_peak, c.cube_peak()) {
+                    (CubePeak::Public { .. }, Some((t, _))) => format!("{t} TFLOP/s (public)"),
+                    (CubePeak::Estimate { .. }, Some((t, _))) => {
+                        format!("{t:.0} TFLOP/s (estimate)")
+                    }
+                    _ => "none".to_string(),
                 })
                 .collect(),
         ),
@@ -349,8 +415,8 @@ pub fn markdown_table() -> String {
             "memory bandwidth (public figure)",
             CHIPS
                 .iter()
-                .map(|c| match c.public_peak {
-                    Some(p) => format!("{} GB/s", p.mem_gbps),
+                .map(|c| match c.public_mem_gbps {
+                    Some((g, _)) => format!("{g} GB/s"),
                     None => "none found".to_string(),
                 })
                 .collect(),

@@ -18,9 +18,11 @@
 
 use super::chips::{ChipSpec, CoreArch, Memory};
 use super::plan::{
-    Args, CoreSplit, Layout, OP, Peak, Roofline, Stage, TilingField, first_fit, round_up,
-    vector_unit,
+    Args, CoreRole, CoreSplit, Correspondence, Io, Kernel, KernelShape, Layout, OP, OpDefSpec,
+    Peak, Roofline, RooflineWork, Stage, StartPoint, TilingField, TilingKey, Workspace, add,
+    first_fit, mul, product, round_up, soc_config, vector_unit,
 };
+use super::timeline::{Builder, Dep, Pipe, Timeline};
 use super::{AscendPlan, Preset};
 use crate::error::{Error, Result};
 
@@ -43,6 +45,9 @@ pub const KEYS: &[&str] = &[
 /// MoeGatingTopK's documented limit on the expert count (aclnnMoeGatingTopK.md).
 pub const CANN_MAX_EXPERTS: u64 = 2048;
 
+/// The kernel's op type.
+const KERNEL: &str = "MerRouter";
+
 struct Problem {
     tokens: u64,
     experts: u64,
@@ -53,6 +58,8 @@ struct Problem {
     moge: bool,
     sort: bool,
     atomic_histogram: bool,
+    renormalize: bool,
+    scaling: f32,
 }
 
 /// Plan MerRouter on `chip`; see the module docs for the keys.
@@ -68,6 +75,9 @@ pub fn plan(
     } else {
         (256, 4, "sigmoid", "group-limited")
     };
+    // The presets' weights (SPEC.md): DeepSeek-V3 renormalises and scales by 2.5, Pangu Pro
+    // MoE does neither.
+    let (renormalize, scaling) = if pangu { (false, 1.0) } else { (true, 2.5) };
     let tokens = args.count("tokens")?.unwrap_or(256);
     let experts = args.count("experts")?.unwrap_or(experts_d);
     let groups = args.count("groups")?.unwrap_or(8);
@@ -77,7 +87,7 @@ pub fn plan(
     let k_group = args
         .count("k_group")?
         .unwrap_or(if moge { groups } else { k_group_d });
-    if !experts.is_multiple_of(groups) {
+    if groups > experts || !experts.is_multiple_of(groups) {
         return Err(Error::invalid(
             OP,
             "groups",
@@ -152,6 +162,8 @@ pub fn plan(
         moge,
         sort,
         atomic_histogram,
+        renormalize,
+        scaling,
     };
     let tokens_per_core = tokens.div_ceil(u64::from(chip.vector_cores));
     let rows: Vec<u64> = match args.count("rows")? {
@@ -171,6 +183,16 @@ pub fn plan(
             .filter(|&r| r <= tokens_per_core.max(1) && sort_keys_exact(&problem, r))
             .collect(),
     };
+    if rows.is_empty() {
+        return Err(Error::invalid(
+            OP,
+            "experts",
+            format!(
+                "experts x top_k = {experts} x {top_k} exceeds 2^24: the dispatch's f32 sort keys \
+                 would not be exact even for one token per tile"
+            ),
+        ));
+    }
     first_fit(rows, |r| build(chip, preset, &problem, r, peak.clone()))
 }
 
@@ -178,7 +200,8 @@ pub fn plan(
 /// an f32 sort key: exact (so the order is stable whatever the merge does with ties) while the
 /// largest key stays within f32's 24-bit integer range.
 fn sort_keys_exact(p: &Problem, r: u64) -> bool {
-    p.experts * r * p.top_k <= SORT_KEY_LIMIT
+    product("experts x rows x top_k", &[p.experts, r, p.top_k])
+        .is_ok_and(|span| span <= SORT_KEY_LIMIT)
 }
 
 /// Integers up to 2^24 are exact in f32.
@@ -197,8 +220,8 @@ const LAYOUT_EXPERT_CHUNK: u64 = 256;
 struct Sizes {
     rows: u64,
     tokens_per_core: u64,
-    cores_used: u32,
     tiles_per_core: u64,
+    sort_key_span: u64,
     workspace: u64,
 }
 
@@ -209,10 +232,10 @@ fn build(
     r: u64,
     peak: Option<Peak>,
 ) -> Result<AscendPlan> {
-    let e8 = round_up(p.experts, 8);
-    let g8 = round_up(p.groups, 8);
+    let e8 = round_up("experts", p.experts, 8)?;
+    let g8 = round_up("groups", p.groups, 8)?;
     // Slots of one tile, in whole 32-element sort repeats.
-    let rk = round_up(r * p.top_k, 32);
+    let rk = round_up("rows x top_k", mul("rows x top_k", r, p.top_k)?, 32)?;
     let sort_bytes = sort_element_bytes(chip);
     let separated = chip.arch == CoreArch::Separated;
     // Each core owns a contiguous token range, routed tile by tile.
@@ -223,26 +246,36 @@ fn build(
     let tiles_total = (u64::from(cores_used) - 1) * tiles_per_core + last_core_tokens.div_ceil(r);
     let chunk = e8.min(LAYOUT_EXPERT_CHUNK);
 
-    let mut layout = Layout::new(chip, format!("merrouter on {} (rows={r})", chip.name));
+    let mut layout = Layout::new(
+        chip,
+        KERNEL,
+        format!("merrouter on {} (rows={r})", chip.name),
+    );
     // Routing.
     layout.add(
         Memory::Ub,
         "logits",
         format!("[{r}, {e8}] f32"),
-        r * e8 * 4,
+        &[r, e8],
+        4,
         2,
     );
     layout.add(
         Memory::Ub,
         "scores",
         format!("[{r}, {e8}] f32"),
-        r * e8 * 4,
+        &[r, e8],
+        4,
         1,
     );
     // The sort works group by group, each group padded to whole 32-element repeats (as
     // MoeGatingTopK pads them).
     let sel_width = if p.sort {
-        p.groups * round_up(p.experts / p.groups, 32)
+        mul(
+            "groups",
+            p.groups,
+            round_up("experts per group", p.experts / p.groups, 32)?,
+        )?
     } else {
         e8
     };
@@ -250,7 +283,8 @@ fn build(
         Memory::Ub,
         "choice values",
         format!("[{r}, {sel_width}] f32"),
-        r * sel_width * 4,
+        &[r, sel_width],
+        4,
         1,
     );
     if p.sort {
@@ -258,23 +292,33 @@ fn build(
             Memory::Ub,
             "sorted choices",
             format!("[{r}, {sel_width}] x {sort_bytes} B"),
-            r * sel_width * sort_bytes,
+            &[r, sel_width],
+            sort_bytes,
             2,
         );
         layout.add(
             Memory::Ub,
             "expert index",
             format!("[{sel_width}] u32"),
-            sel_width * 4,
+            &[sel_width],
+            4,
             1,
         );
     } else {
-        layout.add(Memory::Ub, "expert index", format!("[{e8}] u32"), e8 * 4, 1);
+        layout.add(
+            Memory::Ub,
+            "expert index",
+            format!("[{e8}] u32"),
+            &[e8],
+            4,
+            1,
+        );
         layout.add(
             Memory::Ub,
             "max and index",
             format!("[{r}, 2] f32"),
-            r * 2 * 4,
+            &[r, 2],
+            4,
             1,
         );
     }
@@ -283,7 +327,8 @@ fn build(
             Memory::Ub,
             "group scores",
             format!("[{r}, {g8}] f32"),
-            r * g8 * 4,
+            &[r, g8],
+            4,
             1,
         );
     }
@@ -291,67 +336,99 @@ fn build(
         Memory::Ub,
         "bias and scale",
         format!("[2, {e8}] f32"),
-        2 * e8 * 4,
+        &[2, e8],
+        4,
         1,
     );
     layout.add(
         Memory::Ub,
         "topk ids",
         format!("[{r}, {}] i32", p.top_k),
-        r * p.top_k * 4,
+        &[r, p.top_k],
+        4,
         2,
     );
     layout.add(
         Memory::Ub,
         "topk weights",
         format!("[{r}, {}] f32", p.top_k),
-        r * p.top_k * 4,
+        &[r, p.top_k],
+        4,
         2,
     );
     // Dispatch layout.
-    layout.add(Memory::Ub, "slot keys", format!("[{rk}] f32"), rk * 4, 1);
+    layout.add(Memory::Ub, "slot keys", format!("[{rk}] f32"), &[rk], 4, 1);
     layout.add(
         Memory::Ub,
         "sorted slots",
         format!("[{rk}] x {sort_bytes} B"),
-        rk * sort_bytes,
+        &[rk],
+        sort_bytes,
         2,
     );
     layout.add(
         Memory::Ub,
         "expert counts",
         format!("[{e8}] i32"),
-        e8 * 4,
+        &[e8],
+        4,
         1,
     );
     layout.add(
         Memory::Ub,
         "counts of all cores",
         format!("[{cores_used}, {chunk}] i32"),
-        u64::from(cores_used) * chunk * 4,
+        &[u64::from(cores_used), chunk],
+        4,
         1,
     );
-    layout.add(Memory::Ub, "expert bases", format!("[{e8}] i32"), e8 * 4, 1);
-    layout.add(Memory::Ub, "rows out", format!("[{rk}] i32"), rk * 4, 2);
+    layout.add(
+        Memory::Ub,
+        "expert bases",
+        format!("[{e8}] i32"),
+        &[e8],
+        4,
+        1,
+    );
+    layout.add(Memory::Ub, "rows out", format!("[{rk}] i32"), &[rk], 4, 2);
     let (buffers, memory) = layout.finish()?;
 
     // The busiest core is core 0: a full token range plus the layout outputs.
-    let slots = tokens_per_core * p.top_k;
-    let layout_out = p.experts * 4 + (p.experts + 1) * 4 + p.groups * 4 + 4;
-    let hbm = tokens_per_core * p.experts * 4
-        + 2 * p.experts * 4
-        + slots * 8
-        + slots * 4 * 3
-        + layout_out;
+    let slots = mul("tokens x top_k", tokens_per_core, p.top_k)?;
+    let layout_out = product("layout bytes", &[2 * p.experts + 1 + p.groups + 1, 4])?;
+    let hbm = [
+        product("logit bytes", &[tokens_per_core, p.experts, 4])?,
+        product("bias bytes", &[2, p.experts, 4])?,
+        mul("id and weight bytes", slots, 8)?,
+        product("dispatch bytes", &[slots, 4, 3])?,
+        layout_out,
+    ]
+    .into_iter()
+    .try_fold(0u64, |acc, b| add("GM bytes", acc, b))?;
     let sync_flags = if separated { 0 } else { 32 };
-    let workspace_size = slots * 8 + p.experts * 4 + sync_flags;
-    let workspace_traffic = slots * 8 * 2 + p.experts * 4 + u64::from(cores_used) * p.experts * 4;
+    let workspace_per_core = [
+        mul("workspace", slots, 8)?,
+        mul("workspace", p.experts, 4)?,
+        sync_flags,
+    ]
+    .into_iter()
+    .try_fold(0u64, |acc, b| add("workspace", acc, b))?;
+    let workspace_traffic = [
+        product("workspace", &[slots, 8, 2])?,
+        mul("workspace", p.experts, 4)?,
+        product("workspace", &[u64::from(cores_used), p.experts, 4])?,
+    ]
+    .into_iter()
+    .try_fold(0u64, |acc, b| add("workspace", acc, b))?;
     let roofline = Roofline::estimate(
         chip,
         cores_used,
-        0.0,
-        hbm as f64,
-        workspace_traffic as f64,
+        RooflineWork {
+            cube_flops: 0.0,
+            gm_bytes: hbm as f64,
+            workspace_bytes: workspace_traffic as f64,
+            int8_cube: false,
+        },
         peak,
     );
 
@@ -396,6 +473,7 @@ fn build(
             p.top_k
         )
     });
+    let span = product("experts x rows x top_k", &[p.experts, r, p.top_k])?;
     notes.push(format!(
         "dispatch without a global sort: each core routes a contiguous range of \
          {tokens_per_core} tokens, sorts each tile's slots by the exact key expert x {} + slot, \
@@ -427,7 +505,11 @@ fn build(
             .into(),
     );
     if p.experts > CANN_MAX_EXPERTS
-        || round_up(p.experts / p.groups, 32) * p.groups > CANN_MAX_EXPERTS
+        || mul(
+            "experts",
+            round_up("experts per group", p.experts / p.groups, 32)?,
+            p.groups,
+        )? > CANN_MAX_EXPERTS
     {
         notes.push(format!(
             "MoeGatingTopK would refuse this shape: it needs at most {CANN_MAX_EXPERTS} experts \
@@ -437,13 +519,36 @@ fn build(
     let sizes = Sizes {
         rows: r,
         tokens_per_core,
-        cores_used,
         tiles_per_core,
-        workspace: workspace_size,
+        sort_key_span: span,
+        workspace: workspace_per_core,
+    };
+    let kernel = Kernel {
+        name: KERNEL.into(),
+        split: CoreSplit {
+            kernel: if separated {
+                "vector only (AIV)".into()
+            } else {
+                "AI core (vector unit)".into()
+            },
+            block_dim: cores_used,
+            cube_cores_used: 0,
+            vector_cores_used: cores_used,
+            work_unit: format!("tile of up to {r} tokens"),
+            work_units: tiles_total,
+            units_per_core: tiles_per_core,
+        },
+        tiling: tiling_fields(p, &sizes)?,
+        key: tiling_key(p),
+        workspace: Workspace::new(workspace_per_core, cores_used)?,
+        op_def: op_def(chip),
+        shape: kernel_shape(chip, p),
+        timeline: timeline(chip, KERNEL),
     };
 
     Ok(AscendPlan {
         op: "merrouter",
+        command: String::new(),
         chip,
         preset,
         problem: vec![
@@ -477,38 +582,13 @@ fn build(
             ),
             ("rows".into(), r.to_string()),
         ],
-        split: CoreSplit {
-            kernel: if separated {
-                "vector only (AIV)".into()
-            } else {
-                "AI core (vector unit)".into()
-            },
-            block_dim: cores_used,
-            cube_cores_used: 0,
-            vector_cores_used: cores_used,
-            work_unit: format!("tile of up to {r} tokens"),
-            work_units: tiles_total,
-            units_per_core: tiles_per_core,
-        },
+        kernels: vec![kernel],
         stages: stages(chip, p),
-        tiling: tiling_fields(p, &sizes),
         buffers,
         memory,
-        workspace_bytes_per_core: workspace_size,
         roofline,
-        cann_builtin: if separated {
-            "MoeGatingTopK, then MoeInitRoutingV2 (dispatch) and MoeFinalizeRouting (combine): \
-             hicann/ops-transformer moe/moe_gating_top_k, moe/moe_init_routing_v2, \
-             moe/moe_finalize_routing"
-                .into()
-        } else {
-            "MoeInitRoutingV2 only (its Ascend310P configuration: x float16 or float32); \
-             MoeGatingTopK and MoeFinalizeRouting list Atlas A2/A3 only"
-                .into()
-        },
-        template: "hicann/ops-transformer moe/moe_gating_top_k (op_kernel), \
-                   moe/moe_init_routing_v2"
-            .into(),
+        start: start_points(chip),
+        correspondence: correspondence(chip, p),
         notes,
     })
 }
@@ -647,30 +727,75 @@ fn stages(chip: &ChipSpec, p: &Problem) -> Vec<Stage> {
 }
 
 /// The tiling struct, each field tied to the WGSL constant or host value it replaces.
-fn tiling_fields(p: &Problem, s: &Sizes) -> Vec<TilingField> {
-    vec![
-        TilingField::new("tokens", p.tokens, "t (Params::tokens)"),
-        TilingField::new("experts", p.experts, "E override"),
-        TilingField::new("groups", p.groups, "G override"),
-        TilingField::new("kGroup", p.k_group, "K_GROUP override"),
-        TilingField::new("topK", p.top_k, "K override"),
-        TilingField::new(
-            "scoring (tiling key)",
+fn tiling_fields(p: &Problem, s: &Sizes) -> Result<Vec<TilingField>> {
+    Ok(vec![
+        TilingField::u32("tokens", p.tokens, "t (Params::tokens)")?,
+        TilingField::u32("experts", p.experts, "E override")?,
+        TilingField::u32("groups", p.groups, "G override")?,
+        TilingField::u32("kGroup", p.k_group, "K_GROUP override")?,
+        TilingField::u32("topK", p.top_k, "K override")?,
+        TilingField::u32(
+            "rowsPerTile",
+            s.rows,
+            "TILE override (1 token per workgroup from logits, up to 8 with the fused gate)",
+        )?,
+        TilingField::u32(
+            "tokensPerCore",
+            s.tokens_per_core,
+            "BT override: tokens per scatter block (256, fewer when e needs it)",
+        )?,
+        TilingField::u32(
+            "tilesPerCore",
+            s.tiles_per_core,
+            "none: one workgroup per token in route",
+        )?,
+        TilingField::u32("blockSize", 1, "block_size (padding of expert segments)")?,
+        TilingField::u32(
+            "sortKeySpan",
+            s.sort_key_span,
+            "none: the WGSL scatter ranks with per-block bitmasks (atomicOr, popcount)",
+        )?,
+        TilingField::u32(
+            "renormalize",
+            u64::from(p.renormalize),
+            "RENORMALIZE override (RouterConfig::renormalize)",
+        )?,
+        TilingField::f32(
+            "routedScalingFactor",
+            p.scaling,
+            "Params::routed_scaling_factor",
+        ),
+        TilingField::u64(
+            "workspaceBytesPerCore",
+            s.workspace,
+            "block_counts [blocks, e] (cleared before route)",
+        ),
+    ])
+}
+
+fn tiling_key(p: &Problem) -> TilingKey {
+    TilingKey::new(&[
+        (
+            "scoring",
+            &["softmax", "sigmoid"],
             if p.sigmoid { "sigmoid" } else { "softmax" },
             "SCORING override",
         ),
-        TilingField::new(
-            "select (tiling key)",
+        (
+            "select",
+            &["moge", "group-limited"],
             if p.moge { "moge" } else { "group-limited" },
             "SELECTION override",
         ),
-        TilingField::new(
-            "topkImpl (tiling key)",
+        (
+            "topkImpl",
+            &["sort", "reduce"],
             if p.sort { "sort" } else { "reduce" },
             "none: the WGSL takes k arg-max rounds over order keys (as reduce)",
         ),
-        TilingField::new(
-            "histogram (tiling key)",
+        (
+            "histogram",
+            &["workspace", "atomic"],
             if p.atomic_histogram {
                 "atomic"
             } else {
@@ -678,36 +803,218 @@ fn tiling_fields(p: &Problem, s: &Sizes) -> Vec<TilingField> {
             },
             "atomicAdd into block_counts [blocks, e] in route",
         ),
-        TilingField::new(
-            "rowsPerTile",
-            s.rows,
-            "TILE override (1 token per workgroup from logits, up to 8 with the fused gate)",
+    ])
+}
+
+fn op_def(chip: &ChipSpec) -> OpDefSpec {
+    let i32_out = |name: &str| Io::new(name, "DT_INT32", "FORMAT_ND");
+    OpDefSpec {
+        inputs: vec![
+            Io::new("logits", "DT_FLOAT", "FORMAT_ND"),
+            Io::new("bias", "DT_FLOAT", "FORMAT_ND").optional(),
+            Io::new("router_scale", "DT_FLOAT", "FORMAT_ND").optional(),
+        ],
+        outputs: vec![
+            i32_out("topk_ids"),
+            Io::new("topk_weights", "DT_FLOAT", "FORMAT_ND"),
+            i32_out("counts"),
+            i32_out("offsets"),
+            i32_out("sorted_slots"),
+            i32_out("slot_rows"),
+            i32_out("block_experts"),
+            i32_out("group_loads"),
+            Io::new("imbalance", "DT_FLOAT", "FORMAT_ND"),
+        ],
+        config: soc_config(chip).into(),
+    }
+}
+
+fn kernel_shape(chip: &ChipSpec, p: &Problem) -> KernelShape {
+    let separated = chip.arch == CoreArch::Separated;
+    let mut params = vec![(
+        "DataCopyExtParams + DataCopyPadExtParams".to_string(),
+        "rows of e logits and expert segments whose length is not a multiple of 32 B".to_string(),
+    )];
+    if p.sort {
+        params.push(if chip.features.sort32 {
+            (
+                "Sort32 / MrgSort (MrgSort4Info)".to_string(),
+                "(score, index) pairs, 32 per repeat, merged four lists at a time".to_string(),
+            )
+        } else {
+            (
+                "Sort (region proposals)".to_string(),
+                "16 proposals per repeat, eight f32 values per element".to_string(),
+            )
+        });
+    }
+    KernelShape {
+        kernel_type: if separated {
+            "KERNEL_TYPE_AIV_ONLY".into()
+        } else {
+            "the AI core's vector unit (no cube work)".into()
+        },
+        flags: Vec::new(),
+        sync: if separated {
+            "queues between MTE2, V and MTE3; one SyncAll (hardware) between publishing the \
+             counts and reading the counts table"
+                .into()
+        } else {
+            "queues between MTE2, V and MTE3; one soft SyncAll (a zeroed GM flag area of 32 B \
+             per core) between publishing the counts and reading the counts table"
+                .into()
+        },
+        params,
+    }
+}
+
+/// Three token tiles routed and counted, the SyncAll, the layout, then the scatter of the
+/// three tiles.
+fn timeline(chip: &ChipSpec, kernel: &str) -> Timeline {
+    const TILES: usize = 3;
+    let core = if chip.arch == CoreArch::Separated {
+        CoreRole::Aiv
+    } else {
+        CoreRole::AiCore
+    };
+    let mut b = Builder::new(kernel);
+    let mut routed: Vec<usize> = Vec::new();
+    let mut runs: Vec<usize> = Vec::new();
+    for j in 0..TILES {
+        let mut deps = Vec::new();
+        if j >= 2 {
+            deps.push(Dep::On(routed[j - 2]));
+        }
+        let logits = b.step(core, Pipe::Mte2, &format!("logits{j}"), &deps);
+        let route = b.step(core, Pipe::V, &format!("route{j}"), &[Dep::On(logits)]);
+        routed.push(route);
+        b.step(core, Pipe::Mte3, &format!("ids{j}"), &[Dep::On(route)]);
+        let count = b.step(core, Pipe::V, &format!("count{j}"), &[Dep::On(route)]);
+        runs.push(b.step(core, Pipe::Mte3, &format!("run{j}"), &[Dep::On(count)]));
+    }
+    let published = b.step(core, Pipe::Mte3, "counts row", &[Dep::On(runs[TILES - 1])]);
+    let table = b.step(
+        core,
+        Pipe::Mte2,
+        "counts table",
+        &[Dep::Named(published, "SyncAll")],
+    );
+    let layout = b.step(core, Pipe::V, "layout", &[Dep::On(table)]);
+    b.step(core, Pipe::Mte3, "offsets", &[Dep::On(layout)]);
+    for (j, &run) in runs.iter().enumerate() {
+        let read = b.step(
+            core,
+            Pipe::Mte2,
+            &format!("run{j} in"),
+            &[Dep::On(run), Dep::On(layout)],
+        );
+        let scatter = b.step(core, Pipe::V, &format!("scatter{j}"), &[Dep::On(read)]);
+        b.step(core, Pipe::Mte3, &format!("rows{j}"), &[Dep::On(scatter)]);
+    }
+    b.finish()
+}
+
+fn start_points(chip: &ChipSpec) -> Vec<StartPoint> {
+    if chip.arch == CoreArch::Separated {
+        vec![
+            StartPoint::new(
+                "compare with",
+                "MoeGatingTopK (routing), MoeInitRoutingV2 (dispatch) and MoeFinalizeRouting / \
+                 MoeFinalizeRoutingV2 (combine)",
+                "hicann/ops-transformer moe/moe_gating_top_k, moe/moe_init_routing_v2, \
+                 moe/moe_finalize_routing_v2",
+            ),
+            StartPoint::new(
+                "torch_npu",
+                "torch_npu.npu_moe_gating_top_k(x, k, bias=..., k_group=4, group_count=8, \
+                 group_select_mode=1, renorm=0, norm_type=1, routed_scaling_factor=2.5); \
+                 torch_npu.npu_moe_init_routing_v2(x, expert_idx, active_num=..., expert_num=e, \
+                 drop_pad_mode=0, expert_tokens_num_type=1, expert_tokens_num_flag=True)",
+                "Ascend Extension for PyTorch API, torch_npu.npu_moe_gating_top_k \
+                 (https://www.hiascend.com/document/detail/zh/Pytorch/700/apiref/apilist/ptaoplist_002365.html) \
+                 and torch_npu.npu_moe_init_routing_v2 (.../ptaoplist_002366.html)",
+            ),
+            StartPoint::new(
+                "port from",
+                "hicann/ops-transformer moe/moe_gating_top_k (op_kernel), moe/moe_init_routing_v2",
+                "hicann/ops-transformer",
+            ),
+        ]
+    } else {
+        vec![
+            StartPoint::new(
+                "compare with",
+                "MoeInitRoutingV2 (its ascend310p configuration: x float16 or float32) for the \
+                 dispatch; MoeFinalizeRoutingV2 for the combine (listed for the Atlas inference \
+                 series in CANN 8.5: 2-D float16/float32 expandedX with H a multiple of 32, \
+                 dropPadMode 2 only, x1/x2/bias/expertIdx null) or MoeTokenUnpermute (registers \
+                 ascend310p); MoeGatingTopK is A2/A3 only: compare the routing with our f64 \
+                 reference",
+                "hicann/ops-transformer moe/moe_init_routing_v2/op_host/\
+                 moe_init_routing_v2_def.cpp, moe/moe_token_unpermute/op_host/\
+                 moe_token_unpermute_def.cpp; CANN 8.5.0 aclnnMoeFinalizeRoutingV2 \
+                 (https://www.hiascend.com/document/detail/zh/CANNCommunityEdition/850/API/aolapi/context/ops-transformer/aclnnMoeFinalizeRoutingV2.md)",
+            ),
+            StartPoint::new(
+                "torch_npu",
+                "torch_npu.npu_moe_init_routing_v2 for the dispatch, on float16 / float32 x",
+                "Ascend Extension for PyTorch API, torch_npu.npu_moe_init_routing_v2 \
+                 (https://www.hiascend.com/document/detail/zh/Pytorch/700/apiref/apilist/ptaoplist_002366.html)",
+            ),
+            StartPoint::new(
+                "port from",
+                "hicann/ops-transformer moe/moe_init_routing_v2 op_kernel, the __CCE_AICORE__ == \
+                 200 paths (moe_v2_common.h, moe_v2_expert_token_out.h)",
+                "hicann/ops-transformer",
+            ),
+        ]
+    }
+}
+
+fn correspondence(chip: &ChipSpec, p: &Problem) -> Vec<Correspondence> {
+    let separated = chip.arch == CoreArch::Separated;
+    vec![
+        Correspondence::new(
+            "logits staged in workgroup memory, one token per workgroup",
+            "UB `logits`, a VECIN queue of 2 buffers holding a tile of rowsPerTile tokens",
         ),
-        TilingField::new(
-            "tokensPerCore",
-            s.tokens_per_core,
-            "BT override: tokens per scatter block (256, fewer when e needs it)",
+        Correspondence::new(
+            "order keys computed in place (compute_scores)",
+            "UB `scores` and `choice values` (NaN replaced by -inf)",
         ),
-        TilingField::new(
-            "tilesPerCore",
-            s.tiles_per_core,
-            "none: one workgroup per token in route",
+        Correspondence::new(
+            "subgroup / workgroup-memory arg-max rounds (select_round)",
+            if p.sort {
+                "UB `sorted choices` from Sort32 / MrgSort (or the region-proposal Sort), `expert \
+                 index`"
+            } else {
+                "UB `max and index`: ReduceMax, Compare, Select, ReduceMin per round"
+            },
         ),
-        TilingField::new(
-            "blockDim",
-            s.cores_used,
-            "route: t workgroups; scatter: ceil(t / BT) workgroups",
+        Correspondence::new(
+            "atomicAdd into `block_counts [blocks, e]`",
+            if p.atomic_histogram {
+                "SetAtomicAdd<int32_t> + DataCopy into a zeroed GM table"
+            } else {
+                "UB `expert counts`, copied out as the core's row of a workspace table"
+            },
         ),
-        TilingField::new("blockSize", 1, "block_size (padding of expert segments)"),
-        TilingField::new(
-            "sortKeySpan",
-            p.experts * s.rows * p.top_k,
-            "none: the WGSL scatter ranks with per-block bitmasks (atomicOr, popcount)",
+        Correspondence::new(
+            "the pass boundary between route and build_layout",
+            if separated {
+                "SyncAll (hardware) in the same kernel"
+            } else {
+                "soft SyncAll on a zeroed GM flag area"
+            },
         ),
-        TilingField::new(
-            "workspaceBytesPerCore",
-            s.workspace,
-            "block_counts [blocks, e] (cleared before route)",
+        Correspondence::new(
+            "scatter's per-expert bitmasks (atomicOr, popcount) in workgroup memory",
+            "UB `slot keys` / `sorted slots`: the rank inside an expert is the position in the \
+             sorted run",
+        ),
+        Correspondence::new(
+            "workgroupBarrier between the steps of route",
+            "queue hand-offs (EnQue / DeQue) between MTE2, V and MTE3",
         ),
     ]
 }

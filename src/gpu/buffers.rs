@@ -55,11 +55,7 @@ impl Gpu {
     /// Upload a host tensor.
     pub fn upload(&self, tensor: &Tensor) -> Result<DeviceTensor> {
         let buffer = self.storage_buffer_with("tensor", tensor.bytes())?;
-        Ok(DeviceTensor::from_parts(
-            buffer,
-            tensor.shape(),
-            tensor.dtype(),
-        ))
+        DeviceTensor::from_parts(buffer, tensor.shape(), tensor.dtype())
     }
 
     /// A zero-filled device tensor.
@@ -68,7 +64,7 @@ impl Gpu {
             .checked_mul(dtype.size())
             .ok_or_else(|| Error::shape("zeros", "shape", shape, "a size that fits in usize"))?;
         let buffer = self.storage_buffer("tensor", bytes as u64)?;
-        Ok(DeviceTensor::from_parts(buffer, shape, dtype))
+        DeviceTensor::from_parts(buffer, shape, dtype)
     }
 
     /// Overwrite a device tensor with host data of the same shape and dtype.
@@ -85,7 +81,7 @@ impl Gpu {
         // write_buffer needs a multiple of 4 bytes; the buffer is padded to 16.
         let mut padded = bytes.to_vec();
         padded.resize(bytes.len().div_ceil(4) * 4, 0);
-        self.checked(|| self.queue.write_buffer(&dst.buffer, 0, &padded))
+        self.checked(|| self.queue.write_buffer(dst.buffer(), 0, &padded))
     }
 
     /// A uniform buffer holding one params struct.
@@ -144,7 +140,7 @@ impl Gpu {
 
     /// Download a device tensor.
     pub fn download(&self, tensor: &DeviceTensor) -> Result<Tensor> {
-        let bytes = self.read_bytes(&tensor.buffer, tensor.size_bytes())?;
+        let bytes = self.read_bytes(tensor.buffer(), tensor.size_bytes())?;
         Tensor::from_bytes(tensor.shape(), tensor.dtype(), &bytes)
     }
 

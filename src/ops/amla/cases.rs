@@ -1,8 +1,13 @@
 //! The operator's registry entry: the case tables of `fusedops check` / `bench`, the named
 //! tensors of `fusedops run`, and the tolerances.
 
-use super::inputs::{AmlaInputs, ColumnFill, InputSpec, Pattern};
+use std::sync::{Arc, Mutex};
+
+use rayon::prelude::*;
+
+use super::inputs::{AmlaInputs, ColumnFill, InputSpec, Pattern, SplitMix};
 use super::reference::{self, Emulation, Exact};
+use super::schedule::plan_work;
 use super::{
     AmlaBindings, AmlaParams, AmlaPlan, AmlaSchedule, AmlaShape, CoopConfig, D_QK, D_V, PPrecision,
     Rescale, Split, TileConfig, coop, visible_keys,
@@ -11,9 +16,12 @@ use crate::check::{Tolerance, compare};
 use crate::error::{Error, Result};
 use crate::gpu::{Gpu, Recorder};
 use crate::registry::{
-    Case, CaseInfo, Checked, NamedTensors, Operator, Prepared, Scale, input, params_from_json,
+    Case, CaseInfo, Checked, Coverage, HostPrepared, NamedTensors, Operator, Prepared, Scale,
+    Target, check_input_names, input, params_from_json,
 };
+use crate::seeded::Seeded;
 use crate::tensor::{DType, DeviceTensor, Tensor};
+use crate::util::synthetic;
 
 /// Tolerance of `out` against the exact reference: FlashMLA's (abs 8e-4 or rel 2.01/128 per
 /// element, cosine difference < 5e-6) for every dtype and variant.
@@ -74,7 +82,7 @@ pub fn round_to(dtype: DType, values: &[f32]) -> Vec<f32> {
 /// The AMLA operator in the registry.
 pub struct AmlaOperator;
 
-/// Registered in [`crate::registry::operators`].
+/// Registered in [`crate::suite::operators`].
 pub static OPERATOR: AmlaOperator = AmlaOperator;
 
 /// One case: inputs generated from `spec` and `seed`, run with `params`.
@@ -85,7 +93,25 @@ pub struct AmlaCase {
     pub spec: InputSpec,
     pub params: AmlaParams,
     pub seed: u64,
+    pub source: Source,
 }
+
+/// Where a case's inputs come from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Source {
+    /// [`AmlaInputs::generate`] on the host (patterns, NaN in every unused slot); the reference
+    /// checks every sequence.
+    Host,
+    /// q and the cache made on the device from the seed ([`crate::seeded`]), NaN written into
+    /// unused slots; the reference checks sampled sequences, whose q rows and pages the host
+    /// makes again.
+    Seeded,
+}
+
+/// Query-row x key pairs the reference of a seeded case may visit (the sequences it checks are
+/// chosen within this, at least two): about 2.3 GFLOP for the exact reference and as much for
+/// the emulation.
+const SAMPLED_PAIRS: u64 = 1 << 20;
 
 fn rescale_name(r: Rescale) -> &'static str {
     match r {
@@ -128,6 +154,7 @@ impl AmlaCase {
             spec,
             params,
             seed,
+            source: Source::Host,
         };
         case.name = case.default_name();
         case
@@ -162,32 +189,34 @@ impl AmlaCase {
         self
     }
 
-    /// The shape the case plans for (dtypes and rows; the cache size does not matter here).
-    fn plan_shape(&self) -> AmlaShape {
+    fn seeded(mut self) -> Self {
+        self.source = Source::Seeded;
+        self
+    }
+
+    fn seq_pairs(&self, len: usize) -> u64 {
         let s = &self.spec;
-        AmlaShape {
-            batch: s.seqlens.len(),
-            s_q: s.s_q,
-            h_q: s.h_q,
-            num_blocks: 1,
-            page_size: s.page_size,
-            max_blocks: 1,
-            q_dtype: s.q_dtype,
-            kv_dtype: s.kv_dtype,
-            out_dtype: s.q_dtype,
-        }
+        (0..s.s_q)
+            .map(|t| (visible_keys(len, s.s_q, t, self.params.causal) * s.h_q) as u64)
+            .sum()
     }
 
     fn visible_pairs(&self) -> u64 {
-        let s = &self.spec;
-        s.seqlens
-            .iter()
-            .map(|&len| {
-                (0..s.s_q)
-                    .map(|t| (visible_keys(len, s.s_q, t, self.params.causal) * s.h_q) as u64)
-                    .sum::<u64>()
-            })
-            .sum()
+        self.spec.seqlens.iter().map(|&l| self.seq_pairs(l)).sum()
+    }
+
+    /// The sequences the reference checks: all of a host case; of a seeded case, evenly spaced
+    /// ones (the first and last among them) within [`SAMPLED_PAIRS`].
+    fn checked_seqs(&self) -> Vec<usize> {
+        let b = self.spec.seqlens.len();
+        if self.source == Source::Host || self.visible_pairs() <= SAMPLED_PAIRS {
+            return (0..b).collect();
+        }
+        let per_seq = (self.visible_pairs() / b as u64).max(1);
+        let count = ((SAMPLED_PAIRS / per_seq) as usize).clamp(2, b);
+        let mut seqs: Vec<usize> = (0..count).map(|j| j * (b - 1) / (count - 1)).collect();
+        seqs.dedup();
+        seqs
     }
 }
 
@@ -234,45 +263,435 @@ impl Case for AmlaCase {
     }
 
     fn uses_tensor_cores(&self, gpu: &Gpu) -> bool {
-        CoopConfig::choose(gpu, &self.plan_shape(), &self.params).is_ok()
+        let s = &self.spec;
+        // Only the dtypes and the rows matter to the choice.
+        let shape = AmlaShape {
+            batch: s.seqlens.len(),
+            s_q: s.s_q,
+            h_q: s.h_q,
+            num_blocks: 1,
+            page_size: s.page_size,
+            max_blocks: 1,
+            q_dtype: s.q_dtype,
+            kv_dtype: s.kv_dtype,
+            out_dtype: s.q_dtype,
+        };
+        CoopConfig::choose(gpu, &shape, &self.params).is_ok()
     }
 
-    fn prepare<'g>(&self, gpu: &'g Gpu) -> Result<Box<dyn Prepared + 'g>> {
-        let x = AmlaInputs::generate(&self.spec, self.seed)?;
-        let shape = AmlaShape::of(&x.q, &x.kv_cache, &x.block_table, &x.cache_seqlens)?;
-        let plan = AmlaPlan::new(gpu, &shape, &self.params)?;
-        let exact = reference::exact(
-            &x.q,
-            &x.kv_cache,
-            &x.block_table,
-            &x.cache_seqlens,
-            &self.params,
+    fn host(&self, target: &Target) -> Result<Box<dyn HostPrepared>> {
+        let layout = self.layout()?;
+        let shape = self.shape(&layout)?;
+        let kernel = DecodeKernel::for_target(target, &shape, &self.params)?;
+        let seqs = self.checked_seqs();
+        let exact = self.exact(&layout, &seqs)?;
+        let emulation = self.emulate(&layout, &seqs, &shape, kernel)?;
+        Ok(Box::new(AmlaHost {
+            case: self.clone(),
+            shape,
+            layout,
+            seqs,
+            exact,
+            emulation,
+        }))
+    }
+}
+
+/// The host half of a case's inputs: the block table and lengths, and, for [`Source::Host`],
+/// q and the cache.
+struct Layout {
+    block_table: Tensor,
+    cache_seqlens: Tensor,
+    num_blocks: usize,
+    /// `(q, kv_cache)` of a host case.
+    host: Option<(Tensor, Tensor)>,
+}
+
+/// The exact reference of the checked sequences, in their order.
+struct ExactRows {
+    out: Vec<f64>,
+    lse: Vec<f64>,
+}
+
+/// The decode kernel an emulation follows: the SIMT one with its tiles, or the
+/// cooperative-matrix one with its configuration.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum DecodeKernel {
+    Simt(TileConfig),
+    Coop(CoopConfig),
+}
+
+impl DecodeKernel {
+    /// What [`AmlaPlan::new`] picks on a device like `target`.
+    fn for_target(target: &Target, shape: &AmlaShape, params: &AmlaParams) -> Result<Self> {
+        let (fragment, subgroup) = target.coop.unzip();
+        // Every configuration has at most 256 invocations, WebGPU's default limit.
+        let coop = CoopConfig::choose_for(
+            fragment,
+            subgroup,
+            target.max_workgroup_storage,
+            256,
+            shape,
+            params,
+        );
+        Ok(match coop {
+            Ok(config) => DecodeKernel::Coop(config),
+            Err(_) => DecodeKernel::Simt(TileConfig::choose(
+                shape.rows(),
+                shape.kv_dtype,
+                target.max_workgroup_storage,
+            )?),
+        })
+    }
+
+    /// The kernel `plan` runs.
+    fn of(plan: &AmlaPlan) -> Self {
+        match plan.coop() {
+            Some(c) => DecodeKernel::Coop(*c),
+            None => DecodeKernel::Simt(*plan.tiles()),
+        }
+    }
+
+    fn row_blocks(&self, rows: usize) -> usize {
+        match self {
+            DecodeKernel::Simt(t) => t.row_blocks(rows),
+            DecodeKernel::Coop(c) => c.row_blocks(rows),
+        }
+    }
+
+    fn tile_keys(&self) -> u32 {
+        match self {
+            DecodeKernel::Simt(t) => t.tile_keys,
+            DecodeKernel::Coop(c) => c.tile_keys,
+        }
+    }
+
+    /// The emulation of this kernel and, for the coop kernel, its score-order bound.
+    fn emulate(&self, x: [&Tensor; 4], params: &AmlaParams) -> Result<(Emulation, f32)> {
+        let [q, kv, table, lens] = x;
+        match self {
+            DecodeKernel::Simt(t) => Ok((reference::emulate(q, kv, table, lens, params, t)?, 0.0)),
+            DecodeKernel::Coop(c) => {
+                let e = coop::emulate(q, kv, table, lens, params, c)?;
+                Ok((e.emulation, e.score_order_bound))
+            }
+        }
+    }
+}
+
+/// The emulation of the checked sequences for one kernel, and the tolerances against it.
+struct EmulatedRows {
+    kernel: DecodeKernel,
+    out: Vec<f32>,
+    lse: Vec<f32>,
+    out_tolerance: Tolerance,
+    lse_tolerance: Tolerance,
+}
+
+/// What the exact reference depends on: shared by a case's `amla` and `multiply` variants.
+type ExactKey = (InputSpec, u64, Source, bool, Option<u32>, Vec<usize>);
+
+/// The last exact reference computed, so that the next case with the same inputs (the multiply
+/// variant after the AMLA one) reuses it.
+static LAST_EXACT: Mutex<Option<(ExactKey, Arc<ExactRows>)>> = Mutex::new(None);
+
+impl AmlaCase {
+    /// q `[b · s_q · h_q rows, 576]` of a seeded case: slab r is row r, in [-4, 4).
+    fn q_seeded(&self) -> Seeded {
+        Seeded::new(self.seed as u32 ^ 0x7171, -2)
+    }
+
+    /// The cache of a seeded case: slab p is page p, in [-1, 1).
+    fn kv_seeded(&self) -> Seeded {
+        Seeded::new(self.seed as u32 ^ 0xcaca, 0)
+    }
+
+    fn layout(&self) -> Result<Layout> {
+        if self.source == Source::Host {
+            let x = AmlaInputs::generate(&self.spec, self.seed)?;
+            return Ok(Layout {
+                num_blocks: x.kv_cache.shape()[0],
+                block_table: x.block_table,
+                cache_seqlens: x.cache_seqlens,
+                host: Some((x.q, x.kv_cache)),
+            });
+        }
+        // Pages in a shuffled order; columns past a sequence's pages hold -1.
+        let s = &self.spec;
+        let b = s.seqlens.len();
+        let used: usize = s.seqlens.iter().map(|&l| s.pages(l)).sum();
+        let num_blocks = (used + s.spare_blocks).max(1);
+        let width =
+            (s.seqlens.iter().map(|&l| s.pages(l)).max().unwrap_or(0) + s.spare_columns).max(1);
+        let mut rng = SplitMix::new(self.seed);
+        let mut ids: Vec<i32> = (0..num_blocks as i32).collect();
+        for i in (1..num_blocks).rev() {
+            ids.swap(i, rng.below(i + 1));
+        }
+        let mut table = vec![-1i32; b * width];
+        let mut next = ids.iter();
+        for (seq, &len) in s.seqlens.iter().enumerate() {
+            for slot in &mut table[seq * width..seq * width + s.pages(len)] {
+                *slot = *next.next().expect("enough pages");
+            }
+        }
+        let lens = s.seqlens.iter().map(|&l| l as i32).collect();
+        Ok(Layout {
+            block_table: Tensor::i32(&[b, width], table)?,
+            cache_seqlens: Tensor::i32(&[b], lens)?,
+            num_blocks,
+            host: None,
+        })
+    }
+
+    fn shape(&self, layout: &Layout) -> Result<AmlaShape> {
+        let s = &self.spec;
+        AmlaShape::from_parts(
+            (&[s.seqlens.len(), s.s_q, s.h_q, D_QK], s.q_dtype),
+            (&[layout.num_blocks, s.page_size, D_QK], s.kv_dtype),
+            (layout.block_table.shape(), DType::I32),
+            (layout.cache_seqlens.shape(), DType::I32),
+        )
+    }
+
+    /// Sequence `seq` of a seeded case alone: its q rows, its pages (renumbered 0..), its length.
+    fn one_sequence(&self, layout: &Layout, seq: usize) -> Result<[Tensor; 4]> {
+        let s = &self.spec;
+        let rows = s.s_q * s.h_q;
+        let row_ids: Vec<usize> = (seq * rows..(seq + 1) * rows).collect();
+        let q = self
+            .q_seeded()
+            .rows(&row_ids, D_QK, s.q_dtype)?
+            .reshape(&[1, s.s_q, s.h_q, D_QK])?;
+        let len = s.seqlens[seq];
+        let width = layout.block_table.shape()[1];
+        let table = &layout.block_table.as_i32().expect("i32 table")[seq * width..];
+        let pages = s.pages(len);
+        let mut bytes = Vec::new();
+        for &page in &table[..pages] {
+            let slab = self
+                .kv_seeded()
+                .slab(page as usize, &[s.page_size, D_QK], s.kv_dtype)?;
+            bytes.extend_from_slice(slab.bytes());
+        }
+        if pages == 0 {
+            bytes = vec![0; s.page_size * D_QK * s.kv_dtype.size()];
+        }
+        let cache = Tensor::from_bytes(&[pages.max(1), s.page_size, D_QK], s.kv_dtype, &bytes)?;
+        let ids = if pages == 0 {
+            vec![-1]
+        } else {
+            (0..pages as i32).collect()
+        };
+        Ok([
+            q,
+            cache,
+            Tensor::i32(&[1, pages.max(1)], ids)?,
+            Tensor::i32(&[1], vec![len as i32])?,
+        ])
+    }
+
+    /// The exact reference of `seqs`: the whole batch of a host case, else one sequence per core.
+    fn exact(&self, layout: &Layout, seqs: &[usize]) -> Result<Arc<ExactRows>> {
+        let key: ExactKey = (
+            self.spec.clone(),
+            self.seed,
+            self.source,
+            self.params.causal,
+            self.params.softmax_scale.map(f32::to_bits),
+            seqs.to_vec(),
+        );
+        if let Some((k, rows)) = LAST_EXACT.lock().unwrap().as_ref() {
+            if *k == key {
+                return Ok(rows.clone());
+            }
+        }
+        let rows = Arc::new(match &layout.host {
+            Some((q, kv)) => {
+                let e = reference::exact(
+                    q,
+                    kv,
+                    &layout.block_table,
+                    &layout.cache_seqlens,
+                    &self.params,
+                )?;
+                ExactRows {
+                    out: e.out,
+                    lse: e.lse,
+                }
+            }
+            None => {
+                let parts: Vec<Exact> = seqs
+                    .par_iter()
+                    .map(|&seq| {
+                        let [q, kv, table, lens] = self.one_sequence(layout, seq)?;
+                        reference::exact(&q, &kv, &table, &lens, &self.params)
+                    })
+                    .collect::<Result<_>>()?;
+                ExactRows {
+                    out: parts.iter().flat_map(|e| e.out.iter().copied()).collect(),
+                    lse: parts.iter().flat_map(|e| e.lse.iter().copied()).collect(),
+                }
+            }
+        });
+        *LAST_EXACT.lock().unwrap() = Some((key, rows.clone()));
+        Ok(rows)
+    }
+
+    /// The emulation of `seqs` for `kernel`. A seeded case emulates each sequence alone, with
+    /// the key ranges the whole batch's schedule gives it (`Split::Auto` splits by the batch's
+    /// work).
+    fn emulate(
+        &self,
+        layout: &Layout,
+        seqs: &[usize],
+        shape: &AmlaShape,
+        kernel: DecodeKernel,
+    ) -> Result<EmulatedRows> {
+        let rows = |parts: Vec<(Emulation, f32)>| {
+            let max_score = parts.iter().map(|e| e.0.max_score).fold(0.0, f32::max);
+            let bound = parts.iter().map(|e| e.1).fold(0.0, f32::max);
+            let (out_tolerance, lse_tolerance) = match kernel {
+                DecodeKernel::Simt(_) => (
+                    emulation_out_tolerance(shape.out_dtype, self.params.p_precision, max_score),
+                    emulation_lse_tolerance(),
+                ),
+                DecodeKernel::Coop(_) => (
+                    coop::emulation_out_tolerance(shape.out_dtype, max_score, bound),
+                    coop::emulation_lse_tolerance(bound),
+                ),
+            };
+            EmulatedRows {
+                kernel,
+                out: parts.iter().flat_map(|e| e.0.out.iter().copied()).collect(),
+                lse: parts.iter().flat_map(|e| e.0.lse.iter().copied()).collect(),
+                out_tolerance,
+                lse_tolerance,
+            }
+        };
+        if let Some((q, kv)) = &layout.host {
+            let x = [q, kv, &layout.block_table, &layout.cache_seqlens];
+            return Ok(rows(vec![kernel.emulate(x, &self.params)?]));
+        }
+        let work = plan_work(
+            &self.spec.seqlens,
+            kernel.row_blocks(shape.rows()),
+            kernel.tile_keys(),
+            self.params.split,
         )?;
-        let (emulation, emulation_out, emulation_lse) =
-            coop::emulate_plan(&plan, &x.q, &x.kv_cache, &x.block_table, &x.cache_seqlens)?;
-        let q = gpu.upload(&x.q)?;
-        let kv = gpu.upload(&x.kv_cache)?;
-        let main = Run::new(gpu, plan, &x, &q, &kv)?;
-        let baseline = if self.params.rescale == Rescale::Amla {
+        let parts: Vec<(Emulation, f32)> = seqs
+            .par_iter()
+            .map(|&seq| {
+                let ranges = &work.ranges[seq];
+                let split = match ranges.as_slice() {
+                    [(begin, end), _, ..] => Split::Chunk { keys: end - begin },
+                    _ => Split::Off,
+                };
+                let params = AmlaParams {
+                    split,
+                    ..self.params
+                };
+                let [q, kv, table, lens] = self.one_sequence(layout, seq)?;
+                kernel.emulate([&q, &kv, &table, &lens], &params)
+            })
+            .collect::<Result<_>>()?;
+        Ok(rows(parts))
+    }
+}
+
+/// A case's host half.
+struct AmlaHost {
+    case: AmlaCase,
+    shape: AmlaShape,
+    layout: Layout,
+    seqs: Vec<usize>,
+    exact: Arc<ExactRows>,
+    /// For the target's kernel; redone at upload when the device's plan picks another.
+    emulation: EmulatedRows,
+}
+
+impl AmlaHost {
+    /// q and the cache on the device: uploaded, or made from the seed with NaN written into
+    /// the spare pages and past every sequence's last key.
+    fn inputs(&self, gpu: &Gpu) -> Result<(DeviceTensor, DeviceTensor)> {
+        if let Some((q, kv)) = &self.layout.host {
+            return Ok((gpu.upload(q)?, gpu.upload(kv)?));
+        }
+        let (c, sh) = (&self.case, &self.shape);
+        let q = gpu.zeros(&[sh.batch, sh.s_q, sh.h_q, D_QK], sh.q_dtype)?;
+        c.q_seeded().fill(gpu, &q, 0, D_QK)?;
+        let page_len = sh.page_size * D_QK;
+        let kv = gpu.zeros(&[sh.num_blocks, sh.page_size, D_QK], sh.kv_dtype)?;
+        c.kv_seeded().fill(gpu, &kv, 0, page_len)?;
+        let row_bytes = D_QK * sh.kv_dtype.size();
+        let nan = synthetic(&[page_len], sh.kv_dtype, |_| f32::NAN)?;
+        let width = sh.max_blocks;
+        let table = self.layout.block_table.as_i32().expect("i32 table");
+        let mut used = vec![false; sh.num_blocks];
+        for (seq, &len) in c.spec.seqlens.iter().enumerate() {
+            let pages = c.spec.pages(len);
+            for &page in &table[seq * width..seq * width + pages] {
+                used[page as usize] = true;
+            }
+            let tail = pages * sh.page_size - len;
+            if tail > 0 {
+                let last = table[seq * width + pages - 1] as usize;
+                let offset = (last * sh.page_size + sh.page_size - tail) * row_bytes;
+                let bytes = &nan.bytes()[..tail * row_bytes];
+                gpu.checked(|| gpu.queue.write_buffer(kv.buffer(), offset as u64, bytes))?;
+            }
+        }
+        for page in (0..sh.num_blocks).filter(|&p| !used[p]) {
+            let offset = (page * page_len * sh.kv_dtype.size()) as u64;
+            gpu.checked(|| gpu.queue.write_buffer(kv.buffer(), offset, nan.bytes()))?;
+        }
+        gpu.queue.submit(std::iter::empty());
+        gpu.wait()?;
+        Ok((q, kv))
+    }
+}
+
+impl HostPrepared for AmlaHost {
+    fn upload<'g>(&self, gpu: &'g Gpu) -> Result<Box<dyn Prepared + 'g>> {
+        let c = &self.case;
+        let plan = AmlaPlan::new(gpu, &self.shape, &c.params)?;
+        let redone;
+        let kernel = DecodeKernel::of(&plan);
+        let emulation = if kernel == self.emulation.kernel {
+            &self.emulation
+        } else {
+            redone = c.emulate(&self.layout, &self.seqs, &self.shape, kernel)?;
+            &redone
+        };
+        let (q, kv) = self.inputs(gpu)?;
+        let (table, lens) = (&self.layout.block_table, &self.layout.cache_seqlens);
+        let main = Run::new(gpu, plan, table, lens, &q, &kv)?;
+        let baseline = if c.params.rescale == Rescale::Amla {
             let params = AmlaParams {
                 rescale: Rescale::Multiply,
-                ..self.params
+                ..c.params
             };
             let plan = main.plan.sibling(gpu, &params)?;
-            Some(Run::new(gpu, plan, &x, &q, &kv)?)
+            Some(Run::new(gpu, plan, table, lens, &q, &kv)?)
         } else {
             None
         };
         Ok(Box::new(AmlaPrepared {
             gpu,
-            shape,
+            shape: self.shape,
+            seqs: self.seqs.clone(),
             main,
             baseline,
-            exact,
-            emulation,
-            emulation_tolerances: (emulation_out, emulation_lse),
+            exact: self.exact.clone(),
+            emulation_out: round_to(self.shape.out_dtype, &emulation.out),
+            emulation_lse: emulation.lse.clone(),
+            emulation_tolerances: (emulation.out_tolerance, emulation.lse_tolerance),
             _inputs: (q, kv),
         }))
+    }
+
+    fn coverage(&self) -> Coverage {
+        Coverage::new(self.seqs.len(), self.shape.batch, "sequences")
     }
 }
 
@@ -289,11 +708,12 @@ impl Run {
     fn new(
         gpu: &Gpu,
         plan: AmlaPlan,
-        x: &AmlaInputs,
+        block_table: &Tensor,
+        cache_seqlens: &Tensor,
         q: &DeviceTensor,
         kv: &DeviceTensor,
     ) -> Result<Self> {
-        let schedule = plan.schedule(gpu, &x.block_table, &x.cache_seqlens)?;
+        let schedule = plan.schedule(gpu, block_table, cache_seqlens)?;
         let shape = plan.shape();
         let out = gpu.zeros(&shape.out_shape(), shape.out_dtype)?;
         let lse = gpu.zeros(&shape.lse_shape(), DType::F32)?;
@@ -311,13 +731,30 @@ impl Run {
 struct AmlaPrepared<'g> {
     gpu: &'g Gpu,
     shape: AmlaShape,
+    /// The checked sequences.
+    seqs: Vec<usize>,
     main: Run,
     baseline: Option<Run>,
-    exact: Exact,
-    emulation: Emulation,
-    /// Of `out` and `lse` against the emulation (they depend on the path).
+    exact: Arc<ExactRows>,
+    /// The emulation, `out` rounded to the output dtype.
+    emulation_out: Vec<f32>,
+    emulation_lse: Vec<f32>,
+    /// Of `out` and `lse` against the emulation (they depend on the kernel).
     emulation_tolerances: (Tolerance, Tolerance),
     _inputs: (DeviceTensor, DeviceTensor),
+}
+
+impl AmlaPrepared<'_> {
+    /// The checked sequences' part of `values` (`per_seq` values each).
+    fn picked(&self, values: Vec<f32>, per_seq: usize) -> Vec<f32> {
+        if self.seqs.len() == self.shape.batch {
+            return values;
+        }
+        self.seqs
+            .iter()
+            .flat_map(|&s| values[s * per_seq..(s + 1) * per_seq].iter().copied())
+            .collect()
+    }
 }
 
 impl Prepared for AmlaPrepared<'_> {
@@ -330,9 +767,12 @@ impl Prepared for AmlaPrepared<'_> {
     }
 
     fn verify(&self) -> Result<Vec<Checked>> {
-        let out = self.gpu.download_f32(&self.main.out)?;
-        let lse = self.gpu.download_f32(&self.main.lse)?;
-        let (out_shape, lse_shape) = (self.shape.out_shape(), self.shape.lse_shape());
+        let sh = &self.shape;
+        let rows = sh.s_q * sh.h_q;
+        let out = self.picked(self.gpu.download_f32(&self.main.out)?, rows * D_V);
+        let lse = self.picked(self.gpu.download_f32(&self.main.lse)?, rows);
+        let n = self.seqs.len();
+        let (out_shape, lse_shape) = ([n, sh.s_q, sh.h_q, D_V], [n, sh.h_q, sh.s_q]);
         Ok(vec![
             Checked::new(
                 "out",
@@ -347,16 +787,12 @@ impl Prepared for AmlaPrepared<'_> {
             Checked::new(
                 "out~emulation",
                 &out_shape,
-                compare(
-                    &out,
-                    &round_to(self.shape.out_dtype, &self.emulation.out),
-                    self.emulation_tolerances.0,
-                ),
+                compare(&out, &self.emulation_out, self.emulation_tolerances.0),
             ),
             Checked::new(
                 "lse~emulation",
                 &lse_shape,
-                compare(&lse, &self.emulation.lse, self.emulation_tolerances.1),
+                compare(&lse, &self.emulation_lse, self.emulation_tolerances.1),
             ),
         ])
     }
@@ -385,7 +821,7 @@ fn params(rescale: Rescale, p: PPrecision, split: Split, causal: bool) -> AmlaPa
 
 /// Lengths 1..=max spread over `b` sequences, reproducibly (a variable-length batch).
 fn spread(b: usize, max: usize, seed: u64) -> Vec<usize> {
-    let mut rng = super::inputs::SplitMix::new(seed);
+    let mut rng = SplitMix::new(seed);
     (0..b).map(|_| 1 + rng.below(max)).collect()
 }
 
@@ -543,45 +979,38 @@ fn full_cases() -> Vec<AmlaCase> {
     cases
 }
 
-fn bench_cases(gpu: &Gpu) -> Vec<AmlaCase> {
+/// The headline cases of `fusedops bench`: b=128, s_q=1, h_q 16 and 128 over 4096 keys of bf16
+/// cache with the `amla` and `multiply` rescales, the same with P in f16 (the tensor-core path
+/// where the adapter has one: the bench times it beside the SIMT kernel), and b=128, s_q=2,
+/// h_q=128 causal over lengths up to 8192; inputs made on the device, sampled sequences checked.
+/// A CPU adapter gets the same mix over b=4 (2 at h_q=128) and 512 keys.
+fn headline(full: bool) -> Vec<AmlaCase> {
     let d = "deepseek-v3";
     let amla = params(Rescale::Amla, PPrecision::F32, Split::default(), false);
-    let amla16 = AmlaParams {
-        p_precision: PPrecision::F16,
-        ..amla
-    };
-    // The multiply variant as cases of its own too, so that criterion lists it next to AMLA
-    // (`fusedops bench` also times it as every AMLA case's baseline).
     let multiply = AmlaParams {
         rescale: Rescale::Multiply,
         ..amla
     };
-    // CPU adapters get the same mix at a size they finish.
-    let (b, sk, b_big_h) = if gpu.is_cpu() {
-        (4, 512, 2)
-    } else {
-        (128, 4096, 128)
+    let causal = AmlaParams {
+        causal: true,
+        ..amla
+    };
+    let amla16 = AmlaParams {
+        p_precision: PPrecision::F16,
+        ..amla
+    };
+    let (b, sk, b_big_h) = if full { (128, 4096, 128) } else { (4, 512, 2) };
+    let case = |lens: &[usize], s_q, h, p, seed| {
+        AmlaCase::new(d, lens, s_q, h, 64, DType::BF16, p, seed).seeded()
     };
     vec![
-        AmlaCase::new(d, &vec![sk; b], 1, 16, 64, DType::BF16, amla, 30),
-        AmlaCase::new(d, &vec![sk; b], 1, 16, 64, DType::BF16, multiply, 30),
-        AmlaCase::new(d, &vec![sk; b], 1, 16, 64, DType::BF16, amla16, 30),
-        AmlaCase::new(d, &vec![sk; b_big_h], 1, 128, 64, DType::BF16, amla, 31),
-        AmlaCase::new(d, &vec![sk; b_big_h], 1, 128, 64, DType::BF16, multiply, 31),
-        AmlaCase::new(d, &spread(b, 2 * sk, 32), 1, 16, 64, DType::BF16, amla, 32),
-        AmlaCase::new(
-            d,
-            &spread(b, 2 * sk, 33),
-            2,
-            16,
-            64,
-            DType::BF16,
-            AmlaParams {
-                causal: true,
-                ..amla
-            },
-            33,
-        ),
+        case(&vec![sk; b], 1, 16, amla, 30),
+        case(&vec![sk; b], 1, 16, multiply, 30),
+        case(&vec![sk; b], 1, 16, amla16, 30),
+        case(&vec![sk; b_big_h], 1, 128, amla, 31),
+        case(&vec![sk; b_big_h], 1, 128, multiply, 31),
+        case(&vec![sk; b_big_h], 1, 128, amla16, 31),
+        case(&spread(b_big_h, 2 * sk, 33), 2, 128, causal, 33),
     ]
 }
 
@@ -599,12 +1028,41 @@ pub struct RunParams {
 }
 
 /// The `split` field of [`RunParams`].
-#[derive(Clone, Debug, serde::Deserialize)]
-#[serde(untagged)]
+#[derive(Clone, Debug)]
 pub enum SplitParam {
     Word(String),
     Chunk { chunk: u32 },
     Target { target_workgroups: u32 },
+}
+
+/// By hand rather than `untagged`, whose error ("did not match any variant") names neither the
+/// value nor what is allowed.
+impl<'de> serde::Deserialize<'de> for SplitParam {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        let value = serde_json::Value::deserialize(d)?;
+        let bad = || {
+            serde::de::Error::custom(format!(
+                "{value} is not a split (expected \"auto\", \"off\", {{\"chunk\": keys}} or \
+                 {{\"target_workgroups\": n}}, numbers in 0..=4294967295)"
+            ))
+        };
+        let count = |v: &serde_json::Value| {
+            v.as_u64()
+                .and_then(|n| u32::try_from(n).ok())
+                .ok_or_else(bad)
+        };
+        match &value {
+            serde_json::Value::String(word) => Ok(SplitParam::Word(word.clone())),
+            serde_json::Value::Object(map) if map.len() == 1 => match map.iter().next() {
+                Some((key, v)) if key == "chunk" => Ok(SplitParam::Chunk { chunk: count(v)? }),
+                Some((key, v)) if key == "target_workgroups" => Ok(SplitParam::Target {
+                    target_workgroups: count(v)?,
+                }),
+                _ => Err(bad()),
+            },
+            _ => Err(bad()),
+        }
+    }
 }
 
 impl RunParams {
@@ -644,6 +1102,11 @@ struct NamedInputs<'a> {
 }
 
 fn named_inputs(inputs: &NamedTensors) -> Result<NamedInputs<'_>> {
+    check_input_names(
+        "amla",
+        inputs,
+        &["q", "kv_cache", "block_table", "cache_seqlens"],
+    )?;
     Ok(NamedInputs {
         q: input("amla", inputs, "q")?,
         kv_cache: input("amla", inputs, "kv_cache")?,
@@ -661,9 +1124,16 @@ impl Operator for AmlaOperator {
         let cases = match scale {
             Scale::Ci => ci_cases(),
             Scale::Full => full_cases(),
-            Scale::Bench => bench_cases(gpu),
+            Scale::Bench => return self.headline(!gpu.is_cpu()),
         };
         cases
+            .into_iter()
+            .map(|c| Box::new(c) as Box<dyn Case>)
+            .collect()
+    }
+
+    fn headline(&self, full: bool) -> Vec<Box<dyn Case>> {
+        headline(full)
             .into_iter()
             .map(|c| Box::new(c) as Box<dyn Case>)
             .collect()

@@ -168,11 +168,30 @@ impl CoopConfig {
         params: &AmlaParams,
     ) -> std::result::Result<CoopConfig, String> {
         let caps = &gpu.caps;
-        let fragment = caps.coop_fragment().ok_or(
+        CoopConfig::choose_for(
+            caps.coop_fragment(),
+            caps.fixed_subgroup_size(),
+            caps.max_workgroup_storage,
+            caps.max_invocations_per_workgroup,
+            shape,
+            params,
+        )
+    }
+
+    /// [`CoopConfig::choose`] for a device described by its fragment, fixed subgroup size and
+    /// limits (no GPU needed: the bench prepares its references for a target device).
+    pub fn choose_for(
+        fragment: Option<Fragment>,
+        subgroup_size: Option<u32>,
+        max_workgroup_bytes: u32,
+        max_invocations: u32,
+        shape: &AmlaShape,
+        params: &AmlaParams,
+    ) -> std::result::Result<CoopConfig, String> {
+        let fragment = fragment.ok_or(
             "no f16 x f16 -> f32 cooperative-matrix fragments (adapter, or FUSEDOPS_DISABLE=coop)",
         )?;
-        let subgroup_size = caps
-            .fixed_subgroup_size()
+        let subgroup_size = subgroup_size
             .ok_or("no fixed subgroup size (subgroups off, or the adapter varies it)")?;
         eligible(shape, params)?;
         let f = fragment.size();
@@ -190,14 +209,12 @@ impl CoopConfig {
                 .ok()
             })
             .find(|c| {
-                c.workgroup_bytes <= caps.max_workgroup_storage
-                    && c.workgroup_size() <= caps.max_invocations_per_workgroup
+                c.workgroup_bytes <= max_workgroup_bytes && c.workgroup_size() <= max_invocations
             })
             .ok_or_else(|| {
                 format!(
-                    "no configuration for head block {head_block} fits {} B of workgroup memory \
-                     and {} invocations",
-                    caps.max_workgroup_storage, caps.max_invocations_per_workgroup
+                    "no configuration for head block {head_block} fits {max_workgroup_bytes} B of \
+                     workgroup memory and {max_invocations} invocations"
                 )
             })
     }
@@ -519,18 +536,23 @@ pub struct CoopEmulation {
 /// (≤ 2^-10·P): E[ΔP²] ≤ ln2·2^-10·δs·P². Summed over keys with V of random sign, the
 /// expected cosine difference of the output is at most ln2·2^-10·δs / 2; the bound allows
 /// twice that (ln2·2^-10·δs) on top of the SIMT figure.
-pub fn emulation_out_tolerance(out_dtype: DType, emu: &CoopEmulation) -> Tolerance {
-    let base = cases::emulation_out_tolerance(out_dtype, PPrecision::F16, emu.emulation.max_score);
-    let flips = std::f64::consts::LN_2 * (-10f64).exp2() * emu.score_order_bound as f64;
+/// `max_score` and `score_order_bound` are the emulation's ([`CoopEmulation`]).
+pub fn emulation_out_tolerance(
+    out_dtype: DType,
+    max_score: f32,
+    score_order_bound: f32,
+) -> Tolerance {
+    let base = cases::emulation_out_tolerance(out_dtype, PPrecision::F16, max_score);
+    let flips = std::f64::consts::LN_2 * (-10f64).exp2() * score_order_bound as f64;
     base.with_cos_diff(base.max_cos_diff.unwrap_or(0.0) + flips)
 }
 
 /// Tolerance of the coop kernel's `lse` against [`emulate`]: the SIMT figure plus ln2·δs (the
 /// lse moves by at most the largest score difference).
-pub fn emulation_lse_tolerance(emu: &CoopEmulation) -> Tolerance {
+pub fn emulation_lse_tolerance(score_order_bound: f32) -> Tolerance {
     let base = cases::emulation_lse_tolerance();
     Tolerance::new(
-        base.abs + std::f64::consts::LN_2 * emu.score_order_bound as f64,
+        base.abs + std::f64::consts::LN_2 * score_order_bound as f64,
         base.rel,
     )
 }
@@ -787,48 +809,6 @@ fn q_row_f16(q: &[f32], scale_log2: f32) -> (Vec<f32>, f32) {
         .map(|&x| f16::from_f32(x * 2f32.powi(-e)).to_f32())
         .collect();
     (q16, scale_log2 * 2f32.powi(e))
-}
-
-/// The emulation of the kernel `plan` runs ([`reference::emulate`] for the SIMT decode,
-/// [`emulate`] for the cooperative-matrix one) and the tolerances of `out` and `lse` against it.
-pub fn emulate_plan(
-    plan: &AmlaPlan,
-    q: &Tensor,
-    kv_cache: &Tensor,
-    block_table: &Tensor,
-    cache_seqlens: &Tensor,
-) -> Result<(Emulation, Tolerance, Tolerance)> {
-    let out_dtype = plan.shape().out_dtype;
-    match plan.coop() {
-        Some(config) => {
-            let emu = emulate(
-                q,
-                kv_cache,
-                block_table,
-                cache_seqlens,
-                plan.params(),
-                config,
-            )?;
-            let (out, lse) = (
-                emulation_out_tolerance(out_dtype, &emu),
-                emulation_lse_tolerance(&emu),
-            );
-            Ok((emu.emulation, out, lse))
-        }
-        None => {
-            let emu = reference::emulate(
-                q,
-                kv_cache,
-                block_table,
-                cache_seqlens,
-                plan.params(),
-                plan.tiles(),
-            )?;
-            let out =
-                cases::emulation_out_tolerance(out_dtype, plan.params().p_precision, emu.max_score);
-            Ok((emu, out, cases::emulation_lse_tolerance()))
-        }
-    }
 }
 
 #[cfg(test)]

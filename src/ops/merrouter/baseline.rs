@@ -19,6 +19,13 @@ pub struct UnfusedChain {
 
 impl UnfusedChain {
     pub(crate) fn new(gpu: &Gpu, router: &Router) -> Result<Self> {
+        if router.tokens() == 0 {
+            // An empty batch: the router records nothing, and neither does its baseline.
+            return Ok(UnfusedChain {
+                steps: Vec::new(),
+                _buffers: Vec::new(),
+            });
+        }
         let config = router.config();
         let (plan, inputs, params) = router.parts();
         let (routing, layout) = (router.routing(), router.layout());
@@ -159,6 +166,9 @@ impl UnfusedChain {
 
     /// Record every step, in order, into one compute pass.
     pub fn record(&self, rec: &mut Recorder) -> Result<()> {
+        if self.steps.is_empty() {
+            return Ok(());
+        }
         let mut pass = rec.compute_pass(&format!("{OP} unfused"));
         for step in &self.steps {
             step.record(&mut pass);

@@ -10,7 +10,8 @@ use crate::check::{Tolerance, compare};
 use crate::error::{Error, Result};
 use crate::gpu::{Gpu, Recorder};
 use crate::registry::{
-    Case, CaseInfo, Checked, NamedTensors, Operator, Prepared, Scale, input, params_from_json,
+    Case, CaseInfo, Checked, Coverage, HostPrepared, NamedTensors, Operator, Prepared, Scale,
+    Target, check_input_names, input, params_from_json,
 };
 use crate::tensor::{DType, DeviceTensor, Tensor};
 
@@ -34,7 +35,7 @@ pub fn combine_tolerance(dtype: DType) -> Tolerance {
     }
 }
 
-/// The operator, as registered in [`crate::registry::operators`].
+/// The operator, as registered in [`crate::suite::operators`].
 pub struct MerRouterOp;
 
 pub static OPERATOR: MerRouterOp = MerRouterOp;
@@ -242,7 +243,7 @@ impl RouterCase {
         }
     }
 
-    fn rows(&self) -> usize {
+    fn rows(&self) -> Result<usize> {
         let c = &self.config;
         reference::row_capacity(self.tokens, c.top_k, c.experts, c.block_size)
     }
@@ -407,7 +408,8 @@ impl Case for RouterCase {
                     Some((h, dtype)) => (t * h as u64 + h as u64 * e) * dtype.size() as u64,
                 };
                 let extras = 4 * e * (self.bias as u64 + self.router_scale as u64);
-                let rows = self.rows() as u64;
+                // A case whose rows do not fit fails in prepare(); its size does not matter.
+                let rows = self.rows().unwrap_or(0) as u64;
                 let row_blocks = rows.div_ceil(c.block_size as u64);
                 let layout = 4 * (e + e + 1 + rows + t * k + row_blocks + c.groups as u64 + 1);
                 scores + extras + 2 * 4 * t * k + layout
@@ -436,34 +438,15 @@ impl Case for RouterCase {
         }
     }
 
-    fn prepare<'g>(&self, gpu: &'g Gpu) -> Result<Box<dyn Prepared + 'g>> {
+    fn host(&self, _target: &Target) -> Result<Box<dyn HostPrepared>> {
         let (scores, bias, scale) = self.host_inputs()?;
         let host = host_inputs_of(&scores, bias.as_ref(), scale.as_ref());
         let (routing, layout) = reference_of(&self.config, &host)?;
-        match self.stage {
-            Stage::Route => {
-                let first = gpu.upload(&scores.0)?;
-                let gate_weight = scores.1.as_ref().map(|w| gpu.upload(w)).transpose()?;
-                let bias = bias.as_ref().map(|b| gpu.upload(b)).transpose()?;
-                let scale = scale.as_ref().map(|s| gpu.upload(s)).transpose()?;
-                let inputs = DeviceInputs {
-                    scores: scores_of(&first, gate_weight.as_ref()),
-                    bias: bias.as_ref(),
-                    router_scale: scale.as_ref(),
-                };
-                let router = Router::new(gpu, &self.config, &inputs)?;
-                let chain = router.unfused_chain(gpu)?;
-                Ok(Box::new(RoutePrepared {
-                    gpu,
-                    router,
-                    chain,
-                    routing,
-                    layout,
-                }))
-            }
+        let combine = match self.stage {
+            Stage::Route => None,
             Stage::Combine { cols, dtype } => {
                 let (t, k) = (self.tokens, self.config.top_k);
-                let rows = self.rows();
+                let rows = self.rows()?;
                 let mut rng = SplitMix(self.seed ^ 0xc0b1);
                 // Padding rows hold NaN: a read of one would poison the output.
                 let mut y = vec![f32::NAN; rows * cols];
@@ -484,20 +467,89 @@ impl Case for RouterCase {
                     &layout.slot_rows,
                     &y.to_f64(),
                 )?;
-                let weights = gpu.upload(&Tensor::f32(&[t, k], weights)?)?;
-                let slot_rows = gpu.upload(&Tensor::i32(&[t, k], layout.slot_rows.clone())?)?;
-                let y = gpu.upload(&y)?;
-                let out = gpu.zeros(&[t, cols], dtype)?;
-                let combiner = Combiner::new(gpu, &weights, &slot_rows, &y, &out)?;
-                Ok(Box::new(CombinePrepared {
-                    gpu,
-                    combiner,
-                    out,
+                Some(CombineHost {
+                    weights: Tensor::f32(&[t, k], weights)?,
+                    y,
                     expected,
-                    _inputs: [weights, slot_rows, y],
-                }))
+                })
             }
+        };
+        Ok(Box::new(RouterHost {
+            case: self.clone(),
+            scores,
+            bias,
+            scale,
+            routing,
+            layout,
+            combine,
+        }))
+    }
+}
+
+/// The combine stage's host inputs and reference.
+struct CombineHost {
+    /// `[t, k]` routing weights.
+    weights: Tensor,
+    /// `[rows, cols]` expert outputs in dispatch order, NaN in padding rows.
+    y: Tensor,
+    expected: Vec<f64>,
+}
+
+/// A case's host half: its inputs, the reference routing and layout, and for the combine stage
+/// its inputs and reference.
+struct RouterHost {
+    case: RouterCase,
+    scores: ScoreTensors,
+    bias: Option<Tensor>,
+    scale: Option<Tensor>,
+    routing: RoutingRef,
+    layout: LayoutRef,
+    combine: Option<CombineHost>,
+}
+
+impl HostPrepared for RouterHost {
+    fn upload<'g>(&self, gpu: &'g Gpu) -> Result<Box<dyn Prepared + 'g>> {
+        let c = &self.case;
+        if let Some(combine) = &self.combine {
+            let t = c.tokens;
+            let weights = gpu.upload(&combine.weights)?;
+            let slot_rows = gpu.upload(&Tensor::i32(
+                &[t, c.config.top_k],
+                self.layout.slot_rows.clone(),
+            )?)?;
+            let y = gpu.upload(&combine.y)?;
+            let out = gpu.zeros(&[t, combine.y.shape()[1]], combine.y.dtype())?;
+            let combiner = Combiner::new(gpu, &weights, &slot_rows, &y, &out)?;
+            return Ok(Box::new(CombinePrepared {
+                gpu,
+                combiner,
+                out,
+                expected: combine.expected.clone(),
+                _inputs: [weights, slot_rows, y],
+            }));
         }
+        let first = gpu.upload(&self.scores.0)?;
+        let gate_weight = self.scores.1.as_ref().map(|w| gpu.upload(w)).transpose()?;
+        let bias = self.bias.as_ref().map(|b| gpu.upload(b)).transpose()?;
+        let scale = self.scale.as_ref().map(|s| gpu.upload(s)).transpose()?;
+        let inputs = DeviceInputs {
+            scores: scores_of(&first, gate_weight.as_ref()),
+            bias: bias.as_ref(),
+            router_scale: scale.as_ref(),
+        };
+        let router = Router::new(gpu, &c.config, &inputs)?;
+        let chain = router.unfused_chain(gpu)?;
+        Ok(Box::new(RoutePrepared {
+            gpu,
+            router,
+            chain,
+            routing: self.routing.clone(),
+            layout: self.layout.clone(),
+        }))
+    }
+
+    fn coverage(&self) -> Coverage {
+        Coverage::new(self.case.tokens, self.case.tokens, "tokens")
     }
 }
 
@@ -669,24 +721,22 @@ impl Operator for MerRouterOp {
                 RouterCase::deepseek(64).gate(7168, DType::BF16),
                 RouterCase::deepseek(512).combine(7168, DType::BF16),
             ],
-            Scale::Bench => {
-                let (t, n) = if gpu.is_cpu() {
-                    (256, 512)
-                } else {
-                    (4096, 7168)
-                };
-                vec![
-                    RouterCase::pangu(t),
-                    RouterCase::deepseek(t),
-                    RouterCase::deepseek(t).block(64),
-                    RouterCase::deepseek(t / 4).combine(n, DType::BF16),
-                ]
-            }
+            Scale::Bench => return self.headline(!gpu.is_cpu()),
         };
         cases
             .into_iter()
             .map(|c| Box::new(c) as Box<dyn Case>)
             .collect()
+    }
+
+    /// Routing and the full dispatch layout of 4096 tokens (256 on a CPU adapter) for
+    /// pangu-pro-moe and deepseek-v3, against the unfused chain of separate kernels.
+    fn headline(&self, full: bool) -> Vec<Box<dyn Case>> {
+        let t = if full { 4096 } else { 256 };
+        vec![
+            Box::new(RouterCase::pangu(t)),
+            Box::new(RouterCase::deepseek(t)),
+        ]
     }
 
     fn paths(&self, gpu: &Gpu) -> Vec<(String, String)> {
@@ -797,13 +847,38 @@ fn check_y_rows(y: &Tensor, rows: usize) -> Result<()> {
             OP,
             "y",
             other,
-            format!("[{rows}, n] (one row per dispatch row: t*k + e*(block_size - 1))"),
+            format!("[{rows}, n] (one row per dispatch row: t*k + min(t*k, e)*(block_size - 1))"),
         )),
     }
 }
 
+/// The tensors `fusedops run merrouter` takes.
+const INPUT_NAMES: [&str; 6] = [
+    "logits",
+    "hidden",
+    "gate_weight",
+    "bias",
+    "router_scale",
+    "y",
+];
+
 /// `logits`, or `hidden` + `gate_weight`; optional `bias`, `router_scale`.
 fn named_inputs(inputs: &NamedTensors) -> Result<(ScoreTensors, Option<&Tensor>, Option<&Tensor>)> {
+    check_input_names(OP, inputs, &INPUT_NAMES)?;
+    if inputs.contains_key("logits") && inputs.contains_key("hidden") {
+        return Err(Error::invalid(
+            OP,
+            "input tensors",
+            "give \"logits\" or \"hidden\" with \"gate_weight\", not both",
+        ));
+    }
+    if inputs.contains_key("logits") && inputs.contains_key("gate_weight") {
+        return Err(Error::invalid(
+            OP,
+            "input tensor \"gate_weight\"",
+            "it goes with \"hidden\" (the fused gate), not with \"logits\"",
+        ));
+    }
     let scores = if inputs.contains_key("logits") {
         (input(OP, inputs, "logits")?.clone(), None)
     } else if inputs.contains_key("hidden") {

@@ -168,11 +168,12 @@ pub(crate) fn check_layout_limits(gpu: &Gpu, experts: usize, groups: usize) -> R
 /// | `slot_rows` | `[t, k]` | i32 | row of every slot (the inverse map) |
 /// | `block_experts` | `[ceil(rows / block_size)]` | i32 | expert of each block of `block_size` rows; −1 past `offsets[e]` |
 /// | `group_loads` | `[g]` | i32 | slots routed to each group of experts |
-/// | `imbalance` | `[1]` | f32 | `(max - min group load) / t` |
+/// | `imbalance` | `[1]` | f32 | `(max - min group load) / t`, 0 for `t = 0` |
 ///
-/// `rows = t·k + e·(block_size − 1)`: every expert's segment is padded to a multiple of
-/// `block_size` (with `block_size = 1` there is no padding, `rows = t·k` and `block_experts` is
-/// the expert of every row).
+/// `rows = t·k + min(t·k, e)·(block_size − 1)` ([`reference::row_capacity`]): every expert's
+/// segment is padded to a multiple of `block_size`, and at most `min(t·k, e)` experts have one
+/// (with `block_size = 1` there is no padding, `rows = t·k` and `block_experts` is the expert of
+/// every row).
 #[derive(Debug)]
 pub struct DispatchLayout {
     pub counts: DeviceTensor,
@@ -200,7 +201,7 @@ impl DispatchLayout {
         block_size: usize,
         block_tokens: u32,
     ) -> Result<Self> {
-        let rows = reference::row_capacity(tokens, top_k, experts, block_size);
+        let rows = reference::row_capacity(tokens, top_k, experts, block_size)?;
         let blocks = tokens.div_ceil(block_tokens as usize);
         for (what, elements) in [
             ("sorted_slots", rows),
@@ -420,14 +421,15 @@ pub(crate) fn histogram_launch(
     )
 }
 
-/// Check a dispatch shape: `experts` in `groups` equal groups, `top_k` distinct experts a token.
-fn check_dispatch_shape(
+/// Check a dispatch shape (`experts` in `groups` equal groups, `top_k` distinct experts a token,
+/// any number of tokens, 0 included); returns the rows of the layout.
+pub(crate) fn check_dispatch_shape(
     tokens: usize,
     top_k: usize,
     experts: usize,
     groups: usize,
     block_size: usize,
-) -> Result<()> {
+) -> Result<usize> {
     if experts == 0 || groups == 0 || !experts.is_multiple_of(groups) {
         return Err(Error::invalid(
             OP,
@@ -435,11 +437,11 @@ fn check_dispatch_shape(
             format!("{experts} experts do not split into {groups} equal groups"),
         ));
     }
-    if tokens == 0 || top_k == 0 || top_k > experts {
+    if top_k == 0 || top_k > experts {
         return Err(Error::invalid(
             OP,
             "topk_ids",
-            format!("[{tokens}, {top_k}] needs t >= 1 and 1 <= k <= {experts} (distinct experts)"),
+            format!("[{tokens}, {top_k}] needs 1 <= k <= {experts} (distinct experts)"),
         ));
     }
     if block_size == 0 || block_size > super::MAX_BLOCK_SIZE {
@@ -449,15 +451,7 @@ fn check_dispatch_shape(
             format!("{block_size} must be in 1..={}", super::MAX_BLOCK_SIZE),
         ));
     }
-    let rows = reference::row_capacity(tokens, top_k, experts, block_size);
-    if rows > i32::MAX as usize {
-        return Err(Error::Limit {
-            what: "dispatch rows (i32 slot and row numbers)".into(),
-            need: rows as u64,
-            max: i32::MAX as u64,
-        });
-    }
-    Ok(())
+    reference::row_capacity(tokens, top_k, experts, block_size)
 }
 
 /// Host ids must be `[t, k]` i32, each in `0..experts` and distinct within a token.
@@ -528,8 +522,12 @@ impl Dispatcher {
         })
     }
 
-    /// Record the three dispatches into one compute pass.
+    /// Record the three dispatches into one compute pass (nothing for `t = 0`: the layout's
+    /// zero-initialised arrays are already the empty layout).
     pub fn record(&self, rec: &mut Recorder) -> Result<()> {
+        if self.layout.tokens == 0 {
+            return Ok(());
+        }
         let mut pass = rec.compute_pass("merrouter dispatch");
         self.histogram.record(&mut pass);
         self.steps.record(&mut pass);
@@ -552,12 +550,12 @@ pub(crate) fn check_combine_shapes<T: super::Shaped>(
     let &[t, k] = weights.shape() else {
         return Err(Error::shape(OP, "topk_weights", weights.shape(), "[t, k]"));
     };
-    if weights.dtype() != DType::F32 || t == 0 || k == 0 {
+    if weights.dtype() != DType::F32 || k == 0 {
         return Err(Error::shape(
             OP,
             "topk_weights",
             (weights.shape(), weights.dtype()),
-            "[t >= 1, k >= 1] f32",
+            "[t, k >= 1] f32",
         ));
     }
     if slot_rows.shape() != [t, k] || slot_rows.dtype() != DType::I32 {
@@ -571,8 +569,8 @@ pub(crate) fn check_combine_shapes<T: super::Shaped>(
     let &[y_rows, n] = y.shape() else {
         return Err(Error::shape(OP, "y", y.shape(), "[rows, n]"));
     };
-    if n == 0 || y_rows == 0 {
-        return Err(Error::shape(OP, "y", y.shape(), "[rows >= 1, n >= 1]"));
+    if n == 0 {
+        return Err(Error::shape(OP, "y", y.shape(), "[rows, n >= 1]"));
     }
     for (what, dtype) in [("y", y.dtype()), ("out", out_dtype)] {
         if !dtype.is_float() {
@@ -614,8 +612,13 @@ pub(crate) fn check_host_slot_rows(slot_rows: &Tensor, y: &Tensor) -> Result<()>
 
 /// The combine kernel on device tensors. Rows out of range of `y` (possible only with device
 /// slot rows that did not come from a layout) contribute nothing.
+///
+/// One invocation computes one 32-bit word of `out`: one f32 element, or two 16-bit elements
+/// (with an odd `n` the two may belong to neighbouring tokens). No two invocations ever write the
+/// same word, so any `n` works for every output dtype without atomics or a read-modify-write.
 pub struct Combiner {
     launch: Launch,
+    words: usize,
     _params: wgpu::Buffer,
 }
 
@@ -666,11 +669,16 @@ impl Combiner {
         )?;
         Ok(Combiner {
             launch,
+            words,
             _params: params,
         })
     }
 
+    /// Record the combine (nothing when `out` is empty: `t = 0`).
     pub fn record(&self, rec: &mut Recorder) -> Result<()> {
+        if self.words == 0 {
+            return Ok(());
+        }
         let mut pass = rec.compute_pass("merrouter combine");
         self.launch.record(&mut pass);
         Ok(())

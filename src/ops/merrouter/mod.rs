@@ -90,7 +90,7 @@ pub enum GroupScore {
 
 /// How experts are selected.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "kebab-case")]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
 pub enum Selection {
     /// MoGE: exactly `top_k / groups` experts from every group, listed group by group.
     Moge,
@@ -103,6 +103,7 @@ pub enum Selection {
 
 /// What the router computes. Presets: [`RouterConfig::preset`].
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct RouterConfig {
     /// Experts `e`.
     pub experts: usize,
@@ -300,9 +301,9 @@ pub enum Scores<'a, T> {
 #[derive(Debug)]
 pub struct RouterInputs<'a, T> {
     pub scores: Scores<'a, T>,
-    /// `[e]` f32, added to the scores to choose experts (never to the weights).
+    /// `[e]` f32 | f16 | bf16, added to the scores to choose experts (never to the weights).
     pub bias: Option<&'a T>,
-    /// `[e]` f32, multiplies the weight of each expert.
+    /// `[e]` f32 | f16 | bf16, multiplies the weight of each expert.
     pub router_scale: Option<&'a T>,
 }
 
@@ -339,19 +340,19 @@ pub(crate) fn check_inputs<T: Shaped>(
         Scores::Logits(logits) => {
             float_input("logits", logits)?;
             match logits.shape() {
-                &[t, cols] if cols == e && t > 0 => InputShape {
+                &[t, cols] if cols == e => InputShape {
                     tokens: t,
                     hidden: None,
                 },
-                other => return Err(Error::shape(OP, "logits", other, format!("[t >= 1, {e}]"))),
+                other => return Err(Error::shape(OP, "logits", other, format!("[t, {e}]"))),
             }
         }
         Scores::Gate { hidden, weight } => {
             float_input("hidden", hidden)?;
             float_input("gate weight", weight)?;
             let (t, h) = match hidden.shape() {
-                &[t, h] if t > 0 && h > 0 => (t, h),
-                other => return Err(Error::shape(OP, "hidden", other, "[t >= 1, h >= 1]")),
+                &[t, h] if h > 0 => (t, h),
+                other => return Err(Error::shape(OP, "hidden", other, "[t, h >= 1]")),
             };
             if weight.shape() != [h, e] {
                 return Err(Error::shape(
@@ -369,24 +370,17 @@ pub(crate) fn check_inputs<T: Shaped>(
     };
     for (what, tensor) in [("bias", inputs.bias), ("router_scale", inputs.router_scale)] {
         if let Some(tensor) = tensor {
-            if tensor.shape() != [e] || tensor.dtype() != DType::F32 {
+            if tensor.shape() != [e] || !tensor.dtype().is_float() {
                 return Err(Error::shape(
                     OP,
                     what,
                     (tensor.shape(), tensor.dtype()),
-                    format!("[{e}] f32"),
+                    format!("[{e}] f32, f16 or bf16"),
                 ));
             }
         }
     }
-    let rows = reference::row_capacity(shape.tokens, config.top_k, e, config.block_size);
-    if rows > i32::MAX as usize {
-        return Err(Error::Limit {
-            what: "dispatch rows (i32 slot and row numbers)".into(),
-            need: rows as u64,
-            max: i32::MAX as u64,
-        });
-    }
+    reference::row_capacity(shape.tokens, config.top_k, e, config.block_size)?;
     Ok(shape)
 }
 

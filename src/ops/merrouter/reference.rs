@@ -50,10 +50,38 @@ pub struct LayoutRef {
     pub imbalance: f64,
 }
 
-/// Rows of the sorted slot list: every slot plus, when padding, room for `block_size - 1` padding
-/// rows per expert.
-pub fn row_capacity(tokens: usize, top_k: usize, experts: usize, block_size: usize) -> usize {
-    tokens * top_k + experts * (block_size.max(1) - 1)
+/// `a · b`, or an error naming `what` when the product does not fit in usize.
+fn product(what: &str, a: usize, b: usize) -> Result<usize> {
+    a.checked_mul(b)
+        .ok_or_else(|| Error::invalid(OP, what, format!("{a} x {b} elements do not fit in usize")))
+}
+
+/// Rows of the sorted slot list: every slot `t·k` plus, when padding, room for `block_size − 1`
+/// padding rows per expert that can receive a slot. At most `min(t·k, e)` experts are non-empty,
+/// so the bound is `t·k + min(t·k, e)·(block_size − 1)`: vLLM's `t·k·block_size` when `t·k < e`
+/// (DeepSeek-V3, one token, block 64: 512 rows instead of 16 136), `t·k + e·(block_size − 1)`
+/// otherwise, 0 for `t = 0`. An error when the count passes `i32::MAX` (slot and row numbers are
+/// i32) or does not fit in usize.
+pub fn row_capacity(
+    tokens: usize,
+    top_k: usize,
+    experts: usize,
+    block_size: usize,
+) -> Result<usize> {
+    let slots = product("slots (t x k)", tokens, top_k)?;
+    let padding = product("padding rows", slots.min(experts), block_size.max(1) - 1)?;
+    let rows = slots.saturating_add(padding);
+    if rows > i32::MAX as usize {
+        return Err(Error::Limit {
+            what: format!(
+                "dispatch rows of t = {tokens}, k = {top_k}, e = {experts}, block {block_size} \
+                 (i32 slot and row numbers)"
+            ),
+            need: rows as u64,
+            max: i32::MAX as u64,
+        });
+    }
+    Ok(rows)
 }
 
 /// Whether `a` comes before `b` in the choice order: larger first, NaN after every number.
@@ -119,7 +147,7 @@ pub fn route(
 ) -> Result<RoutingRef> {
     config.validate()?;
     let (e, g, k) = (config.experts, config.groups, config.top_k);
-    check_len("logits", logits.len(), t * e, "[t, e]")?;
+    check_len("logits", logits.len(), product("logits", t, e)?, "[t, e]")?;
     if let Some(b) = bias {
         check_len("bias", b.len(), e, "[e]")?;
     }
@@ -231,9 +259,14 @@ pub fn gate_logits(
     hidden: &[f64],
     weight: &[f64],
 ) -> Result<Vec<f64>> {
-    check_len("hidden", hidden.len(), t * h, "[t, h]")?;
-    check_len("gate weight", weight.len(), h * e, "[h, e]")?;
-    let mut logits = vec![0.0; t * e];
+    check_len("hidden", hidden.len(), product("hidden", t, h)?, "[t, h]")?;
+    check_len(
+        "gate weight",
+        weight.len(),
+        product("gate weight", h, e)?,
+        "[h, e]",
+    )?;
+    let mut logits = vec![0.0; product("logits", t, e)?];
     for token in 0..t {
         for x in 0..e {
             logits[token * e + x] = (0..h)
@@ -244,9 +277,10 @@ pub fn gate_logits(
     Ok(logits)
 }
 
-/// The dispatch layout of `ids [t, k]` (every id in `0..experts`): a stable counting sort of the
+/// The dispatch layout of `ids [t, k]` (every id in `0..experts`, distinct within a token, as
+/// the router produces them and [`super::dispatch`] requires): a stable counting sort of the
 /// slots `token * k + j` by expert, each expert padded to `block_size` rows with the sentinel
-/// `t * k`.
+/// `t * k`. `t = 0` gives an empty layout (zero counts and offsets, no rows, imbalance 0).
 pub fn dispatch(
     ids: &[i32],
     t: usize,
@@ -255,21 +289,18 @@ pub fn dispatch(
     groups: usize,
     block_size: usize,
 ) -> Result<LayoutRef> {
+    let rows = super::dispatch::check_dispatch_shape(t, k, experts, groups, block_size)?;
     let slots = t * k;
     check_len("ids", ids.len(), slots, "[t, k]")?;
-    if groups == 0 || !experts.is_multiple_of(groups) || block_size == 0 {
-        return Err(Error::invalid(
-            OP,
-            "dispatch sizes",
-            format!("{experts} experts in {groups} groups, block size {block_size}"),
-        ));
-    }
-    if let Some(&bad) = ids.iter().find(|&&x| x < 0 || x as usize >= experts) {
-        return Err(Error::invalid(
-            OP,
-            "ids",
-            format!("expert id {bad} is outside 0..{experts}"),
-        ));
+    for (slot, &x) in ids.iter().enumerate() {
+        let token = &ids[slot - slot % k..slot];
+        if x < 0 || x as usize >= experts || token.contains(&x) {
+            return Err(Error::invalid(
+                OP,
+                format!("ids[{}, {}]", slot / k, slot % k),
+                format!("{x} is out of 0..{experts} or repeats an expert of the token"),
+            ));
+        }
     }
     let mut counts = vec![0i32; experts];
     for &x in ids {
@@ -280,7 +311,6 @@ pub fn dispatch(
         let padded = (count as usize).div_ceil(block_size) * block_size;
         offsets[x + 1] = offsets[x] + padded as i32;
     }
-    let rows = row_capacity(t, k, experts, block_size);
     let sentinel = slots as i32;
     let mut sorted_slots = vec![sentinel; rows];
     let mut slot_rows = vec![-1i32; slots];
@@ -310,7 +340,11 @@ pub fn dispatch(
         slot_rows,
         block_experts,
         group_loads,
-        imbalance: (max - min) as f64 / t as f64,
+        imbalance: if t == 0 {
+            0.0
+        } else {
+            (max - min) as f64 / t as f64
+        },
     })
 }
 
@@ -325,11 +359,12 @@ pub fn combine(
     slot_rows: &[i32],
     y: &[f64],
 ) -> Result<Vec<f64>> {
-    check_len("weights", weights.len(), t * k, "[t, k]")?;
-    check_len("slot_rows", slot_rows.len(), t * k, "[t, k]")?;
+    let slots = product("slots (t x k)", t, k)?;
+    check_len("weights", weights.len(), slots, "[t, k]")?;
+    check_len("slot_rows", slot_rows.len(), slots, "[t, k]")?;
     let rows = y.len().checked_div(n).unwrap_or(0);
     check_len("y", y.len(), rows * n, "[rows, n]")?;
-    let mut out = vec![0.0; t * n];
+    let mut out = vec![0.0; product("out", t, n)?];
     for token in 0..t {
         for j in 0..k {
             let slot = token * k + j;

@@ -178,6 +178,8 @@ pub(crate) fn route_constants(
         ("FUSED_GATE", flag(inputs.hidden.is_some())),
         ("IN_DTYPE", inputs.in_dtype.shader_code() as f64),
         ("W_DTYPE", inputs.weight_dtype.shader_code() as f64),
+        ("BIAS_DTYPE", inputs.bias_dtype.shader_code() as f64),
+        ("SCALE_DTYPE", inputs.scale_dtype.shader_code() as f64),
     ];
     if plan.subgroups {
         constants.push(("SG_SLOTS", plan.sg_slots as f64));
@@ -197,6 +199,9 @@ pub(crate) struct InputBuffers {
     pub unused: wgpu::Buffer,
     pub in_dtype: DType,
     pub weight_dtype: DType,
+    /// Dtypes of the bias and the router scale (f32 when absent).
+    pub bias_dtype: DType,
+    pub scale_dtype: DType,
     /// Hidden size with the fused gate.
     pub hidden: Option<usize>,
 }
@@ -245,11 +250,11 @@ impl Router {
     pub fn new(gpu: &Gpu, config: &RouterConfig, inputs: &DeviceInputs<'_>) -> Result<Self> {
         let shape = check_inputs(config, inputs)?;
         let (t, e, k) = (shape.tokens, config.experts, config.top_k);
-        let (scores, gate_weight) = match inputs.scores {
-            Scores::Logits(logits) => (logits, None),
-            Scores::Gate { hidden, weight } => (hidden, Some(weight)),
+        let (scores, gate_weight, scores_name) = match inputs.scores {
+            Scores::Logits(logits) => (logits, None, "logits"),
+            Scores::Gate { hidden, weight } => (hidden, Some(weight), "hidden"),
         };
-        gpu.check_binding("router input", scores.size_bytes())?;
+        gpu.check_binding(scores_name, scores.size_bytes())?;
         if let Some(weight) = gate_weight {
             gpu.check_binding("gate weight", weight.size_bytes())?;
         }
@@ -259,16 +264,18 @@ impl Router {
         let plan = RoutePlan::new(gpu, config, gate_weight.is_some())?;
 
         let inputs = InputBuffers {
-            scores: scores.buffer.clone(),
+            scores: scores.buffer().clone(),
             gate_weight: match gate_weight {
-                Some(w) => w.buffer.clone(),
+                Some(w) => w.buffer().clone(),
                 None => gpu.storage_buffer("unused", 16)?,
             },
-            bias: inputs.bias.map(|b| b.buffer.clone()),
-            router_scale: inputs.router_scale.map(|s| s.buffer.clone()),
+            bias: inputs.bias.map(|b| b.buffer().clone()),
+            router_scale: inputs.router_scale.map(|s| s.buffer().clone()),
             unused: gpu.storage_buffer("unused", 16)?,
             in_dtype: scores.dtype(),
             weight_dtype: gate_weight.map_or(DType::F32, |w| w.dtype()),
+            bias_dtype: inputs.bias.map_or(DType::F32, |b| b.dtype()),
+            scale_dtype: inputs.router_scale.map_or(DType::F32, |s| s.dtype()),
             hidden: shape.hidden,
         };
         let routing = Routing {
@@ -320,24 +327,33 @@ impl Router {
     }
 
     /// Record routing and the dispatch layout: a clear of the block counts, then one compute pass
-    /// with `route`, `build_layout` and `scatter`.
+    /// with `route`, `build_layout` and `scatter`. With no tokens nothing is recorded: the
+    /// outputs are empty and the layout's zero-initialised counts, offsets, group loads and
+    /// imbalance are already right.
     pub fn record(&self, rec: &mut Recorder) -> Result<()> {
         self.record_as(rec, OP)
     }
 
     /// [`Router::record`] with the compute pass named `label` (per-step timing of a chain).
     pub fn record_as(&self, rec: &mut Recorder, label: &str) -> Result<()> {
+        if self.shape.tokens == 0 {
+            return Ok(());
+        }
         rec.encoder()
-            .clear_buffer(&self.layout.block_counts.buffer, 0, None);
+            .clear_buffer(self.layout.block_counts.buffer(), 0, None);
         let mut pass = rec.compute_pass(label);
         self.route.record(&mut pass);
         self.layout_steps.record(&mut pass);
         Ok(())
     }
 
-    /// Kernel dispatches one [`Router::record`] makes.
+    /// Kernel dispatches one [`Router::record`] makes (none for an empty batch).
     pub fn dispatches(&self) -> usize {
-        1 + LayoutSteps::DISPATCHES
+        if self.shape.tokens == 0 {
+            0
+        } else {
+            1 + LayoutSteps::DISPATCHES
+        }
     }
 
     pub fn routing(&self) -> &Routing {

@@ -3,8 +3,9 @@
 //! and the named-tensor interface of `fusedops run`.
 
 use std::cell::OnceCell;
+use std::sync::Arc;
 
-use half::{bf16, f16};
+use rayon::prelude::*;
 
 use super::reference::{self, ExpertSource, Experts};
 use super::{
@@ -20,103 +21,56 @@ use crate::ops::merrouter::{
 };
 use crate::ops::swiftgmm::{ExpertWeights, Layout, Mode, Tiling};
 use crate::registry::{
-    Case, CaseInfo, Checked, NamedTensors, Operator, Prepared, Scale, input, params_from_json,
+    Case, CaseInfo, Checked, Coverage, HostPrepared, NamedTensors, Operator, Prepared, Scale,
+    Target, check_input_names, input, params_from_json,
 };
-use crate::tensor::{DType, DeviceTensor, Tensor, TensorData, padded_size};
+use crate::seeded::Seeded;
+use crate::tensor::{DType, DeviceTensor, Tensor};
+use crate::util::{fill_parallel, mix, synthetic, unit};
 
-/// The operator, as registered in [`crate::registry::operators`].
+/// The operator, as registered in [`crate::suite::operators`].
 pub struct MoeOperator;
 
 pub static OPERATOR: MoeOperator = MoeOperator;
-
-/// SplitMix64 of (seed, index): deterministic values without a random-number dependency.
-fn mix(seed: u64, i: u64) -> u64 {
-    let mut z = seed
-        .wrapping_mul(0xd1b5_4a32_d192_ed03)
-        .wrapping_add(i.wrapping_mul(0x9e37_79b9_7f4a_7c15));
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^ (z >> 31)
-}
-
-/// Uniform in [-1, 1).
-fn unit(seed: u64, i: u64) -> f32 {
-    (mix(seed, i) >> 40) as f32 / (1u64 << 23) as f32 - 1.0
-}
 
 /// Uniform integer in -m..=m.
 fn small_int(seed: u64, i: u64, m: i32) -> i32 {
     (mix(seed, i) % (2 * m as u64 + 1)) as i32 - m
 }
 
-/// `value(i)` for every element, computed on every core in chunks of whole `align`s.
-fn filled<T: Copy + Send>(
-    len: usize,
-    align: usize,
-    zero: T,
-    value: impl Fn(usize) -> T + Sync,
-) -> Vec<T> {
+/// `value(i)` for every element, computed on every core.
+fn filled<T: Copy + Send>(len: usize, zero: T, value: impl Fn(usize) -> T + Sync) -> Vec<T> {
     let mut out = vec![zero; len];
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let align = align.max(1);
-    let chunk = (len.div_ceil(threads).max(1 << 14)).div_ceil(align) * align;
-    std::thread::scope(|s| {
-        for (c, part) in out.chunks_mut(chunk).enumerate() {
-            let value = &value;
-            s.spawn(move || {
-                for (j, slot) in part.iter_mut().enumerate() {
-                    *slot = value(c * chunk + j);
-                }
-            });
-        }
-    });
+    fill_parallel(&mut out, value);
     out
 }
 
-/// A tensor of `dtype` holding `value(i)` rounded to it.
-fn synthetic(shape: &[usize], dtype: DType, value: impl Fn(usize) -> f32 + Sync) -> Result<Tensor> {
-    let len = shape.iter().product();
-    let data = match dtype {
-        DType::BF16 => TensorData::BF16(filled(len, 1, bf16::ZERO, |i| bf16::from_f32(value(i)))),
-        DType::F16 => TensorData::F16(filled(len, 1, f16::ZERO, |i| f16::from_f32(value(i)))),
-        DType::F32 => TensorData::F32(filled(len, 1, 0.0, value)),
-        other => return Err(Error::unsupported(OP, format!("{other} weights"))),
-    };
-    Tensor::new(shape, data)
-}
-
-/// Host writes queued before the queue is flushed (they are staged in host memory until then).
-const FLUSH_BYTES: u64 = 1 << 30;
 /// Weights up to this size get NaN in the experts no token chooses, so a read of one would show.
 const POISON_BYTES: u64 = 64 << 20;
 
-/// Expert weights `[e, a, b]` whose values are a hash of (seed, expert, index) times `scale`:
-/// any expert can be made alone, so neither the upload nor the reference ever holds all experts
-/// of a large preset on the host.
+/// Seeded expert weights `[e, a, b]` ([`crate::seeded`]): the device makes all of them in place,
+/// and the reference makes any one expert alone, so no host ever holds the experts of a large
+/// preset.
 #[derive(Clone, Copy, Debug)]
-struct HashedExperts {
+struct SeededExperts {
     experts: usize,
     dims: [usize; 2],
     dtype: DType,
-    seed: u64,
-    scale: f32,
+    seeded: Seeded,
 }
 
-impl ExpertSource for HashedExperts {
+impl ExpertSource for SeededExperts {
     fn experts(&self) -> usize {
         self.experts
     }
 
     fn expert(&self, e: usize) -> Result<Tensor> {
         let [a, b] = self.dims;
-        let base = (e * a * b) as u64;
-        synthetic(&[1, a, b], self.dtype, |i| {
-            unit(self.seed, base + i as u64) * self.scale
-        })
+        self.seeded.slab(e, &[1, a, b], self.dtype)
     }
 }
 
-impl HashedExperts {
+impl SeededExperts {
     fn expert_bytes(&self) -> u64 {
         (self.dims[0] * self.dims[1] * self.dtype.size()) as u64
     }
@@ -125,62 +79,47 @@ impl HashedExperts {
         self.experts as u64 * self.expert_bytes()
     }
 
-    /// Upload in shards of whole experts that each fit one binding. Only the `active` experts are
-    /// made and written: the layer never reads the others, which stay zero, or NaN with `poison`.
+    /// Make the weights on the device, in shards of whole experts that each fit one binding.
+    /// With `poison`, the experts not `active` are then overwritten with NaN: the layer must
+    /// never read them.
     fn upload(&self, gpu: &Gpu, active: &[bool], poison: bool) -> Result<ExpertWeights> {
+        let weights = ExpertWeights::from_shards(self.seeded.device_shards(
+            gpu,
+            self.experts,
+            &self.dims,
+            self.dtype,
+        )?)?;
+        if !poison {
+            return Ok(weights);
+        }
         let [a, b] = self.dims;
         let slab = self.expert_bytes();
         if !slab.is_multiple_of(4) {
             return Err(Error::invalid(
                 OP,
                 "case weights",
-                format!("one expert is {slab} bytes; uploads need a multiple of 4"),
+                format!("one expert is {slab} bytes; NaN writes need a multiple of 4"),
             ));
         }
-        let limit = gpu.caps.max_storage_binding.min(gpu.caps.max_buffer_size);
-        if padded_size(slab) > limit {
-            return Err(Error::Limit {
-                what: "one expert's weights in a storage binding".into(),
-                need: slab,
-                max: limit,
-            });
-        }
-        let mut per_shard = ((limit / slab) as usize).clamp(1, self.experts);
-        while per_shard > 1 && padded_size(per_shard as u64 * slab) > limit {
-            per_shard -= 1;
-        }
-        let nan = poison
-            .then(|| synthetic(&[1, a, b], self.dtype, |_| f32::NAN))
-            .transpose()?;
-        let mut shards = Vec::new();
-        let mut pending = 0;
-        for first in (0..self.experts).step_by(per_shard) {
-            let count = per_shard.min(self.experts - first);
-            let shard = gpu.zeros(&[count, a, b], self.dtype)?;
-            for (e, &active) in active.iter().enumerate().skip(first).take(count) {
-                let made;
-                let data = if active {
-                    made = self.expert(e)?;
-                    made.bytes()
-                } else if let Some(nan) = &nan {
-                    nan.bytes()
-                } else {
-                    continue;
-                };
-                let offset = (e - first) as u64 * slab;
-                gpu.checked(|| gpu.queue.write_buffer(&shard.buffer, offset, data))?;
-                pending += slab;
-                if pending >= FLUSH_BYTES {
-                    gpu.queue.submit(std::iter::empty());
-                    gpu.wait()?;
-                    pending = 0;
-                }
+        let nan = synthetic(&[1, a, b], self.dtype, |_| f32::NAN)?;
+        for shard in weights.shards() {
+            let count = shard.tensor.shape()[0];
+            let idle = active
+                .iter()
+                .enumerate()
+                .skip(shard.first_expert)
+                .take(count);
+            for (e, _) in idle.filter(|(_, busy)| !**busy) {
+                let offset = (e - shard.first_expert) as u64 * slab;
+                gpu.checked(|| {
+                    gpu.queue
+                        .write_buffer(shard.tensor.buffer(), offset, nan.bytes())
+                })?;
             }
-            shards.push(shard);
         }
         gpu.queue.submit(std::iter::empty());
         gpu.wait()?;
-        ExpertWeights::from_shards(shards)
+        Ok(weights)
     }
 }
 
@@ -219,8 +158,8 @@ impl RouterInts {
         let e = config.experts;
         // Logits of standard deviation about 1.5 at large h: unsaturated scores.
         let m = ((1.2e6 / h as f64).sqrt() as i32).clamp(1, 32);
-        let gate = filled(h * e, 1, 0, |i| small_int(seed ^ 0x6a7e, i as u64, m));
-        let mut hidden = filled(t * h, 1, 0, |i| small_int(seed, i as u64, 8));
+        let gate = filled(h * e, 0, |i| small_int(seed ^ 0x6a7e, i as u64, m));
+        let mut hidden = filled(t * h, 0, |i| small_int(seed, i as u64, 8));
         let row_logits = |row: &[i32]| -> Vec<f64> {
             let mut acc = vec![0i64; e];
             for (c, &x) in row.iter().enumerate() {
@@ -232,10 +171,11 @@ impl RouterInts {
             }
             acc.iter().map(|&a| a as f64 / 2048.0).collect()
         };
-        let mut logits = filled(t * e, e, 0.0, |i| {
-            let token = i / e;
-            row_logits(&hidden[token * h..(token + 1) * h])[i % e]
-        });
+        let mut logits = vec![0.0; t * e];
+        logits
+            .par_chunks_mut(e)
+            .zip(hidden.par_chunks(h))
+            .for_each(|(out, row)| out.copy_from_slice(&row_logits(row)));
         let close = |logits: &[f64], token: usize| -> Result<bool> {
             let row = &logits[token * e..(token + 1) * e];
             Ok(merrouter::reference::route(config, 1, row, bias, None)?.margins[0] < MIN_MARGIN)
@@ -294,6 +234,7 @@ struct CaseData {
 const REFERENCE_MACS: u64 = 1 << 31;
 
 /// One registry case.
+#[derive(Clone)]
 struct MoeCase {
     /// The [`MoeConfig::preset`] it starts from.
     preset: &'static str,
@@ -310,7 +251,7 @@ struct MoeCase {
     hot: bool,
     options: MoeOptions,
     seed: u64,
-    data: OnceCell<CaseData>,
+    data: OnceCell<Arc<CaseData>>,
 }
 
 impl MoeCase {
@@ -380,12 +321,12 @@ impl MoeCase {
             .collect()
     }
 
-    fn data(&self) -> Result<&CaseData> {
+    fn data(&self) -> Result<Arc<CaseData>> {
         if let Some(data) = self.data.get() {
-            return Ok(data);
+            return Ok(data.clone());
         }
-        let data = self.make_data()?;
-        Ok(self.data.get_or_init(|| data))
+        let data = Arc::new(self.make_data()?);
+        Ok(self.data.get_or_init(|| data).clone())
     }
 
     fn make_data(&self) -> Result<CaseData> {
@@ -428,22 +369,21 @@ impl MoeCase {
         })
     }
 
-    /// The hashed weights: routed gate/up and down, and the shared expert's pair. Scales keep
-    /// every product O(1): uniform in ±sqrt(8/k) over a k-long dot product of O(1) inputs.
+    /// The seeded weights: routed gate/up and down, and the shared expert's pair. Scales keep
+    /// every product O(1): about 1/sqrt(k) over a k-long dot product of O(1) inputs.
     fn sources(
         &self,
     ) -> (
-        HashedExperts,
-        HashedExperts,
-        Option<(HashedExperts, HashedExperts)>,
+        SeededExperts,
+        SeededExperts,
+        Option<(SeededExperts, SeededExperts)>,
     ) {
         let c = &self.config;
-        let source = |experts, dims, seed: u64, k: usize| HashedExperts {
+        let source = |experts, dims, seed: u64, k: usize| SeededExperts {
             experts,
             dims,
             dtype: self.weights,
-            seed: self.seed ^ seed,
-            scale: (8.0 / k as f32).sqrt(),
+            seeded: Seeded::new((self.seed ^ seed) as u32, Seeded::shift_for_dot(k)),
         };
         let e = c.router.experts;
         let (h, i) = (c.hidden, c.intermediate);
@@ -562,9 +502,46 @@ impl Case for MoeCase {
         2 * self.tokens as u64 * (gate + self.token_macs())
     }
 
-    fn prepare<'g>(&self, gpu: &'g Gpu) -> Result<Box<dyn Prepared + 'g>> {
+    fn host(&self, _target: &Target) -> Result<Box<dyn HostPrepared>> {
         let data = self.data()?;
-        let (gate_up_src, down_src, shared_src) = self.sources();
+        let (gate_up, down, shared) = self.sources();
+        let (config, hidden, routing, out) = (&self.config, &data.hidden, &data.routing, self.out);
+        let tokens = self.checked_tokens();
+        // One token per core: each makes its own experts (few tokens share one).
+        let per_token: Vec<Vec<f64>> = tokens
+            .par_iter()
+            .map(|&token| {
+                let experts = Experts {
+                    gate_up: &gate_up,
+                    down: &down,
+                    shared: shared
+                        .as_ref()
+                        .map(|(g, d)| (g as &dyn ExpertSource, d as &dyn ExpertSource)),
+                };
+                reference::token_outputs(config, hidden, routing, &experts, &[token], out)
+            })
+            .collect::<Result<_>>()?;
+        Ok(Box::new(MoeHost {
+            case: self.clone(),
+            data,
+            tokens,
+            expected: per_token.concat(),
+        }))
+    }
+}
+
+/// A case's host half: its inputs and routing, the checked tokens and their reference.
+struct MoeHost {
+    case: MoeCase,
+    data: Arc<CaseData>,
+    tokens: Vec<usize>,
+    expected: Vec<f64>,
+}
+
+impl HostPrepared for MoeHost {
+    fn upload<'g>(&self, gpu: &'g Gpu) -> Result<Box<dyn Prepared + 'g>> {
+        let (c, data) = (&self.case, &self.data);
+        let (gate_up_src, down_src, shared_src) = c.sources();
         let active: Vec<bool> = data.layout.counts.iter().map(|&c| c > 0).collect();
         let poison = gate_up_src.bytes() + down_src.bytes() <= POISON_BYTES;
         let gate_up = gate_up_src.upload(gpu, &active, poison)?;
@@ -581,7 +558,7 @@ impl Case for MoeCase {
         let gate = gpu.upload(&data.gate)?;
         let bias = upload(data.bias.as_ref())?;
         let router_scale = upload(data.router_scale.as_ref())?;
-        let out = gpu.zeros(&[self.tokens, self.config.hidden], self.out)?;
+        let out = gpu.zeros(&[c.tokens, c.config.hidden], c.out)?;
         let weights = MoeWeights {
             gate: &gate,
             bias: bias.as_ref(),
@@ -592,37 +569,25 @@ impl Case for MoeCase {
                 .as_ref()
                 .map(|(gate_up, down)| SharedWeights { gate_up, down }),
         };
-        let layer = MoeLayer::new(gpu, &self.config, &hidden, &weights, &out, &self.options)?;
+        let layer = MoeLayer::new(gpu, &c.config, &hidden, &weights, &out, &c.options)?;
         let host_offsets: Vec<u32> = data.layout.offsets.iter().map(|&o| o as u32).collect();
-        let baseline = layer.per_expert_baseline(gpu, &weights, &host_offsets, &self.options)?;
-        let tokens = self.checked_tokens();
-        let experts = Experts {
-            gate_up: &gate_up_src,
-            down: &down_src,
-            shared: shared_src
-                .as_ref()
-                .map(|(g, d)| (g as &dyn ExpertSource, d as &dyn ExpertSource)),
-        };
-        let expected = reference::token_outputs(
-            &self.config,
-            &data.hidden,
-            &data.routing,
-            &experts,
-            &tokens,
-            self.out,
-        )?;
+        let baseline = layer.per_expert_baseline(gpu, &weights, &host_offsets, &c.options)?;
         Ok(Box::new(MoePrepared {
             gpu,
             layer,
             baseline,
             out,
-            tokens,
-            expected,
+            tokens: self.tokens.clone(),
+            expected: self.expected.clone(),
             routing: data.routing.clone(),
             layout: data.layout.clone(),
-            tolerance: tolerance(self.act, self.out),
+            tolerance: tolerance(c.act, c.out),
             _inputs: (hidden, gate, bias, router_scale, gate_up, down, shared),
         }))
+    }
+
+    fn coverage(&self) -> Coverage {
+        Coverage::new(self.tokens.len(), self.case.tokens, "tokens")
     }
 }
 
@@ -726,25 +691,30 @@ impl Operator for MoeOperator {
                 MoeCase::new("pangu-pro-moe", 16).tiling(Tiling::Cached),
                 MoeCase::new("deepseek-v3", 16).tiling(Tiling::Cached),
             ],
-            Scale::Bench => {
-                let (pangu, deepseek, tokens): (_, _, &[usize]) = if gpu.is_cpu() {
-                    ("pangu-pro-moe-small", "deepseek-v3-small", &[16, 256])
-                } else {
-                    ("pangu-pro-moe", "deepseek-v3", &[16, 256, 4096])
-                };
-                let mut cases: Vec<MoeCase> = tokens
-                    .iter()
-                    .map(|&t| MoeCase::new(pangu, t).tiling(Tiling::Tune))
-                    .collect();
-                cases.push(MoeCase::new(deepseek, tokens[0]).tiling(Tiling::Tune));
-                cases.push(MoeCase::new(deepseek, tokens[tokens.len() - 1]).tiling(Tiling::Tune));
-                cases
-            }
+            Scale::Bench => return self.headline(!gpu.is_cpu()),
         };
         cases
             .into_iter()
             .map(|c| Box::new(c) as Box<dyn Case>)
             .collect()
+    }
+
+    /// pangu-pro-moe at 16 and 4096 tokens and deepseek-v3 at 16, against one dispatch per
+    /// expert; the small presets at 16 and 256 tokens on a CPU adapter.
+    fn headline(&self, full: bool) -> Vec<Box<dyn Case>> {
+        let (pangu, deepseek, tokens) = if full {
+            ("pangu-pro-moe", "deepseek-v3", [16, 4096])
+        } else {
+            ("pangu-pro-moe-small", "deepseek-v3-small", [16, 256])
+        };
+        [
+            (pangu, tokens[0]),
+            (pangu, tokens[1]),
+            (deepseek, tokens[0]),
+        ]
+        .into_iter()
+        .map(|(preset, t)| Box::new(MoeCase::new(preset, t).tiling(Tiling::Tune)) as Box<dyn Case>)
+        .collect()
     }
 
     fn paths(&self, gpu: &Gpu) -> Vec<(String, String)> {
@@ -843,6 +813,18 @@ struct RunParams {
     tiling: Tiling,
 }
 
+/// The tensors `fusedops run moe` takes.
+const INPUT_NAMES: [&str; 8] = [
+    "hidden",
+    "gate_weight",
+    "gate_up",
+    "down",
+    "bias",
+    "router_scale",
+    "shared_gate_up",
+    "shared_down",
+];
+
 /// The named inputs of `fusedops run` and the config they describe.
 struct NamedInputs<'a> {
     config: MoeConfig,
@@ -855,6 +837,7 @@ struct NamedInputs<'a> {
 impl<'a> NamedInputs<'a> {
     fn parse(inputs: &'a NamedTensors, params: &serde_json::Value) -> Result<Self> {
         let p: RunParams = params_from_json(OP, params)?;
+        check_input_names(OP, inputs, &INPUT_NAMES)?;
         let mut config = MoeConfig::preset(p.preset.as_deref().unwrap_or("pangu-pro-moe"))?;
         if let Some(router) = &p.router {
             config.router = router.clone();
@@ -934,17 +917,17 @@ mod tests {
     }
 
     #[test]
-    fn hashed_experts_are_made_one_at_a_time() {
-        let w = HashedExperts {
+    fn seeded_experts_are_made_one_at_a_time() {
+        let w = SeededExperts {
             experts: 3,
             dims: [4, 6],
             dtype: DType::BF16,
-            seed: 9,
-            scale: 0.5,
+            seeded: Seeded::new(9, 1),
         };
         let one = w.expert(2).unwrap();
         assert_eq!(one.shape(), &[1, 4, 6]);
         assert!(one.to_f32().iter().all(|v| v.abs() <= 0.5));
+        assert_eq!(one.to_f32()[5], w.seeded.value(2, 5), "expert e is slab e");
         assert_ne!(one.to_f32(), w.expert(1).unwrap().to_f32());
         assert_eq!(w.bytes(), 3 * 48);
     }

@@ -27,7 +27,7 @@ const WG: u32 = 256;
 pub(crate) struct GatherParams {
     pub tokens: u32,    // t: rows of hidden [t, h]
     pub row_words: u32, // 32-bit words per row of hidden [t, h] and x_sorted [rows, h]
-    pub rows: u32,      // rows of x_sorted and row_weights: t·k + e·(block_size − 1)
+    pub rows: u32,      // rows of x_sorted and row_weights: t·k + min(t·k, e)·(block_size − 1)
     pub words: u32,     // rows · row_words
 }
 

@@ -18,7 +18,8 @@
 //!
 //! Everything that depends on the routing is resolved on the GPU: the grouped matmuls schedule
 //! their tiles from the router's offsets with indirect, persistent dispatches, and the buffers
-//! are sized for the worst case, `rows = t·k + e·(block_size − 1)` dispatch rows.
+//! are sized for the worst case, `rows = t·k + min(t·k, e)·(block_size − 1)` dispatch rows.
+//! An empty batch (`t = 0`) gives empty outputs and records nothing.
 //!
 //! ```
 //! use fusedops::gpu::Gpu;
@@ -202,8 +203,9 @@ impl MoeConfig {
         [a, b]
     }
 
-    /// Dispatch rows for `tokens` tokens: `t·k + e·(block_size − 1)`.
-    pub fn rows(&self, tokens: usize) -> usize {
+    /// Dispatch rows for `tokens` tokens (see [`merrouter::reference::row_capacity`]): `t·k`
+    /// plus `block_size − 1` padding rows for each expert that can receive a token.
+    pub fn rows(&self, tokens: usize) -> Result<usize> {
         let r = &self.router;
         merrouter::reference::row_capacity(tokens, r.top_k, r.experts, r.block_size)
     }
@@ -246,9 +248,10 @@ pub struct SharedWeights<'a> {
 pub struct MoeWeights<'a> {
     /// Router gate `[h, e]`, f32 | f16 | bf16.
     pub gate: &'a DeviceTensor,
-    /// `[e]` f32: added to the scores to choose experts (DeepSeek-V3), never to the weights.
+    /// `[e]` f32 | f16 | bf16: added to the scores to choose experts (DeepSeek-V3), never to the
+    /// weights.
     pub bias: Option<&'a DeviceTensor>,
-    /// `[e]` f32: multiplies each expert's routing weight (Pangu Pro MoE).
+    /// `[e]` f32 | f16 | bf16: multiplies each expert's routing weight (Pangu Pro MoE).
     pub router_scale: Option<&'a DeviceTensor>,
     /// `[e, 2i, h]` (Nk) or `[e, h, 2i]` (Kn): gate in the first `i` columns, up in the last `i`.
     pub gate_up: &'a ExpertWeights,
@@ -385,7 +388,7 @@ fn check_layer<T: Shaped>(
             OP,
             "hidden",
             hidden.shape(),
-            format!("[t >= 1, {h}] (the config's hidden size)"),
+            format!("[t, {h}] (the config's hidden size)"),
         ));
     }
     let act = hidden.dtype();
@@ -442,7 +445,7 @@ fn check_layer<T: Shaped>(
 /// Check that every buffer the layer allocates or binds fits one storage binding.
 fn check_limits(gpu: &Gpu, config: &MoeConfig, t: usize, act: DType, out: DType) -> Result<()> {
     let (h, i) = (config.hidden as u64, config.intermediate as u64);
-    let rows = config.rows(t) as u64;
+    let rows = config.rows(t)? as u64;
     let a = act.size() as u64;
     let mut buffers = vec![
         ("hidden", t as u64 * h * a),
@@ -495,17 +498,24 @@ struct SharedPlans {
 
 /// A MoE layer bound to its inputs, weights and output: validated, planned and compiled, ready to
 /// record any number of times into a caller's [`Recorder`] (one command buffer, no host round
-/// trip).
+/// trip). An empty batch (`t = 0`, as serving loops send) is valid: its outputs are empty and it
+/// records nothing.
 pub struct MoeLayer {
     config: MoeConfig,
     tokens: usize,
     router: merrouter::Router,
+    /// Everything after the routing; `None` for an empty batch.
+    steps: Option<LayerSteps>,
+    intermediates: Intermediates,
+}
+
+/// The layer's steps after the routing.
+struct LayerSteps {
     gather: kernels::Step,
     gate_up: GmmPlan,
     down: GmmPlan,
     shared: Option<SharedPlans>,
     combine: kernels::Step,
-    intermediates: Intermediates,
 }
 
 impl std::fmt::Debug for MoeLayer {
@@ -561,7 +571,7 @@ impl MoeLayer {
         check_limits(gpu, config, t, hidden.dtype(), out.dtype())?;
 
         let (h, i, act) = (config.hidden, config.intermediate, hidden.dtype());
-        let rows = config.rows(t);
+        let rows = config.rows(t)?;
         let router = merrouter::Router::new(gpu, &config.router, &router_inputs)?;
         let intermediates = Intermediates {
             x_sorted: gpu.zeros(&[rows, h], act)?,
@@ -573,6 +583,178 @@ impl MoeLayer {
                 None => None,
             },
         };
+        let steps = if t == 0 {
+            None
+        } else {
+            Some(LayerSteps::new(
+                gpu,
+                config,
+                (hidden, weights, out),
+                &router,
+                &intermediates,
+                options,
+            )?)
+        };
+        Ok(MoeLayer {
+            config: config.clone(),
+            tokens: t,
+            router,
+            steps,
+            intermediates,
+        })
+    }
+
+    /// Record the whole layer: one compute pass per step, named as in [`STEPS`] (nothing for an
+    /// empty batch).
+    pub fn record(&self, rec: &mut Recorder) -> Result<()> {
+        self.record_steps(rec, |rec, steps, step, label| match step {
+            RoutedStep::GateUp => steps.gate_up.record_as(rec, label),
+            RoutedStep::Down => steps.down.record_as(rec, label),
+        })
+    }
+
+    /// Record the layer, with `routed` recording the routed experts' two grouped matmuls.
+    fn record_steps(
+        &self,
+        rec: &mut Recorder,
+        routed: impl Fn(&mut Recorder, &LayerSteps, RoutedStep, &str) -> Result<()>,
+    ) -> Result<()> {
+        let Some(steps) = &self.steps else {
+            return Ok(());
+        };
+        self.router.record_as(rec, STEPS[0])?;
+        steps.gather.record(rec, STEPS[1]);
+        routed(rec, steps, RoutedStep::GateUp, STEPS[2])?;
+        routed(rec, steps, RoutedStep::Down, STEPS[3])?;
+        if let Some(shared) = &steps.shared {
+            shared.gate_up.record_as(rec, STEPS[4])?;
+            shared.down.record_as(rec, STEPS[5])?;
+        }
+        steps.combine.record(rec, STEPS[6]);
+        Ok(())
+    }
+
+    /// Labels of the compute passes [`MoeLayer::record`] makes, in order (none for an empty
+    /// batch).
+    pub fn steps(&self) -> Vec<&'static str> {
+        let Some(steps) = &self.steps else {
+            return Vec::new();
+        };
+        STEPS
+            .iter()
+            .copied()
+            .filter(|s| steps.shared.is_some() || !s.starts_with("moe shared"))
+            .collect()
+    }
+
+    /// The router (its routing outputs and dispatch layout live on the device).
+    pub fn router(&self) -> &merrouter::Router {
+        &self.router
+    }
+
+    pub fn intermediates(&self) -> &Intermediates {
+        &self.intermediates
+    }
+
+    pub fn config(&self) -> &MoeConfig {
+        &self.config
+    }
+
+    pub fn tokens(&self) -> usize {
+        self.tokens
+    }
+
+    /// The variants the steps got on this adapter.
+    pub fn variant(&self) -> String {
+        let Some(steps) = &self.steps else {
+            return "empty batch: nothing recorded".to_string();
+        };
+        let mut v = format!(
+            "route: {}; gate_up: {}; down: {}",
+            self.router.variant(),
+            steps.gate_up.variant(),
+            steps.down.variant()
+        );
+        if let Some(shared) = &steps.shared {
+            v += &format!(
+                "; shared: {} / {}",
+                shared.gate_up.variant(),
+                shared.down.variant()
+            );
+        }
+        v
+    }
+
+    /// The comparison baseline: the same layer with the routed experts' grouped matmuls replaced
+    /// by one dispatch per non-empty expert ([`PerExpertBaseline`]). It needs the router's offsets
+    /// on the host (`[e + 1]`), i.e. a host round trip a real layer would not make; `weights` must
+    /// be the ones the layer was built with. An empty batch has an empty baseline.
+    pub fn per_expert_baseline(
+        &self,
+        gpu: &Gpu,
+        weights: &MoeWeights<'_>,
+        host_offsets: &[u32],
+        options: &MoeOptions,
+    ) -> Result<PerExpertChain> {
+        if self.steps.is_none() {
+            return Ok(PerExpertChain { routed: None });
+        }
+        let offsets = DeviceGroups::Offsets(&self.router.layout().offsets);
+        let m = &self.intermediates;
+        let gate_up = PerExpertBaseline::new(
+            gpu,
+            &GmmArgs {
+                x: &m.x_sorted,
+                groups: offsets,
+                weights: weights.gate_up,
+                row_scale: None,
+                y: &m.intermediate,
+                host_offsets: Some(host_offsets),
+            },
+            &options.gmm(self.config.layout, Activation::SwiGlu),
+        )?;
+        let down = PerExpertBaseline::new(
+            gpu,
+            &GmmArgs {
+                x: &m.intermediate,
+                groups: offsets,
+                weights: weights.down,
+                row_scale: Some(&m.row_weights),
+                y: &m.expert_out,
+                host_offsets: Some(host_offsets),
+            },
+            &options.gmm(self.config.layout, Activation::None),
+        )?;
+        Ok(PerExpertChain {
+            routed: Some((gate_up, down)),
+        })
+    }
+
+    /// Record the layer with the per-expert baseline in place of the routed grouped matmuls.
+    pub fn record_baseline(&self, rec: &mut Recorder, chain: &PerExpertChain) -> Result<()> {
+        self.record_steps(rec, |rec, _, step, _| match (&chain.routed, step) {
+            (Some((gate_up, _)), RoutedStep::GateUp) => gate_up.record(rec),
+            (Some((_, down)), RoutedStep::Down) => down.record(rec),
+            (None, _) => Err(Error::invalid(
+                OP,
+                "per-expert baseline",
+                "it was made for an empty batch, not for this layer",
+            )),
+        })
+    }
+}
+
+impl LayerSteps {
+    /// Plan and bind the gather, the grouped matmuls and the combine (`t >= 1`).
+    fn new(
+        gpu: &Gpu,
+        config: &MoeConfig,
+        (hidden, weights, out): (&DeviceTensor, &MoeWeights<'_>, &DeviceTensor),
+        router: &merrouter::Router,
+        intermediates: &Intermediates,
+        options: &MoeOptions,
+    ) -> Result<Self> {
+        let t = hidden.shape()[0];
         let layout = router.layout();
         let gather = kernels::gather(
             gpu,
@@ -654,134 +836,12 @@ impl MoeLayer {
             &unused,
             out,
         )?;
-        Ok(MoeLayer {
-            config: config.clone(),
-            tokens: t,
-            router,
+        Ok(LayerSteps {
             gather,
             gate_up,
             down,
             shared,
             combine,
-            intermediates,
-        })
-    }
-
-    /// Record the whole layer: one compute pass per step, named as in [`STEPS`].
-    pub fn record(&self, rec: &mut Recorder) -> Result<()> {
-        self.record_steps(rec, |rec, step, label| match step {
-            RoutedStep::GateUp => self.gate_up.record_as(rec, label),
-            RoutedStep::Down => self.down.record_as(rec, label),
-        })
-    }
-
-    /// Record the layer, with `routed` recording the routed experts' two grouped matmuls.
-    fn record_steps(
-        &self,
-        rec: &mut Recorder,
-        routed: impl Fn(&mut Recorder, RoutedStep, &str) -> Result<()>,
-    ) -> Result<()> {
-        self.router.record_as(rec, STEPS[0])?;
-        self.gather.record(rec, STEPS[1]);
-        routed(rec, RoutedStep::GateUp, STEPS[2])?;
-        routed(rec, RoutedStep::Down, STEPS[3])?;
-        if let Some(shared) = &self.shared {
-            shared.gate_up.record_as(rec, STEPS[4])?;
-            shared.down.record_as(rec, STEPS[5])?;
-        }
-        self.combine.record(rec, STEPS[6]);
-        Ok(())
-    }
-
-    /// Labels of the compute passes [`MoeLayer::record`] makes, in order.
-    pub fn steps(&self) -> Vec<&'static str> {
-        STEPS
-            .iter()
-            .copied()
-            .filter(|s| self.shared.is_some() || !s.starts_with("moe shared"))
-            .collect()
-    }
-
-    /// The router (its routing outputs and dispatch layout live on the device).
-    pub fn router(&self) -> &merrouter::Router {
-        &self.router
-    }
-
-    pub fn intermediates(&self) -> &Intermediates {
-        &self.intermediates
-    }
-
-    pub fn config(&self) -> &MoeConfig {
-        &self.config
-    }
-
-    pub fn tokens(&self) -> usize {
-        self.tokens
-    }
-
-    /// The variants the steps got on this adapter.
-    pub fn variant(&self) -> String {
-        let mut v = format!(
-            "route: {}; gate_up: {}; down: {}",
-            self.router.variant(),
-            self.gate_up.variant(),
-            self.down.variant()
-        );
-        if let Some(shared) = &self.shared {
-            v += &format!(
-                "; shared: {} / {}",
-                shared.gate_up.variant(),
-                shared.down.variant()
-            );
-        }
-        v
-    }
-
-    /// The comparison baseline: the same layer with the routed experts' grouped matmuls replaced
-    /// by one dispatch per non-empty expert ([`PerExpertBaseline`]). It needs the router's offsets
-    /// on the host (`[e + 1]`), i.e. a host round trip a real layer would not make; `weights` must
-    /// be the ones the layer was built with.
-    pub fn per_expert_baseline(
-        &self,
-        gpu: &Gpu,
-        weights: &MoeWeights<'_>,
-        host_offsets: &[u32],
-        options: &MoeOptions,
-    ) -> Result<PerExpertChain> {
-        let offsets = DeviceGroups::Offsets(&self.router.layout().offsets);
-        let m = &self.intermediates;
-        let gate_up = PerExpertBaseline::new(
-            gpu,
-            &GmmArgs {
-                x: &m.x_sorted,
-                groups: offsets,
-                weights: weights.gate_up,
-                row_scale: None,
-                y: &m.intermediate,
-                host_offsets: Some(host_offsets),
-            },
-            &options.gmm(self.config.layout, Activation::SwiGlu),
-        )?;
-        let down = PerExpertBaseline::new(
-            gpu,
-            &GmmArgs {
-                x: &m.intermediate,
-                groups: offsets,
-                weights: weights.down,
-                row_scale: Some(&m.row_weights),
-                y: &m.expert_out,
-                host_offsets: Some(host_offsets),
-            },
-            &options.gmm(self.config.layout, Activation::None),
-        )?;
-        Ok(PerExpertChain { gate_up, down })
-    }
-
-    /// Record the layer with the per-expert baseline in place of the routed grouped matmuls.
-    pub fn record_baseline(&self, rec: &mut Recorder, chain: &PerExpertChain) -> Result<()> {
-        self.record_steps(rec, |rec, step, _| match step {
-            RoutedStep::GateUp => chain.gate_up.record(rec),
-            RoutedStep::Down => chain.down.record(rec),
         })
     }
 }
@@ -796,14 +856,16 @@ enum RoutedStep {
 /// The per-expert baseline of a layer's routed grouped matmuls (see
 /// [`MoeLayer::per_expert_baseline`]).
 pub struct PerExpertChain {
-    gate_up: PerExpertBaseline,
-    down: PerExpertBaseline,
+    /// gate_up and down; `None` for an empty batch.
+    routed: Option<(PerExpertBaseline, PerExpertBaseline)>,
 }
 
 impl PerExpertChain {
     /// Dispatches of the two grouped matmuls (two per non-empty expert).
     pub fn dispatches(&self) -> usize {
-        self.gate_up.dispatches() + self.down.dispatches()
+        self.routed.as_ref().map_or(0, |(gate_up, down)| {
+            gate_up.dispatches() + down.dispatches()
+        })
     }
 }
 
@@ -919,7 +981,7 @@ mod tests {
         );
         let small = MoeConfig::preset("deepseek-v3-small").unwrap();
         assert_eq!(small.router, d.router, "same routing structure");
-        assert_eq!(small.rows(5), 40);
+        assert_eq!(small.rows(5).unwrap(), 40);
         assert!(MoeConfig::preset("mixtral").is_err());
     }
 

@@ -165,6 +165,73 @@ fn expert_mlp(
     Ok(y.iter().map(|&v| stored(v, act)).collect())
 }
 
+/// The checks of [`token_outputs`]: the config, `hidden [t, h]`, a routing of exactly those `t`
+/// tokens with ids in `0..e`, and experts that match the config.
+fn check_token_inputs(
+    config: &MoeConfig,
+    hidden: &Tensor,
+    routing: &RoutingRef,
+    experts: &Experts<'_>,
+    out_dtype: DType,
+) -> Result<()> {
+    config.validate()?;
+    let (h, k, e) = (config.hidden, config.router.top_k, config.router.experts);
+    let t = match *hidden.shape() {
+        [t, cols] if cols == h && hidden.dtype().is_float() => t,
+        _ => {
+            return Err(Error::shape(
+                OP,
+                "hidden",
+                (hidden.shape(), hidden.dtype()),
+                format!("[t, {h}] f32, f16 or bf16"),
+            ));
+        }
+    };
+    if !out_dtype.is_float() {
+        return Err(Error::unsupported(
+            OP,
+            format!("out of dtype {out_dtype} (expected f32, f16 or bf16)"),
+        ));
+    }
+    let slots = t.checked_mul(k);
+    if Some(routing.ids.len()) != slots || Some(routing.weights.len()) != slots {
+        return Err(Error::shape(
+            OP,
+            "routing",
+            (routing.ids.len(), routing.weights.len()),
+            format!("[{t}, {k}] ids and weights (the {t} tokens of hidden)"),
+        ));
+    }
+    if let Some((slot, &id)) = routing
+        .ids
+        .iter()
+        .enumerate()
+        .find(|&(_, &id)| id < 0 || id as usize >= e)
+    {
+        return Err(Error::invalid(
+            OP,
+            format!("routing.ids[{slot}]"),
+            format!("{id} is not an expert (0..{e})"),
+        ));
+    }
+    for (what, have) in [
+        ("gate_up experts", experts.gate_up.experts()),
+        ("down experts", experts.down.experts()),
+    ] {
+        if have != e {
+            return Err(Error::shape(OP, what, have, format!("{e} (the config's)")));
+        }
+    }
+    if config.shared_intermediate.is_some() != experts.shared.is_some() {
+        return Err(Error::invalid(
+            OP,
+            "shared expert",
+            "the config and the experts disagree on whether there is one",
+        ));
+    }
+    Ok(())
+}
+
 /// The layer output of the tokens `tokens` (in that order), `[tokens.len(), h]`, given the
 /// routing of all tokens: `hidden [t, h]` (its dtype is the activation dtype), the experts, the
 /// output dtype.
@@ -176,8 +243,12 @@ pub fn token_outputs(
     tokens: &[usize],
     out_dtype: DType,
 ) -> Result<Vec<f64>> {
+    check_token_inputs(config, hidden, routing, experts, out_dtype)?;
     let (h, k, e) = (config.hidden, config.router.top_k, config.router.experts);
     let x = select_rows(hidden, tokens)?;
+    if tokens.is_empty() {
+        return Ok(Vec::new());
+    }
     let mut out = vec![0.0; tokens.len() * h];
     // Expert by expert, so that each expert's weights are made and widened once.
     for expert in 0..e {

@@ -1,87 +1,31 @@
 //! SwiftGMM in the registry: the case tables of `fusedops check` / `bench`, synthetic inputs,
 //! and the named-tensor interface of `fusedops run`.
 
-use half::{bf16, f16};
-
 use super::tiling::CacheLocation;
 use super::{
     Activation, DeviceGroups, ExpertWeights, GmmArgs, GmmPlan, Groups, Layout, Mode, Options,
     PerExpertBaseline, Tiling, reference, tolerance,
 };
 use crate::check::{Tolerance, compare};
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::gpu::{Gpu, Recorder};
+use rayon::prelude::*;
+
 use crate::registry::{
-    Case, CaseInfo, Checked, NamedTensors, Operator, Prepared, Scale, input, params_from_json,
+    Case, CaseInfo, Checked, Coverage, HostPrepared, NamedTensors, Operator, Prepared, Scale,
+    Target, check_input_names, input, params_from_json,
 };
-use crate::tensor::{DType, DeviceTensor, Tensor, TensorData};
+use crate::seeded::Seeded;
+use crate::tensor::{DType, DeviceTensor, Tensor};
+use crate::util::{synthetic, unit};
 
 const OP: &str = "swiftgmm";
 
 /// The registered operator.
 pub struct SwiftGmmOperator;
 
-/// The instance in `registry::operators()`.
+/// The instance in [`crate::suite::operators`].
 pub static OPERATOR: SwiftGmmOperator = SwiftGmmOperator;
-
-/// A deterministic value in [-1, 1) for index `i` (splitmix64 of seed and index).
-fn hash_value(seed: u64, i: u64) -> f32 {
-    let mut z = seed
-        .wrapping_mul(0xd1b5_4a32_d192_ed03)
-        .wrapping_add(i.wrapping_mul(0x9e37_79b9_7f4a_7c15));
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^= z >> 31;
-    (z >> 40) as f32 / (1u64 << 23) as f32 - 1.0
-}
-
-/// Fill `out` with `value(i)` on every core (the bench weights reach gigabytes).
-fn fill_parallel<T: Send>(out: &mut [T], value: impl Fn(usize) -> T + Sync) {
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let chunk = out.len().div_ceil(threads).max(1 << 16);
-    std::thread::scope(|s| {
-        for (c, part) in out.chunks_mut(chunk).enumerate() {
-            let value = &value;
-            s.spawn(move || {
-                for (j, slot) in part.iter_mut().enumerate() {
-                    *slot = value(c * chunk + j);
-                }
-            });
-        }
-    });
-}
-
-/// A tensor of `dtype` with `value(i)` rounded to it.
-pub(crate) fn synthetic(
-    shape: &[usize],
-    dtype: DType,
-    value: impl Fn(usize) -> f32 + Sync,
-) -> Result<Tensor> {
-    let len: usize = shape.iter().product();
-    let data = match dtype {
-        DType::BF16 => {
-            let mut v = vec![bf16::ZERO; len];
-            fill_parallel(&mut v, |i| bf16::from_f32(value(i)));
-            TensorData::BF16(v)
-        }
-        DType::F16 => {
-            let mut v = vec![f16::ZERO; len];
-            fill_parallel(&mut v, |i| f16::from_f32(value(i)));
-            TensorData::F16(v)
-        }
-        _ => {
-            let mut v = vec![0.0f32; len];
-            fill_parallel(&mut v, &value);
-            TensorData::F32(v)
-        }
-    };
-    Tensor::new(shape, data)
-}
-
-/// Hashed values in [-scale, scale).
-pub(crate) fn hashed(shape: &[usize], dtype: DType, seed: u64, scale: f32) -> Result<Tensor> {
-    synthetic(shape, dtype, |i| hash_value(seed, i as u64) * scale)
-}
 
 /// How many rows each expert gets.
 fn route(tokens: usize, topk: usize, experts: usize, moge: bool, seed: u64) -> Vec<u32> {
@@ -89,7 +33,7 @@ fn route(tokens: usize, topk: usize, experts: usize, moge: bool, seed: u64) -> V
     let mut draw = 0u64;
     let mut next = |m: usize| {
         draw += 1;
-        ((hash_value(seed, draw) + 1.0) * 0.5 * m as f32) as usize % m
+        ((unit(seed, draw) + 1.0) * 0.5 * m as f32) as usize % m
     };
     for _ in 0..tokens {
         if moge {
@@ -254,70 +198,193 @@ impl Case for GmmCase {
         2 * self.routed() as u64 * self.k as u64 * self.n as u64
     }
 
-    fn prepare<'g>(&self, gpu: &'g Gpu) -> Result<Box<dyn Prepared + 'g>> {
-        let (m_total, k, n) = (self.m_total(), self.k, self.n);
-        let routed_end = self.pad.0 + self.routed();
-        let seed = self
-            .name
-            .bytes()
-            .fold(7u64, |h, b| h.wrapping_mul(31) ^ b as u64);
-        let x = synthetic(&[m_total, k], self.x_dtype, |i| {
-            let row = i / k;
-            if row < self.pad.0 || row >= routed_end {
-                f32::NAN
-            } else {
-                hash_value(seed, i as u64)
-            }
-        })?;
-        let w_shape = self.layout.weight_shape(self.experts, k, n);
-        let w = hashed(&w_shape, self.w_dtype, seed ^ 1, 1.0 / (k as f32).sqrt())?;
-        let scale = if self.scale {
+    fn host(&self, _target: &Target) -> Result<Box<dyn HostPrepared>> {
+        Ok(Box::new(GmmHost::new(self)?))
+    }
+}
+
+impl GmmHost {
+    /// Generate the host inputs (row scale) and the reference of the checked rows.
+    fn new(case: &GmmCase) -> Result<Self> {
+        let m_total = case.m_total();
+        if (case.pad.0 > 0 || case.pad.1 > 0) && case.x_dtype != DType::F32 {
+            // NaN padding rows are written over the seeded x in whole 32-bit words.
+            return Err(Error::invalid(
+                OP,
+                "case table",
+                "padding rows need an f32 x",
+            ));
+        }
+        let scale = if case.scale {
             Some(synthetic(&[m_total], DType::F32, |i| {
-                0.5 + 0.5 * hash_value(seed ^ 2, i as u64)
+                0.5 + 0.5 * unit(case.seed() ^ 2, i as u64)
             })?)
         } else {
             None
         };
-        let offsets = self.offsets();
-        let rows = self.checked_rows();
-        let expected = reference::grouped_matmul_rows(
-            &x,
-            &offsets,
-            &w,
-            self.layout,
-            self.activation,
-            scale.as_ref(),
-            &rows,
-        )?;
-        let x_dev = gpu.upload(&x)?;
-        drop(x);
-        let weights = ExpertWeights::upload(gpu, &w)?;
-        drop(w);
-        let scale_dev = scale.as_ref().map(|s| gpu.upload(s)).transpose()?;
-        let offsets_dev = gpu.upload(&Tensor::u32(&[offsets.len()], offsets.clone())?)?;
-        let y = gpu.zeros(&[m_total, self.n_out()], self.out_dtype)?;
+        let offsets = case.offsets();
+        let rows = case.checked_rows();
+        let expected = case.reference_rows(&offsets, &rows, scale.as_ref())?;
+        Ok(GmmHost {
+            case: case.clone(),
+            offsets,
+            scale,
+            rows,
+            expected,
+        })
+    }
+}
+
+impl GmmCase {
+    /// Seed of the case's x (and row scale): from its name.
+    fn seed(&self) -> u64 {
+        self.name
+            .bytes()
+            .fold(7u64, |h, b| h.wrapping_mul(31) ^ b as u64)
+    }
+
+    /// x `[m_total, k]`, made on the device; slab r is row r. Values in [-1, 1).
+    fn x_seeded(&self) -> Seeded {
+        Seeded::new(self.seed() as u32, 0)
+    }
+
+    /// The weights `[e, a, b]`, made on the device; slab g is expert g. The same for every token
+    /// count of a preset's projection, about 1/sqrt(k) in size.
+    fn w_seeded(&self) -> Seeded {
+        let seed = format!("{} {} {} {}", self.preset, self.experts, self.k, self.n)
+            .bytes()
+            .fold(11u32, |h, b| h.wrapping_mul(31) ^ b as u32);
+        Seeded::new(seed, Seeded::shift_for_dot(self.k))
+    }
+
+    /// The reference of `rows` (each group's rows on its own core, its expert made once).
+    fn reference_rows(
+        &self,
+        offsets: &[u32],
+        rows: &[usize],
+        scale: Option<&Tensor>,
+    ) -> Result<Vec<f64>> {
+        let (k, n_out) = (self.k, self.n_out());
+        let mut by_group: Vec<(usize, Vec<usize>)> = Vec::new();
+        for (i, &row) in rows.iter().enumerate() {
+            let Some(g) = reference::group_of_row(offsets, row) else {
+                continue; // padding: the reference is 0 there
+            };
+            match by_group.last_mut() {
+                Some((last, members)) if *last == g => members.push(i),
+                _ => by_group.push((g, vec![i])),
+            }
+        }
+        let (x_seed, w_seed) = (self.x_seeded(), self.w_seeded());
+        let [a, b] = self.layout.weight_shape(1, k, self.n)[1..] else {
+            unreachable!("weight shapes have three dimensions")
+        };
+        let parts: Vec<Vec<f64>> = by_group
+            .par_iter()
+            .map(|(g, members)| {
+                let picked: Vec<usize> = members.iter().map(|&i| rows[i]).collect();
+                let x = x_seed.rows(&picked, k, self.x_dtype)?;
+                let w = w_seed.slab(*g, &[1, a, b], self.w_dtype)?;
+                let s = scale
+                    .map(|s| {
+                        let all = s.to_f32();
+                        Tensor::f32(&[picked.len()], picked.iter().map(|&r| all[r]).collect())
+                    })
+                    .transpose()?;
+                let local: Vec<usize> = (0..picked.len()).collect();
+                reference::grouped_matmul_rows(
+                    &x,
+                    &[0, picked.len() as u32],
+                    &w,
+                    self.layout,
+                    self.activation,
+                    s.as_ref(),
+                    &local,
+                )
+            })
+            .collect::<Result<_>>()?;
+        let mut expected = vec![0.0; rows.len() * n_out];
+        for ((_, members), part) in by_group.iter().zip(parts) {
+            for (j, &i) in members.iter().enumerate() {
+                expected[i * n_out..(i + 1) * n_out]
+                    .copy_from_slice(&part[j * n_out..(j + 1) * n_out]);
+            }
+        }
+        Ok(expected)
+    }
+}
+
+/// A case's host half: the offsets, the row scale, the checked rows and their reference.
+struct GmmHost {
+    case: GmmCase,
+    offsets: Vec<u32>,
+    scale: Option<Tensor>,
+    rows: Vec<usize>,
+    expected: Vec<f64>,
+}
+
+impl HostPrepared for GmmHost {
+    fn upload<'g>(&self, gpu: &'g Gpu) -> Result<Box<dyn Prepared + 'g>> {
+        Ok(Box::new(self.upload_gmm(gpu)?))
+    }
+
+    fn coverage(&self) -> Coverage {
+        Coverage::new(self.rows.len(), self.case.m_total(), "rows")
+    }
+}
+
+impl GmmHost {
+    fn upload_gmm<'g>(&self, gpu: &'g Gpu) -> Result<GmmPrepared<'g>> {
+        let c = &self.case;
+        let (m_total, k) = (c.m_total(), c.k);
+        let x_dev = c
+            .x_seeded()
+            .device_tensor(gpu, &[m_total, k], c.x_dtype, 0)?;
+        // Padding rows (f32 x) hold NaN: a read of one would poison its output row.
+        for rows in [0..c.pad.0, m_total - c.pad.1..m_total] {
+            if !rows.is_empty() {
+                let nan = vec![f32::NAN; rows.len() * k];
+                gpu.checked(|| {
+                    gpu.queue.write_buffer(
+                        x_dev.buffer(),
+                        (rows.start * k * 4) as u64,
+                        bytemuck::cast_slice(&nan),
+                    )
+                })?;
+            }
+        }
+        let w_dims = c.layout.weight_shape(c.experts, k, c.n);
+        let weights = ExpertWeights::from_shards(c.w_seeded().device_shards(
+            gpu,
+            c.experts,
+            &w_dims[1..],
+            c.w_dtype,
+        )?)?;
+        let scale_dev = self.scale.as_ref().map(|s| gpu.upload(s)).transpose()?;
+        let offsets_dev = gpu.upload(&Tensor::u32(&[self.offsets.len()], self.offsets.clone())?)?;
+        let y = gpu.zeros(&[m_total, c.n_out()], c.out_dtype)?;
         let args = GmmArgs {
             x: &x_dev,
             groups: DeviceGroups::Offsets(&offsets_dev),
             weights: &weights,
             row_scale: scale_dev.as_ref(),
             y: &y,
-            host_offsets: Some(&offsets),
+            host_offsets: Some(&self.offsets),
         };
-        let options = self.options();
+        let options = c.options();
         let plan = GmmPlan::new(gpu, &args, &options)?;
         let baseline = PerExpertBaseline::new(gpu, &args, &options)?;
-        Ok(Box::new(GmmPrepared {
+        Ok(GmmPrepared {
             gpu,
             plan,
             baseline,
             y,
-            rows,
-            expected,
-            n_out: self.n_out(),
-            tolerance: tolerance(self.out_dtype),
+            rows: self.rows.clone(),
+            expected: self.expected.clone(),
+            n_out: c.n_out(),
+            tolerance: tolerance(c.out_dtype),
             _inputs: (x_dev, weights, offsets_dev, scale_dev),
-        }))
+        })
     }
 }
 
@@ -467,6 +534,42 @@ fn preset_case(
     }
 }
 
+/// The headline cases of `fusedops bench`: pangu-pro-moe's gate/up at 16, 256 and 4096 tokens,
+/// deepseek-v3's gate/up and down at 16 and 4096, each against one dispatch per expert. A CPU
+/// adapter gets the same cases at 1/8 of every dimension and 4, 16, 64 tokens.
+fn headline(full: bool) -> Vec<GmmCase> {
+    let (shrink, pangu, deepseek): (usize, &[usize], &[usize]) = if full {
+        (1, &[16, 256, 4096], &[16, 4096])
+    } else {
+        (8, &[4, 16, 64], &[4, 64])
+    };
+    // Tuned once per adapter and shape, then read from the tiling cache.
+    let t = Tiling::Tune;
+    let mut cases: Vec<GmmCase> = pangu
+        .iter()
+        .map(|&tok| preset_case(&PANGU, Proj::GateUp, tok, Layout::Nk, shrink, t))
+        .collect();
+    for &tok in deepseek {
+        cases.push(preset_case(
+            &DEEPSEEK,
+            Proj::GateUp,
+            tok,
+            Layout::Nk,
+            shrink,
+            t,
+        ));
+        cases.push(preset_case(
+            &DEEPSEEK,
+            Proj::Down,
+            tok,
+            Layout::Nk,
+            shrink,
+            t,
+        ));
+    }
+    cases
+}
+
 /// A small case for CI.
 #[allow(clippy::too_many_arguments)]
 fn ci_case(
@@ -575,54 +678,16 @@ impl Operator for SwiftGmmOperator {
                     preset_case(&DEEPSEEK, Proj::Down, 16, Layout::Nk, 1, t),
                 ]
             }
-            Scale::Bench => {
-                let t = Tiling::Tune;
-                let (shrink, tokens): (usize, &[usize]) = if gpu.is_cpu() {
-                    (8, &[4, 64])
-                } else {
-                    (1, &[16, 256, 4096])
-                };
-                let mut cases = Vec::new();
-                for &tok in tokens {
-                    cases.push(preset_case(
-                        &PANGU,
-                        Proj::GateUp,
-                        tok,
-                        Layout::Nk,
-                        shrink,
-                        t,
-                    ));
-                }
-                cases.push(preset_case(
-                    &PANGU,
-                    Proj::GateUp,
-                    tokens[0],
-                    Layout::Kn,
-                    shrink,
-                    t,
-                ));
-                for &tok in tokens {
-                    cases.push(preset_case(
-                        &DEEPSEEK,
-                        Proj::GateUp,
-                        tok,
-                        Layout::Nk,
-                        shrink,
-                        t,
-                    ));
-                    cases.push(preset_case(
-                        &DEEPSEEK,
-                        Proj::Down,
-                        tok,
-                        Layout::Nk,
-                        shrink,
-                        t,
-                    ));
-                }
-                cases
-            }
+            Scale::Bench => return self.headline(!gpu.is_cpu()),
         };
         cases
+            .into_iter()
+            .map(|c| Box::new(c) as Box<dyn Case>)
+            .collect()
+    }
+
+    fn headline(&self, full: bool) -> Vec<Box<dyn Case>> {
+        headline(full)
             .into_iter()
             .map(|c| Box::new(c) as Box<dyn Case>)
             .collect()
@@ -739,11 +804,12 @@ struct NamedInputs<'a> {
 impl<'a> NamedInputs<'a> {
     fn parse(inputs: &'a NamedTensors, params: &serde_json::Value) -> Result<Self> {
         let p: RunParams = params_from_json(OP, params)?;
+        check_input_names(OP, inputs, &["x", "w", "offsets", "counts", "row_scale"])?;
         let groups = match (inputs.get("offsets"), inputs.get("counts")) {
             (Some(o), None) => Groups::from_tensor(o, false)?,
             (None, Some(c)) => Groups::from_tensor(c, true)?,
             _ => {
-                return Err(crate::error::Error::invalid(
+                return Err(Error::invalid(
                     OP,
                     "inputs",
                     "give exactly one of \"offsets\" [e + 1] or \"counts\" [e]",
@@ -787,13 +853,50 @@ mod tests {
         );
     }
 
+    /// The sampled check can fail: a wrong value in one sampled row of y fails it, while the
+    /// same corruption in a row outside the sample goes unseen (the report says how many rows
+    /// it checked).
     #[test]
-    fn hashed_values_stay_in_range() {
-        let t = hashed(&[1000], DType::F32, 9, 1.0).unwrap();
-        let v = t.to_f32();
-        assert!(v.iter().all(|x| (-1.0..1.0).contains(x)));
-        let mean: f32 = v.iter().sum::<f32>() / 1000.0;
-        assert!(mean.abs() < 0.1, "mean {mean}");
+    fn sampled_verification_fails_on_a_corrupted_sampled_row() {
+        let gpu = Gpu::new().unwrap_or_else(|e| panic!("this test needs a GPU adapter.\n{e}"));
+        // 8000 rows x 512 x 64: past FULL_REFERENCE_MACS, so the reference samples rows.
+        let case = ci_case(
+            "sampled",
+            (40, 512, 64),
+            Layout::Nk,
+            Activation::None,
+            (DType::F32, DType::BF16, DType::F32),
+            false,
+            vec![200; 40],
+            (0, 0),
+        );
+        let host = GmmHost::new(&case).unwrap();
+        assert!(
+            host.rows.len() < case.m_total() / 10,
+            "{} rows",
+            host.rows.len()
+        );
+        let prepared = host.upload_gmm(&gpu).unwrap();
+        gpu.run(|rec| prepared.record(rec)).unwrap();
+        assert!(prepared.verify().unwrap()[0].comparison.pass);
+        let unsampled = (0..case.m_total())
+            .find(|r| !host.rows.contains(r))
+            .unwrap();
+        let sampled = host.rows[host.rows.len() / 2];
+        let corrupt = |row: usize| {
+            let bytes = (row * case.n_out() * 4) as u64;
+            gpu.queue
+                .write_buffer(prepared.y.buffer(), bytes + 8, bytemuck::bytes_of(&1e3f32));
+            gpu.queue.submit(std::iter::empty());
+        };
+        corrupt(unsampled);
+        assert!(prepared.verify().unwrap()[0].comparison.pass);
+        corrupt(sampled);
+        let checked = prepared.verify().unwrap();
+        assert!(
+            !checked[0].comparison.pass,
+            "a corrupted sampled row must fail"
+        );
     }
 
     #[test]

@@ -239,12 +239,28 @@ impl Groups {
                 "[e + 1] offsets or [e] counts",
             ));
         }
+        if t.numel() < 1 + usize::from(!counts) {
+            return Err(Error::shape(
+                OP,
+                what,
+                t.shape(),
+                if counts {
+                    "[e] counts with e >= 1 (an empty list has no groups)"
+                } else {
+                    "[e + 1] offsets with e >= 1 (an empty list has no groups)"
+                },
+            ));
+        }
         let values: Vec<u32> = match (t.as_i32(), t.as_u32()) {
             (Some(v), _) => v
                 .iter()
-                .map(|&x| u32::try_from(x))
-                .collect::<std::result::Result<_, _>>()
-                .map_err(|_| Error::invalid(OP, what, "negative value"))?,
+                .enumerate()
+                .map(|(i, &x)| {
+                    u32::try_from(x).map_err(|_| {
+                        Error::invalid(OP, format!("{what}[{i}]"), format!("{x} is negative"))
+                    })
+                })
+                .collect::<Result<_>>()?,
             (_, Some(v)) => v.to_vec(),
             _ => {
                 return Err(Error::unsupported(
@@ -355,7 +371,7 @@ impl ExpertWeights {
             let buffer = gpu.storage_buffer_with("swiftgmm weights", &bytes[range])?;
             shards.push(WeightShard {
                 first_expert: first,
-                tensor: DeviceTensor::from_parts(buffer, &[count, dims[0], dims[1]], w.dtype()),
+                tensor: DeviceTensor::from_parts(buffer, &[count, dims[0], dims[1]], w.dtype())?,
             });
             first += count;
         }
@@ -782,14 +798,14 @@ impl<'a> Validated<'a> {
         if let Some(offsets) = args.host_offsets {
             check_offsets(offsets, problem.experts, problem.m_total)?;
         }
-        check_binding(gpu, "x", &args.x.buffer)?;
-        check_binding(gpu, "y", &args.y.buffer)?;
-        check_binding(gpu, "group offsets", &groups.buffer)?;
+        check_binding(gpu, "x", args.x.buffer())?;
+        check_binding(gpu, "y", args.y.buffer())?;
+        check_binding(gpu, "group offsets", groups.buffer())?;
         if let Some(s) = args.row_scale {
-            check_binding(gpu, "row_scale", &s.buffer)?;
+            check_binding(gpu, "row_scale", s.buffer())?;
         }
         for shard in w.shards() {
-            check_binding(gpu, "weight shard", &shard.tensor.buffer)?;
+            check_binding(gpu, "weight shard", shard.tensor.buffer())?;
         }
         let key = problem.key(args.host_offsets);
         let config = tiling::resolve(gpu, &key, &options.tiling)?;
@@ -1159,7 +1175,10 @@ fn check_host(
 ) -> Result<(Problem, Vec<u32>)> {
     let (experts, dims) = weight_dims(w.shape())?;
     let counts = matches!(groups, Groups::Counts(_));
-    let groups_len = [groups.experts() + usize::from(!counts)];
+    let groups_len = [match groups {
+        Groups::Offsets(o) => o.len(),
+        Groups::Counts(c) => c.len(),
+    }];
     let problem = Problem::check(
         Desc {
             shape: x.shape(),

@@ -13,11 +13,11 @@ use std::sync::{Mutex, OnceLock};
 
 use serde::{Deserialize, Serialize};
 
-use super::cases::hashed;
 use super::{Activation, ExpertWeights, GmmArgs, GmmPlan, Layout, Mode, Options, Tiling};
 use crate::error::{Error, Result};
 use crate::gpu::Gpu;
 use crate::tensor::{DType, Tensor};
+use crate::util::{hashed, utc_now};
 
 const OP: &str = "swiftgmm";
 
@@ -34,6 +34,7 @@ pub const CACHE_FILE: &str = "swiftgmm_tiling.json";
 
 /// The GEMV-like path: a tile is (group, row block, weight-column block) over the whole of k.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct GemvConfig {
     /// Rows per row block (1..=16); a group larger than this takes several blocks when the GEMV
     /// path is forced.
@@ -49,6 +50,7 @@ pub struct GemvConfig {
 
 /// The tiled GEMM path.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct GemmConfig {
     /// Rows per tile.
     pub tm: u32,
@@ -64,6 +66,7 @@ pub struct GemmConfig {
 
 /// A complete tiling: both paths and the row count at which groups switch path.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct TileConfig {
     /// Groups of at most this many rows take the GEMV path in [`Mode::Auto`] (0: none do).
     pub threshold: u32,
@@ -960,7 +963,7 @@ pub fn tune(gpu: &Gpu, key: &ShapeKey, settings: &TuneSettings) -> Result<CacheE
         gemv_us,
         gemm_us,
         probes,
-        measured_utc: crate::bench::utc_now(),
+        measured_utc: utc_now(),
     })
 }
 
