@@ -3,14 +3,13 @@
 // lse = max lse + ln(sum_i w_i). One workgroup per (combine job, row of the head block); each
 // invocation owns 4 of the 512 output dims. A split whose row saw no key (lse = -inf, stored as
 // bits so that no infinity is ever computed with) has weight 0; a row with no key at all gets
-// out = 0, lse = -inf, like the unsplit path.
+// out = 0, lse = -inf, like the unsplit path. A split whose row saw a NaN or infinity (lse NaN)
+// makes the row NaN.
 
 override HB: u32 = 16u;       // rows per head block (as the decode kernel)
 override OUT_DTYPE: u32 = 2u; // DTYPE_* of out
 
 const V_QUADS: u32 = 128u;
-const NEG_INF_BITS: u32 = 0xff800000u;
-const MASKED: f32 = -3.0e38;
 
 struct CombineParams {
     s_q: u32,           // query tokens per sequence
@@ -51,9 +50,11 @@ fn combine(
         return;
     }
     var m = MASKED;
+    var nan = false;
     for (var s = 0u; s < splits; s++) {
         let bits = part_lse[(first + s) * HB + r];
-        if (bits != NEG_INF_BITS) {
+        nan = nan || (is_nonfinite_f32(bits) && bits != NEG_INF_BITS);
+        if (!is_nonfinite_f32(bits)) {
             m = max(m, bitcast<f32>(bits));
         }
     }
@@ -61,7 +62,7 @@ fn combine(
     var total = 0.0;
     for (var s = 0u; s < splits; s++) {
         let bits = part_lse[(first + s) * HB + r];
-        if (bits != NEG_INF_BITS) {
+        if (!is_nonfinite_f32(bits)) {
             let w = exp(bitcast<f32>(bits) - m);
             total += w;
             acc = fma(vec4<f32>(w), part_out[((first + s) * HB + r) * V_QUADS + tid], acc);
@@ -72,16 +73,19 @@ fn combine(
         acc = acc / total;
         lse_bits = bitcast<u32>(m + log(total));
     }
+    if (nan) {
+        lse_bits = NAN_BITS;
+    }
     let o = (seq * params.rows + row_seq) * 512u + 4u * tid;
     if (OUT_DTYPE == DTYPE_F32) {
-        let bits = bitcast<vec4<u32>>(acc);
+        let bits = select(bitcast<vec4<u32>>(acc), vec4<u32>(NAN_BITS), nan);
         out[o] = bits.x;
         out[o + 1u] = bits.y;
         out[o + 2u] = bits.z;
         out[o + 3u] = bits.w;
     } else {
-        out[o / 2u] = pack_pair(acc.xy, OUT_DTYPE);
-        out[o / 2u + 1u] = pack_pair(acc.zw, OUT_DTYPE);
+        out[o / 2u] = select(pack_pair(acc.xy, OUT_DTYPE), nan_pair(OUT_DTYPE), nan);
+        out[o / 2u + 1u] = select(pack_pair(acc.zw, OUT_DTYPE), nan_pair(OUT_DTYPE), nan);
     }
     if (tid == 0u) {
         let token = row_seq / params.h_q;

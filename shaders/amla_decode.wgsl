@@ -6,28 +6,26 @@
 // memory and used there by all HB rows, for the scores (all 576 dims) and for P·V (the first
 // 512). Per tile:
 //   1. load     the TN x 576 tile (vec4 loads, coalesced; keys past the range are zero-filled,
-//               so NaN padding in the cache is never read)
+//               so NaN padding in the cache is never read). A packed 8-bit cache is decoded to
+//               f32 here (codes times scales, bf16 rope). NaN and infinities are cleared to 0 and
+//               their key flagged, so that all arithmetic stays finite.
 //   2. scores   register tile RB rows x CB keys per invocation over a 1/DG slice of the dims,
 //               q (pre-scaled by softmax_scale * log2 e, see `prep`) read as f32 vec4
-//   3. reduce   the DG partial sums, mask (range end, causal limit)
+//   3. reduce   the DG partial sums, mask (range end, causal limit); a visible key that was
+//               flagged, or whose score is not finite (NaN or inf in q), scores POISONED
 //   4. softmax  one invocation per row: running max m (log2 units), row sum l, and the O rescale
 //               step for this tile: AMLA's exponent add or the classic multiply (RESCALE_AMLA)
 //   5. P·V      each invocation owns 4 output dims of all HB rows (O stays in registers)
 // The result is the final output (unsplit sequence) or a normalised partial (O, lse) that
-// amla_combine.wgsl merges.
+// amla_combine.wgsl merges. A row that saw a POISONED key writes NaN (out and lse).
 //
 // AMLA (RESCALE_AMLA): with n = -round(m) (m in log2 units), O is held as 2^n / cof times the
 // unnormalised sum U = sum 2^s v; new contributions are p * c_hat with p = 2^(s - m),
-// c = 2^(m + n) in [2^-0.5, 2^0.5], c_hat = c rounded to f16 when P is rounded (P_HALF), else c,
-// and cof = c / c_hat. When m grows, O is rescaled by 2^(dn) * cof_old / cof_new, done as an
-// integer add of round(N * 2^23) onto the f32 bits of O with
-//   N = max(dn, -30) + 1.5 * (cof_old / cof_new - 1) + 1e-6
-// (the 1.5 term compensates the rounding of c to first order, at mid-mantissa; the -30 clamp
-// keeps big jumps from wrapping normal entries). An entry that is exactly
-// +-0 (exact cancellation happens: f16 P times 16-bit V products are exact in f32) is left alone,
-// since the add would wrap its exponent field and lose all later contributions. The final sum is
-// L = l * c_hat; out = O / L, and entries with |O| > 1e10 (a denormal whose exponent wrapped) are
-// zeroed first.
+// c = 2^(m + n) in [2^-0.5, 2^0.5], c_hat = c rounded to P's 16-bit type when P is rounded
+// (P_ROUND), else c, and cof = c / c_hat. When m grows, O is rescaled by 2^(dn) * cof_old /
+// cof_new, done as an integer add onto the f32 bits of O (amla_exponent_step, amla_rescale in
+// amla_shared.wgsl; entries whose exponent field is 0 are left alone). The final sum is
+// L = l * c_hat; out = O / L, after amla_guard.
 
 override HB: u32 = 16u;         // query rows per workgroup (head block), <= 16
 override RB: u32 = 8u;          // rows per invocation in the score phase
@@ -35,23 +33,19 @@ override TN: u32 = 32u;         // keys per tile
 override CB: u32 = 2u;          // keys per invocation in the score phase
 override DG: u32 = 4u;          // groups splitting the 576 dims in the score phase
 override KV_STRIDE: u32 = 148u; // vec2<u32> words per key row in workgroup memory (padded)
-override KV_DTYPE: u32 = 2u;    // DTYPE_* of the cache
+override KV_FORMAT: u32 = 2u;   // DTYPE_* of a float cache, or KV_FP8 / KV_INT8 (packed rows)
 override OUT_DTYPE: u32 = 2u;   // DTYPE_* of out
 override RESCALE_AMLA: bool = true;
-override P_HALF: bool = false;  // round p * c_hat to f16 before P·V
+override P_ROUND: u32 = 0u;     // P_ROUND_*: rounding of p * c_hat before P·V
 
 override KG: u32 = TN / CB;     // key groups in the score phase
+// The tile holds f32 values for an f32 cache and for a packed one (decoded while loading).
+override TILE_F32: bool = KV_FORMAT == DTYPE_F32 || KV_FORMAT >= KV_FP8;
 
 const WG: u32 = 128u;           // = 512 output dims / 4 per invocation
 const QUADS: u32 = 144u;        // 576 dims in groups of 4
 const V_QUADS: u32 = 128u;      // 512 dims in groups of 4
-const MASKED: f32 = -3.0e38;    // score of a masked key and the initial max (finite on purpose:
-                                // WGSL lets implementations assume there are no infinities)
-const NEG_INF_BITS: u32 = 0xff800000u;
-const GUARD_BITS: u32 = 0x501502f9u; // bits of 1e10
-const INF_BITS: u32 = 0x7f800000u;
 const LN2: f32 = 0.6931471805599453;
-const TWO_POW_23: f32 = 8388608.0;
 
 struct DecodeParams {
     s_q: u32,          // query tokens per sequence
@@ -69,7 +63,7 @@ struct DecodeParams {
 }
 
 @group(0) @binding(0) var<storage, read> q_prep: array<vec4<f32>>;    // [b, rows_padded, 144]
-@group(0) @binding(1) var<storage, read> kv_cache: array<vec4<u32>>;  // [num_blocks, page, 576] KV_DTYPE
+@group(0) @binding(1) var<storage, read> kv_cache: array<vec4<u32>>;  // [num_blocks, page, 576] float, or [num_blocks, page, 656] bytes
 @group(0) @binding(2) var<storage, read> sched: array<u32>;            // work items [num_items, 8], combine jobs, seqlens, block table
 @group(0) @binding(3) var<storage, read_write> out: array<u32>;       // [b, s_q, h_q, 512] OUT_DTYPE
 @group(0) @binding(4) var<storage, read_write> lse: array<u32>;       // [b, h_q, s_q] f32 bits
@@ -82,30 +76,39 @@ var<workgroup> partials: array<f32, DG * HB * TN>;         // [DG][HB][TN] parti
 var<workgroup> scores: array<f32, HB * TN>;                // [HB][TN] scores (log2 units), MASKED
 var<workgroup> row_step: array<u32, HB>;                   // this tile's O rescale (int add or f32 factor)
 var<workgroup> row_norm: array<f32, HB>;                   // 1 / L at the end
+var<workgroup> row_nan: array<u32, HB>;                    // 1: the row saw a POISONED key
+var<workgroup> key_flag: array<atomic<u32>, TN>;           // 1: the tile's key held a NaN or inf
 
 // Dims 4 quad .. 4 quad + 3 of key `key` of the tile, as f32.
 fn key_quad(key: u32, quad: u32) -> vec4<f32> {
-    if (KV_DTYPE == DTYPE_F32) {
+    if (TILE_F32) {
         let a = kv_tile[key * KV_STRIDE + 2u * quad];
         let b = kv_tile[key * KV_STRIDE + 2u * quad + 1u];
         return bitcast<vec4<f32>>(vec4<u32>(a, b));
     }
     let w = kv_tile[key * KV_STRIDE + quad];
-    return vec4<f32>(unpack_pair(w.x, KV_DTYPE), unpack_pair(w.y, KV_DTYPE));
+    return vec4<f32>(unpack_pair(w.x, KV_FORMAT), unpack_pair(w.y, KV_FORMAT));
+}
+
+// Word `i` of the cache (a packed row is read word by word).
+fn cache_word(i: u32) -> u32 {
+    return kv_cache[i >> 2u][i & 3u];
+}
+
+// Dims 4 quad .. 4 quad + 3 of packed cache row `row`, decoded to f32 (decode_packed).
+fn packed_quad(row: u32, quad: u32) -> Decoded {
+    let base = row * PACKED_WORDS;
+    if (quad < V_QUADS) {
+        let codes = vec2<u32>(cache_word(base + quad), 0u);
+        return decode_packed(quad, codes, cache_word(base + PACKED_SCALES_AT + quad / 32u), KV_FORMAT);
+    }
+    let at = base + PACKED_ROPE_AT + 2u * (quad - V_QUADS);
+    return decode_packed(quad, vec2<u32>(cache_word(at), cache_word(at + 1u)), 0u, KV_FORMAT);
 }
 
 // acc + q.x k.x + q.y k.y + q.z k.z + q.w k.w as a chain of four fmas (no extra add).
 fn fma4(q: vec4<f32>, k: vec4<f32>, acc: f32) -> f32 {
     return fma(q.w, k.w, fma(q.z, k.z, fma(q.y, k.y, fma(q.x, k.x, acc))));
-}
-
-// A non-negative finite f32 rounded to the nearest f16 value (ties to even), kept in f32.
-fn round_f16(x: f32) -> f32 {
-    if (x >= 6.103515625e-05) { // 2^-14: normal f16
-        let bits = bitcast<u32>(x);
-        return bitcast<f32>((bits + 0xfffu + ((bits >> 13u) & 1u)) & 0xffffe000u);
-    }
-    return round(x * 16777216.0) * 5.9604644775390625e-08; // f16 subnormals: multiples of 2^-24
 }
 
 // Keys 0 .. limit of the sequence are visible to row `row_seq`.
@@ -135,7 +138,7 @@ fn decode(
     let slot = sched[8u * item_index + 4u];
     let seqlen = sched[params.seqlens_at + seq];
     let page_mask = (1u << params.page_shift) - 1u;
-    let words_per_key = select(288u, 576u, KV_DTYPE == DTYPE_F32);
+    let words_per_key = select(288u, 576u, KV_FORMAT == DTYPE_F32);
     let chunks_per_key = words_per_key / 4u;
 
     // Score-phase coordinates: d-group, key group, row group.
@@ -154,26 +157,61 @@ fn decode(
     var n_run = 0.0;
     var cof_run = 1.0;
     var c_hat_run = 1.0;
+    var poisoned = false;
+    // Workgroup memory is not zero-initialised (the pipelines skip it); the flags are reset here
+    // and then after every use (step 4).
+    if (tid < TN) {
+        atomicStore(&key_flag[tid], 0u);
+    }
+    workgroupBarrier();
 
     for (var tile_begin = key_begin; tile_begin < key_end; tile_begin += TN) {
         let tile_keys = min(TN, key_end - tile_begin);
 
-        // 1. load the tile
-        for (var i = tid; i < TN * chunks_per_key; i += WG) {
-            let key = i / chunks_per_key;
-            let chunk = i % chunks_per_key;
-            let kk = tile_begin + key;
-            var v = vec4<u32>(0u);
-            if (kk < key_end) {
-                let block = sched[params.table_at + seq * params.max_blocks + (kk >> params.page_shift)];
-                if (block < params.num_blocks) {
-                    let row = (block << params.page_shift) + (kk & page_mask);
-                    v = kv_cache[row * chunks_per_key + chunk];
+        // 1. load the tile: as stored (float cache) or decoded to f32 (packed cache), with NaN and
+        // infinities cleared and their key flagged
+        if (KV_FORMAT >= KV_FP8) {
+            for (var i = tid; i < TN * QUADS; i += WG) {
+                let key = i / QUADS;
+                let quad = i % QUADS;
+                let kk = tile_begin + key;
+                var d = Decoded(vec4<f32>(0.0), false);
+                if (kk < key_end) {
+                    let block = sched[params.table_at + seq * params.max_blocks + (kk >> params.page_shift)];
+                    if (block < params.num_blocks) {
+                        d = packed_quad((block << params.page_shift) + (kk & page_mask), quad);
+                    }
                 }
+                if (d.bad) {
+                    atomicOr(&key_flag[key], 1u);
+                }
+                let bits = bitcast<vec4<u32>>(d.v);
+                let at = key * KV_STRIDE + 2u * quad;
+                kv_tile[at] = bits.xy;
+                kv_tile[at + 1u] = bits.zw;
             }
-            let at = key * KV_STRIDE + 2u * chunk;
-            kv_tile[at] = v.xy;
-            kv_tile[at + 1u] = v.zw;
+        } else {
+            for (var i = tid; i < TN * chunks_per_key; i += WG) {
+                let key = i / chunks_per_key;
+                let chunk = i % chunks_per_key;
+                let kk = tile_begin + key;
+                var v = vec4<u32>(0u);
+                if (kk < key_end) {
+                    let block = sched[params.table_at + seq * params.max_blocks + (kk >> params.page_shift)];
+                    if (block < params.num_blocks) {
+                        let row = (block << params.page_shift) + (kk & page_mask);
+                        v = kv_cache[row * chunks_per_key + chunk];
+                    }
+                }
+                let bad = nonfinite_mask(v, KV_FORMAT);
+                if (any(bad != vec4<u32>(0u))) {
+                    atomicOr(&key_flag[key], 1u);
+                    v &= ~bad;
+                }
+                let at = key * KV_STRIDE + 2u * chunk;
+                kv_tile[at] = v.xy;
+                kv_tile[at + 1u] = v.zw;
+            }
         }
         workgroupBarrier();
 
@@ -213,16 +251,25 @@ fn decode(
                 s += partials[(g * HB + r) * TN + c];
             }
             let kk = tile_begin + c;
-            let visible = kk < key_end && kk < row_limit(row_block * HB + r, seqlen);
-            scores[e] = select(MASKED, s, visible);
+            var score = MASKED;
+            if (kk < key_end && kk < row_limit(row_block * HB + r, seqlen)) {
+                let bad = atomicLoad(&key_flag[c]) != 0u || is_nonfinite_f32(bitcast<u32>(s));
+                score = select(s, POISONED, bad);
+            }
+            scores[e] = score;
         }
         workgroupBarrier();
 
         // 4. online softmax, one invocation per row; P^T goes to `partials`
+        if (tid < TN) {
+            atomicStore(&key_flag[tid], 0u); // read in step 3 only; the next load sets it again
+        }
         if (tid < HB) {
             var m_tile = MASKED;
             for (var c = 0u; c < TN; c++) {
-                m_tile = max(m_tile, scores[tid * TN + c]);
+                let s = scores[tid * TN + c];
+                m_tile = max(m_tile, s);
+                poisoned = poisoned || bitcast<u32>(s) == bitcast<u32>(POISONED);
             }
             let m_new = max(m_run, m_tile);
             let changed = m_new > m_run;
@@ -237,12 +284,10 @@ fn decode(
                 if (changed) {
                     let n_new = -round(m_new);
                     let c = exp2(m_new + n_new);
-                    let c_hat = select(c, round_f16(c), P_HALF);
+                    let c_hat = round_p(c, P_ROUND);
                     let cof = c / c_hat;
                     if (!first) {
-                        let dn = max(n_new - n_run, -30.0);
-                        let frac = 1.5 * (cof_run / cof - 1.0) + 1e-6;
-                        step = bitcast<u32>((i32(dn) << 23u) + i32(round(frac * TWO_POW_23)));
+                        step = amla_exponent_step(n_run, n_new, cof_run, cof);
                     }
                     n_run = n_new;
                     cof_run = cof;
@@ -259,11 +304,7 @@ fn decode(
                     p = exp2(s - m_new);
                 }
                 l_tile += p;
-                var pv = p * p_mult;
-                if (P_HALF) {
-                    pv = round_f16(pv);
-                }
-                partials[c * HB + tid] = pv;
+                partials[c * HB + tid] = round_p(p * p_mult, P_ROUND);
             }
             l_run = l_run * decay + l_tile;
             m_run = m_new;
@@ -273,10 +314,7 @@ fn decode(
         // 5. rescale O, then O += P·V over the tile's keys
         for (var r = 0u; r < HB; r++) {
             if (RESCALE_AMLA) {
-                // Exact zeros (from cancellation) keep their value: the add would wrap them.
-                let bits = bitcast<vec4<u32>>(o[r]);
-                let zero = (bits & vec4<u32>(0x7fffffffu)) == vec4<u32>(0u);
-                o[r] = bitcast<vec4<f32>>(bits + select(vec4<u32>(row_step[r]), vec4<u32>(0u), zero));
+                o[r] = amla_rescale(o[r], row_step[r]);
             } else {
                 o[r] = o[r] * bitcast<f32>(row_step[r]);
             }
@@ -290,7 +328,8 @@ fn decode(
         workgroupBarrier();
     }
 
-    // Row normaliser and lse (natural log); an empty row gives out = 0, lse = -inf.
+    // Row normaliser and lse (natural log); an empty row gives out = 0, lse = -inf, a poisoned
+    // one NaN.
     var lse_bits = NEG_INF_BITS;
     if (tid < HB) {
         var norm = 0.0;
@@ -298,7 +337,11 @@ fn decode(
             norm = 1.0 / select(l_run, l_run * c_hat_run, RESCALE_AMLA);
             lse_bits = bitcast<u32>((m_run + log2(l_run)) * LN2);
         }
+        if (poisoned) {
+            lse_bits = NAN_BITS;
+        }
         row_norm[tid] = norm;
+        row_nan[tid] = u32(poisoned);
     }
     workgroupBarrier();
 
@@ -309,25 +352,24 @@ fn decode(
         }
         var v = o[r];
         if (RESCALE_AMLA) {
-            // |O| > 1e10 (as bits, so that no infinity is compared with); NaN passes through.
-            let magnitude = bitcast<vec4<u32>>(v) & vec4<u32>(0x7fffffffu);
-            let wrapped = (magnitude > vec4<u32>(GUARD_BITS)) & (magnitude <= vec4<u32>(INF_BITS));
-            v = select(v, vec4<f32>(0.0), wrapped);
+            v = amla_guard(v);
         }
         v = v * row_norm[r];
+        let nan = row_nan[r] != 0u;
         if (slot != 0xffffffffu) {
+            // A poisoned partial is marked by its lse; the combine does not read its O.
             part_out[(slot * HB + r) * V_QUADS + tid] = v;
         } else {
             let at = (seq * params.rows + row_seq) * 512u + 4u * tid;
             if (OUT_DTYPE == DTYPE_F32) {
-                let bits = bitcast<vec4<u32>>(v);
+                let bits = select(bitcast<vec4<u32>>(v), vec4<u32>(NAN_BITS), nan);
                 out[at] = bits.x;
                 out[at + 1u] = bits.y;
                 out[at + 2u] = bits.z;
                 out[at + 3u] = bits.w;
             } else {
-                out[at / 2u] = pack_pair(v.xy, OUT_DTYPE);
-                out[at / 2u + 1u] = pack_pair(v.zw, OUT_DTYPE);
+                out[at / 2u] = select(pack_pair(v.xy, OUT_DTYPE), nan_pair(OUT_DTYPE), nan);
+                out[at / 2u + 1u] = select(pack_pair(v.zw, OUT_DTYPE), nan_pair(OUT_DTYPE), nan);
             }
         }
     }

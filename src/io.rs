@@ -3,7 +3,8 @@
 //!
 //! f32, f16, bf16, i32 and u32 load as they are; i64 and f64 (PyTorch's defaults for index and
 //! double tensors) are narrowed to i32 and f32, with an error naming the tensor if an integer does
-//! not fit. Other dtypes are refused with the tensor's name.
+//! not fit. u8 and float8_e4m3fn load as raw bytes (u8: AMLA's packed 8-bit cache is saved by
+//! PyTorch as one or the other). Other dtypes are refused with the tensor's name.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -55,6 +56,7 @@ fn convert(name: &str, view: &TensorView<'_>) -> std::result::Result<Tensor, Str
         Dtype::BF16 => direct(DType::BF16),
         Dtype::I32 => direct(DType::I32),
         Dtype::U32 => direct(DType::U32),
+        Dtype::U8 | Dtype::F8_E4M3 => direct(DType::U8),
         Dtype::I64 => {
             let values: std::result::Result<Vec<i32>, String> = data
                 .chunks_exact(8)
@@ -73,7 +75,7 @@ fn convert(name: &str, view: &TensorView<'_>) -> std::result::Result<Tensor, Str
             Tensor::f32(&shape, values).map_err(|e| e.to_string())
         }
         other => Err(format!(
-            "dtype {other:?} is not supported for {name:?} (use f32, f16, bf16, i32, u32, i64 or f64)"
+            "dtype {other:?} is not supported for {name:?} (use f32, f16, bf16, i32, u32, i64, f64, u8 or f8_e4m3)"
         )),
     }
 }
@@ -85,6 +87,7 @@ fn safetensors_dtype(dtype: DType) -> Dtype {
         DType::BF16 => Dtype::BF16,
         DType::I32 => Dtype::I32,
         DType::U32 => Dtype::U32,
+        DType::U8 => Dtype::U8,
     }
 }
 
@@ -264,6 +267,7 @@ mod tests {
         );
         t.insert("c".into(), Tensor::i32(&[2], vec![-7, 9]).unwrap());
         t.insert("d".into(), Tensor::f32(&[1], vec![0.25]).unwrap());
+        t.insert("e".into(), Tensor::u8(&[3], vec![0, 0x7f, 0xff]).unwrap());
         let bytes = to_bytes(&t).unwrap();
         assert_eq!(parse(Path::new("mem"), &bytes).unwrap(), t);
     }
@@ -288,8 +292,19 @@ mod tests {
 
     #[test]
     fn unsupported_dtype_and_corrupt_files_are_errors() {
-        let err = parse(Path::new("m"), &file_with(Dtype::U8, vec![2], &[1, 2])).unwrap_err();
+        let err = parse(
+            Path::new("m"),
+            &file_with(Dtype::I16, vec![2], &[1, 2, 3, 4]),
+        )
+        .unwrap_err();
         assert!(err.to_string().contains("\"x\""), "{err}");
+        // FP8 E4M3 (PyTorch's float8_e4m3fn) loads as raw bytes.
+        let t = parse(
+            Path::new("m"),
+            &file_with(Dtype::F8_E4M3, vec![2], &[0x38, 0xff]),
+        )
+        .unwrap();
+        assert_eq!(t["x"].as_u8().unwrap(), &[0x38, 0xff]);
         let err = parse(Path::new("broken.safetensors"), b"not a file").unwrap_err();
         assert!(err.to_string().contains("broken.safetensors"), "{err}");
     }

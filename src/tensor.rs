@@ -1,7 +1,9 @@
 //! Host and device tensors: a shape, a dtype and the data.
 //!
 //! 16-bit floats are stored packed, two per 32-bit word, little-endian (element 2i in the low
-//! half), which is how the shaders read them (`array<u32>`, widened in the shader).
+//! half), which is how the shaders read them (`array<u32>`, widened in the shader). `u8` is raw
+//! 8-bit storage, four bytes per word (byte 4i + j in bits 8j..8j+7): an operator gives the bytes
+//! their meaning (AMLA's packed 8-bit latent cache).
 
 use half::{bf16, f16};
 
@@ -16,12 +18,15 @@ pub enum DType {
     BF16,
     I32,
     U32,
+    /// Raw bytes (8-bit storage whose meaning the operator defines).
+    U8,
 }
 
 impl DType {
     /// Bytes per element.
     pub fn size(self) -> usize {
         match self {
+            DType::U8 => 1,
             DType::F16 | DType::BF16 => 2,
             DType::F32 | DType::I32 | DType::U32 => 4,
         }
@@ -40,6 +45,7 @@ impl DType {
             DType::BF16 => 2,
             DType::I32 => 3,
             DType::U32 => 4,
+            DType::U8 => 5,
         }
     }
 
@@ -51,6 +57,7 @@ impl DType {
             DType::BF16 => "bf16",
             DType::I32 => "i32",
             DType::U32 => "u32",
+            DType::U8 => "u8",
         }
     }
 
@@ -62,6 +69,7 @@ impl DType {
             DType::BF16 => bf16::from_f32(x).to_f32(),
             DType::I32 => x.round(),
             DType::U32 => x.round().max(0.0),
+            DType::U8 => x.round().clamp(0.0, 255.0),
         }
     }
 }
@@ -75,9 +83,10 @@ impl std::str::FromStr for DType {
             "bf16" | "bfloat16" => Ok(DType::BF16),
             "i32" | "int32" => Ok(DType::I32),
             "u32" | "uint32" => Ok(DType::U32),
+            "u8" | "uint8" => Ok(DType::U8),
             _ => Err(Error::Format {
                 what: "dtype".into(),
-                why: format!("unknown dtype {s:?} (expected f32, f16, bf16, i32 or u32)"),
+                why: format!("unknown dtype {s:?} (expected f32, f16, bf16, i32, u32 or u8)"),
             }),
         }
     }
@@ -97,6 +106,7 @@ pub enum TensorData {
     BF16(Vec<bf16>),
     I32(Vec<i32>),
     U32(Vec<u32>),
+    U8(Vec<u8>),
 }
 
 impl TensorData {
@@ -107,6 +117,7 @@ impl TensorData {
             TensorData::BF16(v) => v.len(),
             TensorData::I32(v) => v.len(),
             TensorData::U32(v) => v.len(),
+            TensorData::U8(v) => v.len(),
         }
     }
 
@@ -121,6 +132,7 @@ impl TensorData {
             TensorData::BF16(_) => DType::BF16,
             TensorData::I32(_) => DType::I32,
             TensorData::U32(_) => DType::U32,
+            TensorData::U8(_) => DType::U8,
         }
     }
 }
@@ -156,10 +168,10 @@ impl Tensor {
             DType::F32 => TensorData::F32(values.to_vec()),
             DType::F16 => TensorData::F16(values.iter().map(|&x| f16::from_f32(x)).collect()),
             DType::BF16 => TensorData::BF16(values.iter().map(|&x| bf16::from_f32(x)).collect()),
-            DType::I32 | DType::U32 => {
+            DType::I32 | DType::U32 | DType::U8 => {
                 return Err(Error::unsupported(
                     "tensor",
-                    format!("from_f32 into {dtype}: build integer tensors with Tensor::i32/u32"),
+                    format!("from_f32 into {dtype}: build integer tensors with Tensor::i32/u32/u8"),
                 ));
             }
         };
@@ -181,6 +193,11 @@ impl Tensor {
         Tensor::new(shape, TensorData::U32(values))
     }
 
+    /// A u8 (raw bytes) tensor.
+    pub fn u8(shape: &[usize], values: Vec<u8>) -> Result<Self> {
+        Tensor::new(shape, TensorData::U8(values))
+    }
+
     /// A zero-filled tensor.
     pub fn zeros(shape: &[usize], dtype: DType) -> Result<Self> {
         let n = checked_numel("tensor", shape)?;
@@ -190,6 +207,7 @@ impl Tensor {
             DType::BF16 => TensorData::BF16(vec![bf16::ZERO; n]),
             DType::I32 => TensorData::I32(vec![0; n]),
             DType::U32 => TensorData::U32(vec![0; n]),
+            DType::U8 => TensorData::U8(vec![0; n]),
         };
         Ok(Tensor {
             shape: shape.to_vec(),
@@ -226,6 +244,7 @@ impl Tensor {
             TensorData::BF16(v) => v.iter().map(|x| x.to_f32()).collect(),
             TensorData::I32(v) => v.iter().map(|&x| x as f32).collect(),
             TensorData::U32(v) => v.iter().map(|&x| x as f32).collect(),
+            TensorData::U8(v) => v.iter().map(|&x| x as f32).collect(),
         }
     }
 
@@ -237,6 +256,7 @@ impl Tensor {
             TensorData::BF16(v) => v.iter().map(|x| x.to_f64()).collect(),
             TensorData::I32(v) => v.iter().map(|&x| x as f64).collect(),
             TensorData::U32(v) => v.iter().map(|&x| x as f64).collect(),
+            TensorData::U8(v) => v.iter().map(|&x| x as f64).collect(),
         }
     }
 
@@ -252,6 +272,14 @@ impl Tensor {
     pub fn as_u32(&self) -> Option<&[u32]> {
         match &self.data {
             TensorData::U32(v) => Some(v),
+            _ => None,
+        }
+    }
+
+    /// The bytes, if this is a u8 tensor.
+    pub fn as_u8(&self) -> Option<&[u8]> {
+        match &self.data {
+            TensorData::U8(v) => Some(v),
             _ => None,
         }
     }
@@ -272,6 +300,7 @@ impl Tensor {
             TensorData::BF16(v) => bytemuck::cast_slice(v),
             TensorData::I32(v) => bytemuck::cast_slice(v),
             TensorData::U32(v) => bytemuck::cast_slice(v),
+            TensorData::U8(v) => v,
         }
     }
 
@@ -322,6 +351,7 @@ impl Tensor {
                     .map(|c| bf16::from_bits(u16::from_le_bytes([c[0], c[1]])))
                     .collect(),
             ),
+            DType::U8 => TensorData::U8(bytes.to_vec()),
         };
         Tensor::new(shape, data)
     }
@@ -443,6 +473,21 @@ mod tests {
                 assert_eq!(*a, dtype.round(b));
             }
         }
+    }
+
+    #[test]
+    fn u8_is_raw_bytes() {
+        let t = Tensor::u8(&[2, 3], vec![0, 1, 127, 128, 254, 255]).unwrap();
+        assert_eq!((t.dtype().size(), t.size_bytes()), (1, 6));
+        assert_eq!(t.bytes(), &[0, 1, 127, 128, 254, 255]);
+        assert_eq!(
+            Tensor::from_bytes(&[2, 3], DType::U8, t.bytes()).unwrap(),
+            t
+        );
+        assert_eq!(t.as_u8(), Some(&[0u8, 1, 127, 128, 254, 255][..]));
+        assert!(!DType::U8.is_float());
+        assert_eq!("uint8".parse::<DType>().unwrap(), DType::U8);
+        assert!(Tensor::from_f32(&[1], &[1.0], DType::U8).is_err());
     }
 
     #[test]

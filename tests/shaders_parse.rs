@@ -1,6 +1,7 @@
 //! Every shader in shaders/ parses, validates and translates to SPIR-V through naga, no GPU
 //! needed. Kernels are checked as the pipeline cache compiles them: composed with
-//! shaders/common.wgsl, and cooperative-matrix kernels once per fragment size (8x8 and 16x16),
+//! shaders/common.wgsl (and, for an operator with a shared library `<op>_shared.wgsl`, with that
+//! library first), and cooperative-matrix kernels once per fragment size (8x8 and 16x16),
 //! whatever the adapter at hand supports. SPIR-V generation runs per entry point with the
 //! default override values and under each bounds-check policy wgpu's Vulkan backend uses
 //! (restricted indices; storage accesses restricted, or unchecked where the device has
@@ -58,6 +59,17 @@ fn validate(name: &str, source: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// A kernel of an operator with a shared library (`<op>_shared.wgsl`) as its pipeline is built:
+/// the library, then the kernel.
+fn with_library(dir: &Path, name: &str, raw: String) -> String {
+    let op = name.split('_').next().unwrap_or_default();
+    let library = format!("{op}_shared.wgsl");
+    match std::fs::read_to_string(dir.join(&library)) {
+        Ok(shared) if name != library => shared + &raw,
+        _ => raw,
+    }
+}
+
 /// The composed sources the pipeline cache can build from one shader file.
 fn instantiations(name: &str, raw: &str) -> Vec<(String, String)> {
     if name == "common.wgsl" {
@@ -94,7 +106,7 @@ fn every_shader_parses_validates_and_translates() {
     let mut coop_instances = 0;
     for path in &names {
         let name = path.file_name().unwrap().to_string_lossy().to_string();
-        let raw = std::fs::read_to_string(path).unwrap();
+        let raw = with_library(&dir, &name, std::fs::read_to_string(path).unwrap());
         for (label, source) in instantiations(&name, &raw) {
             coop_instances += usize::from(label.contains('('));
             if let Err(e) = validate(&label, &source) {

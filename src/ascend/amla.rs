@@ -960,13 +960,13 @@ fn tiling_key(p: &Problem, splits: u64) -> TilingKey {
             "pDtype",
             &["f16", "bf16"],
             p.dtype.name(),
-            "P_HALF override (PPrecision::F16): the cube takes P in 16 bits only",
+            "P_ROUND override (PPrecision::F16 | BF16 | Cache): the cube takes P in 16 bits only",
         ),
         (
             "cache",
             &["16bit", "int8"],
             if p.int8_cache { "int8" } else { "16bit" },
-            "KV_DTYPE override",
+            "KV_FORMAT override (KvFormat::Float | Int8)",
         ),
         (
             "split",

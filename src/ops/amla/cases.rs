@@ -9,8 +9,8 @@ use super::inputs::{AmlaInputs, ColumnFill, InputSpec, Pattern, SplitMix};
 use super::reference::{self, Emulation, Exact};
 use super::schedule::plan_work;
 use super::{
-    AmlaBindings, AmlaParams, AmlaPlan, AmlaSchedule, AmlaShape, CoopConfig, D_QK, D_V, PPrecision,
-    Rescale, Split, TileConfig, coop, visible_keys,
+    AmlaBindings, AmlaParams, AmlaPlan, AmlaSchedule, AmlaShape, CoopConfig, D_QK, D_V, KvFormat,
+    PPrecision, Rescale, Split, TileConfig, coop, kv_row_bytes, quantize_cache, visible_keys,
 };
 use crate::check::{Tolerance, compare};
 use crate::error::{Error, Result};
@@ -24,9 +24,35 @@ use crate::tensor::{DType, DeviceTensor, Tensor};
 use crate::util::synthetic;
 
 /// Tolerance of `out` against the exact reference: FlashMLA's (abs 8e-4 or rel 2.01/128 per
-/// element, cosine difference < 5e-6) for every dtype and variant.
+/// element, cosine difference < 5e-6).
 pub fn out_tolerance() -> Tolerance {
     Tolerance::new(8e-4, 2.01 / 128.0).with_cos_diff(5e-6)
+}
+
+/// Tolerance of `out` against the exact reference for a variant: FlashMLA's ([`out_tolerance`])
+/// when P stays f32, relaxed by what rounding P to b significant bits (f16: 11, bf16: 8) is
+/// allowed to cost. Each P̃ is then within 2^-b (half a step, relative) of p c_hat, so an output,
+/// an average of v values, moves by at most `2^-b · max|v|` (`max_abs_v` from
+/// [`reference::max_abs_v`]); with AMLA, c_hat is rounded too, |cof - 1| <= 2^-b, and a step's
+/// first-order compensation of cof_old / cof_new = 1 + ε (|ε| <= 2^(1-b)) leaves at most
+/// |ε|/2 = 2^-b of the old O, another `2^-b · max|v|`. The abs part grows by these. The cosine
+/// difference of independent rounding errors (uniform, relative half-width 2^-b, variance
+/// 2^-2b/3) on zero-mean v is about 2^-2b/6 (the cosine's denominator counts both sides), AMLA's
+/// residuals add about as much: the bound grows by 2 · 2^-2b, six times that.
+pub fn exact_out_tolerance(rescale: Rescale, rounding: PPrecision, max_abs_v: f64) -> Tolerance {
+    let bits: i32 = match rounding {
+        PPrecision::F32 => return out_tolerance(),
+        PPrecision::F16 => 11,
+        PPrecision::BF16 | PPrecision::Cache => 8,
+    };
+    let terms = if rescale == Rescale::Amla { 2.0 } else { 1.0 };
+    let half_step = 2f64.powi(-bits);
+    let base = out_tolerance();
+    Tolerance {
+        abs: base.abs + terms * half_step * max_abs_v,
+        max_cos_diff: base.max_cos_diff.map(|c| c + 2.0 * half_step * half_step),
+        ..base
+    }
 }
 
 /// Tolerance of `lse` against the exact reference: FlashMLA's (abs 1e-6 or rel 8.01/65536). The
@@ -34,44 +60,6 @@ pub fn out_tolerance() -> Tolerance {
 /// f32 scores and the f32 row sum of unrounded P, so 16-bit inputs need no relaxation.
 pub fn lse_tolerance() -> Tolerance {
     Tolerance::new(1e-6, 8.01 / 65536.0)
-}
-
-/// Tolerance of `out` against the emulation rounded to the output dtype ([`round_to`]).
-///
-/// The two cannot agree bit for bit on every GPU: WGSL lets `exp2` be off by 3 + 2|x| ulp and
-/// `fma` be unfused. What remains is one unit in the last place of a 16-bit output (where their
-/// f32 values straddle a rounding boundary) and, with P in f32, about 1e-7 relative. With P in
-/// f16 such a difference occasionally flips the rounding of one P value by an f16 ulp (2^-11
-/// relative), moving its row by up to a few 1e-4. The cosine difference stays below 1e-11 for
-/// f32 out with P in f32 (observed: about 1e-14), below 1e-9 with P in f16 or f16 out
-/// (observed: up to 1.5e-10) and below 2e-8 for bf16 out (one-ulp flips: observed up to 3e-9),
-/// against 5e-6 for the exact reference; leaving out AMLA's rounding compensation shows up as
-/// about 1e-8 with f32 out. These figures hold for scores within 16 binades (random data stays
-/// below 10); larger scores (`max_score`, from the emulation) carry proportionally larger f32
-/// rounding errors, and the bounds grow with them.
-pub fn emulation_out_tolerance(out_dtype: DType, p: PPrecision, max_score: f32) -> Tolerance {
-    let ulp = match out_dtype {
-        DType::BF16 => 1.0 / 128.0,
-        DType::F16 => 1.0 / 1024.0,
-        _ => 0.0,
-    };
-    let abs = match p {
-        PPrecision::F32 => 2e-6,
-        PPrecision::F16 => 5e-4,
-    };
-    let cos = match (out_dtype, p) {
-        (DType::BF16, _) => 2e-8,
-        (DType::F16, _) | (_, PPrecision::F16) => 1e-9,
-        _ => 1e-11,
-    };
-    let score = (max_score as f64 / 16.0).max(1.0);
-    Tolerance::new(abs * score, ulp + 2e-5 * score)
-        .with_cos_diff(cos + 1e-11 * (score * score - 1.0))
-}
-
-/// Tolerance of `lse` against the emulation (observed: below 1e-6 absolute).
-pub fn emulation_lse_tolerance() -> Tolerance {
-    Tolerance::new(2e-6, 1e-6)
 }
 
 /// f32 values rounded to `dtype` (ties to even), as the kernel stores `out`.
@@ -120,13 +108,6 @@ fn rescale_name(r: Rescale) -> &'static str {
     }
 }
 
-fn p_name(p: PPrecision) -> &'static str {
-    match p {
-        PPrecision::F32 => "f32",
-        PPrecision::F16 => "f16",
-    }
-}
-
 fn split_name(s: Split) -> String {
     match s {
         Split::Off => "off".into(),
@@ -147,7 +128,10 @@ impl AmlaCase {
         params: AmlaParams,
         seed: u64,
     ) -> Self {
-        let spec = InputSpec::new(seqlens, s_q, h_q, page, dtype);
+        let mut spec = InputSpec::new(seqlens, s_q, h_q, page, dtype);
+        if params.kv_format != KvFormat::Float {
+            spec = spec.quantized(params.kv_format);
+        }
         let mut case = AmlaCase {
             name: String::new(),
             preset,
@@ -176,9 +160,9 @@ impl AmlaCase {
             s.h_q,
             if uniform { "" } else { "<=" },
             max,
-            s.kv_dtype,
+            s.kv_label(),
             rescale_name(self.params.rescale),
-            p_name(self.params.p_precision),
+            self.params.p_precision.name(),
             if self.params.causal { " causal" } else { "" },
         )
     }
@@ -234,24 +218,24 @@ impl Case for AmlaCase {
                 ("h_q".into(), s.h_q.to_string()),
                 ("s_k".into(), max.to_string()),
                 ("page".into(), s.page_size.to_string()),
-                ("dtype".into(), s.kv_dtype.to_string()),
+                ("dtype".into(), s.kv_label().to_string()),
                 ("rescale".into(), rescale_name(self.params.rescale).into()),
-                ("p".into(), p_name(self.params.p_precision).into()),
+                ("p".into(), self.params.p_precision.name().into()),
                 ("split".into(), split_name(self.params.split)),
                 ("causal".into(), self.params.causal.to_string()),
             ],
         }
     }
 
-    /// q, the cache rows the sequences use, the block-table entries they use and the lengths,
-    /// read once; out and lse written once.
+    /// q, the cache rows the sequences use (as stored: 656 bytes per token for an 8-bit cache),
+    /// the block-table entries they use and the lengths, read once; out and lse written once.
     fn bytes(&self) -> u64 {
         let s = &self.spec;
         let rows = (s.seqlens.len() * s.s_q * s.h_q) as u64;
         let keys: u64 = s.seqlens.iter().map(|&l| l as u64).sum();
         let pages: u64 = s.seqlens.iter().map(|&l| s.pages(l) as u64).sum();
         rows * (D_QK * s.q_dtype.size()) as u64
-            + keys * (D_QK * s.kv_dtype.size()) as u64
+            + keys * kv_row_bytes(s.kv_dtype) as u64
             + rows * (D_V * s.q_dtype.size()) as u64
             + rows * 4
             + 4 * (pages + s.seqlens.len() as u64)
@@ -264,7 +248,7 @@ impl Case for AmlaCase {
 
     fn uses_tensor_cores(&self, gpu: &Gpu) -> bool {
         let s = &self.spec;
-        // Only the dtypes and the rows matter to the choice.
+        // Only the dtypes, the cache format and the rows matter to the choice.
         let shape = AmlaShape {
             batch: s.seqlens.len(),
             s_q: s.s_q,
@@ -311,6 +295,8 @@ struct Layout {
 struct ExactRows {
     out: Vec<f64>,
     lse: Vec<f64>,
+    /// The largest |v| of their caches ([`exact_out_tolerance`]).
+    max_abs_v: f64,
 }
 
 /// The decode kernel an emulation follows: the SIMT one with its tiles, or the
@@ -325,7 +311,7 @@ impl DecodeKernel {
     /// What [`AmlaPlan::new`] picks on a device like `target`.
     fn for_target(target: &Target, shape: &AmlaShape, params: &AmlaParams) -> Result<Self> {
         let (fragment, subgroup) = target.coop.unzip();
-        // Every configuration has at most 256 invocations, WebGPU's default limit.
+        // Every coop configuration has at most 256 invocations, WebGPU's default limit.
         let coop = CoopConfig::choose_for(
             fragment,
             subgroup,
@@ -366,26 +352,44 @@ impl DecodeKernel {
         }
     }
 
-    /// The emulation of this kernel and, for the coop kernel, its score-order bound.
-    fn emulate(&self, x: [&Tensor; 4], params: &AmlaParams) -> Result<(Emulation, f32)> {
+    /// This kernel's emulation of one batch.
+    fn emulate(&self, x: [&Tensor; 4], params: &AmlaParams) -> Result<Emulation> {
         let [q, kv, table, lens] = x;
         match self {
-            DecodeKernel::Simt(t) => Ok((reference::emulate(q, kv, table, lens, params, t)?, 0.0)),
-            DecodeKernel::Coop(c) => {
-                let e = coop::emulate(q, kv, table, lens, params, c)?;
-                Ok((e.emulation, e.score_order_bound))
-            }
+            DecodeKernel::Simt(t) => reference::emulate(q, kv, table, lens, params, t),
+            DecodeKernel::Coop(c) => Ok(coop::emulate(q, kv, table, lens, params, c)?.emulation),
         }
     }
 }
 
-/// The emulation of the checked sequences for one kernel, and the tolerances against it.
+/// The emulation of the checked sequences for one decode kernel.
 struct EmulatedRows {
     kernel: DecodeKernel,
-    out: Vec<f32>,
-    lse: Vec<f32>,
-    out_tolerance: Tolerance,
-    lse_tolerance: Tolerance,
+    emulation: Emulation,
+}
+
+impl EmulatedRows {
+    /// The emulations of single sequences, in order, as one.
+    fn joined(kernel: DecodeKernel, parts: Vec<Emulation>) -> Self {
+        let mut all = Emulation {
+            out: Vec::new(),
+            lse: Vec::new(),
+            out_bound: Vec::new(),
+            lse_bound: Vec::new(),
+            stats: Default::default(),
+        };
+        for e in parts {
+            all.out.extend(e.out);
+            all.lse.extend(e.lse);
+            all.out_bound.extend(e.out_bound);
+            all.lse_bound.extend(e.lse_bound);
+            all.stats += e.stats;
+        }
+        EmulatedRows {
+            kernel,
+            emulation: all,
+        }
+    }
 }
 
 /// What the exact reference depends on: shared by a case's `amla` and `multiply` variants.
@@ -446,12 +450,35 @@ impl AmlaCase {
 
     fn shape(&self, layout: &Layout) -> Result<AmlaShape> {
         let s = &self.spec;
+        let width = kv_row_bytes(s.kv_dtype) / s.kv_dtype.size();
         AmlaShape::from_parts(
             (&[s.seqlens.len(), s.s_q, s.h_q, D_QK], s.q_dtype),
-            (&[layout.num_blocks, s.page_size, D_QK], s.kv_dtype),
+            (&[layout.num_blocks, s.page_size, width], s.kv_dtype),
             (layout.block_table.shape(), DType::I32),
             (layout.cache_seqlens.shape(), DType::I32),
         )
+    }
+
+    /// Page `page` of a seeded cache as stored, with the rows from `nan_from` on NaN: the seeded
+    /// values in the cache's dtype, or, for an 8-bit cache, the same values in bf16, quantized.
+    fn kv_page(&self, page: usize, nan_from: usize) -> Result<Tensor> {
+        let s = &self.spec;
+        let dims = [1, s.page_size, D_QK];
+        let source = if s.kv_format == KvFormat::Float {
+            s.kv_dtype
+        } else {
+            DType::BF16
+        };
+        let mut slab = self.kv_seeded().slab(page, &dims, source)?;
+        if nan_from < s.page_size {
+            let mut values = slab.to_f32();
+            values[nan_from * D_QK..].fill(f32::NAN);
+            slab = Tensor::from_f32(&dims, &values, source)?;
+        }
+        match s.kv_format {
+            KvFormat::Float => Ok(slab),
+            format => quantize_cache(&slab, format),
+        }
     }
 
     /// Sequence `seq` of a seeded case alone: its q rows, its pages (renumbered 0..), its length.
@@ -467,17 +494,16 @@ impl AmlaCase {
         let width = layout.block_table.shape()[1];
         let table = &layout.block_table.as_i32().expect("i32 table")[seq * width..];
         let pages = s.pages(len);
+        let row_bytes = kv_row_bytes(s.kv_dtype);
         let mut bytes = Vec::new();
         for &page in &table[..pages] {
-            let slab = self
-                .kv_seeded()
-                .slab(page as usize, &[s.page_size, D_QK], s.kv_dtype)?;
-            bytes.extend_from_slice(slab.bytes());
+            bytes.extend_from_slice(self.kv_page(page as usize, s.page_size)?.bytes());
         }
         if pages == 0 {
-            bytes = vec![0; s.page_size * D_QK * s.kv_dtype.size()];
+            bytes = vec![0; s.page_size * row_bytes];
         }
-        let cache = Tensor::from_bytes(&[pages.max(1), s.page_size, D_QK], s.kv_dtype, &bytes)?;
+        let width = row_bytes / s.kv_dtype.size();
+        let cache = Tensor::from_bytes(&[pages.max(1), s.page_size, width], s.kv_dtype, &bytes)?;
         let ids = if pages == 0 {
             vec![-1]
         } else {
@@ -518,19 +544,28 @@ impl AmlaCase {
                 ExactRows {
                     out: e.out,
                     lse: e.lse,
+                    max_abs_v: reference::max_abs_v(kv, self.params.kv_format),
                 }
             }
             None => {
-                let parts: Vec<Exact> = seqs
+                let parts: Vec<(Exact, f64)> = seqs
                     .par_iter()
                     .map(|&seq| {
                         let [q, kv, table, lens] = self.one_sequence(layout, seq)?;
-                        reference::exact(&q, &kv, &table, &lens, &self.params)
+                        let e = reference::exact(&q, &kv, &table, &lens, &self.params)?;
+                        Ok((e, reference::max_abs_v(&kv, self.params.kv_format)))
                     })
                     .collect::<Result<_>>()?;
                 ExactRows {
-                    out: parts.iter().flat_map(|e| e.out.iter().copied()).collect(),
-                    lse: parts.iter().flat_map(|e| e.lse.iter().copied()).collect(),
+                    out: parts
+                        .iter()
+                        .flat_map(|(e, _)| e.out.iter().copied())
+                        .collect(),
+                    lse: parts
+                        .iter()
+                        .flat_map(|(e, _)| e.lse.iter().copied())
+                        .collect(),
+                    max_abs_v: parts.iter().map(|p| p.1).fold(0.0, f64::max),
                 }
             }
         });
@@ -548,30 +583,12 @@ impl AmlaCase {
         shape: &AmlaShape,
         kernel: DecodeKernel,
     ) -> Result<EmulatedRows> {
-        let rows = |parts: Vec<(Emulation, f32)>| {
-            let max_score = parts.iter().map(|e| e.0.max_score).fold(0.0, f32::max);
-            let bound = parts.iter().map(|e| e.1).fold(0.0, f32::max);
-            let (out_tolerance, lse_tolerance) = match kernel {
-                DecodeKernel::Simt(_) => (
-                    emulation_out_tolerance(shape.out_dtype, self.params.p_precision, max_score),
-                    emulation_lse_tolerance(),
-                ),
-                DecodeKernel::Coop(_) => (
-                    coop::emulation_out_tolerance(shape.out_dtype, max_score, bound),
-                    coop::emulation_lse_tolerance(bound),
-                ),
-            };
-            EmulatedRows {
-                kernel,
-                out: parts.iter().flat_map(|e| e.0.out.iter().copied()).collect(),
-                lse: parts.iter().flat_map(|e| e.0.lse.iter().copied()).collect(),
-                out_tolerance,
-                lse_tolerance,
-            }
-        };
         if let Some((q, kv)) = &layout.host {
             let x = [q, kv, &layout.block_table, &layout.cache_seqlens];
-            return Ok(rows(vec![kernel.emulate(x, &self.params)?]));
+            return Ok(EmulatedRows {
+                kernel,
+                emulation: kernel.emulate(x, &self.params)?,
+            });
         }
         let work = plan_work(
             &self.spec.seqlens,
@@ -579,7 +596,7 @@ impl AmlaCase {
             kernel.tile_keys(),
             self.params.split,
         )?;
-        let parts: Vec<(Emulation, f32)> = seqs
+        let parts: Vec<Emulation> = seqs
             .par_iter()
             .map(|&seq| {
                 let ranges = &work.ranges[seq];
@@ -595,7 +612,7 @@ impl AmlaCase {
                 kernel.emulate([&q, &kv, &table, &lens], &params)
             })
             .collect::<Result<_>>()?;
-        Ok(rows(parts))
+        Ok(EmulatedRows::joined(kernel, parts))
     }
 }
 
@@ -620,6 +637,9 @@ impl AmlaHost {
         let (c, sh) = (&self.case, &self.shape);
         let q = gpu.zeros(&[sh.batch, sh.s_q, sh.h_q, D_QK], sh.q_dtype)?;
         c.q_seeded().fill(gpu, &q, 0, D_QK)?;
+        if c.spec.kv_format != KvFormat::Float {
+            return Ok((q, gpu.upload(&self.packed_cache()?)?));
+        }
         let page_len = sh.page_size * D_QK;
         let kv = gpu.zeros(&[sh.num_blocks, sh.page_size, D_QK], sh.kv_dtype)?;
         c.kv_seeded().fill(gpu, &kv, 0, page_len)?;
@@ -649,6 +669,31 @@ impl AmlaHost {
         gpu.wait()?;
         Ok((q, kv))
     }
+
+    /// The 8-bit cache of a seeded case, made on the host (there is no quantizer on the device):
+    /// every page quantized from its seeded values, NaN past every sequence's last key and in
+    /// the spare pages (their groups get NaN scales and codes).
+    fn packed_cache(&self) -> Result<Tensor> {
+        let (c, sh) = (&self.case, &self.shape);
+        let table = self.layout.block_table.as_i32().expect("i32 table");
+        // Rows from which each page is NaN: 0 for spare pages, the tail of a last page.
+        let mut nan_from = vec![0; sh.num_blocks];
+        for (seq, &len) in c.spec.seqlens.iter().enumerate() {
+            for (p, &page) in table[seq * sh.max_blocks..][..c.spec.pages(len)]
+                .iter()
+                .enumerate()
+            {
+                nan_from[page as usize] = (len - p * sh.page_size).min(sh.page_size);
+            }
+        }
+        let pages: Vec<Tensor> = nan_from
+            .par_iter()
+            .enumerate()
+            .map(|(page, &from)| c.kv_page(page, from))
+            .collect::<Result<_>>()?;
+        let bytes: Vec<u8> = pages.iter().flat_map(|t| t.bytes().to_vec()).collect();
+        Tensor::from_bytes(&sh.kv_shape(), sh.kv_dtype, &bytes)
+    }
 }
 
 impl HostPrepared for AmlaHost {
@@ -663,6 +708,8 @@ impl HostPrepared for AmlaHost {
             redone = c.emulate(&self.layout, &self.seqs, &self.shape, kernel)?;
             &redone
         };
+        let exact_tolerance =
+            exact_out_tolerance(c.params.rescale, plan.p_rounding(), self.exact.max_abs_v);
         let (q, kv) = self.inputs(gpu)?;
         let (table, lens) = (&self.layout.block_table, &self.layout.cache_seqlens);
         let main = Run::new(gpu, plan, table, lens, &q, &kv)?;
@@ -683,9 +730,11 @@ impl HostPrepared for AmlaHost {
             main,
             baseline,
             exact: self.exact.clone(),
-            emulation_out: round_to(self.shape.out_dtype, &emulation.out),
-            emulation_lse: emulation.lse.clone(),
-            emulation_tolerances: (emulation.out_tolerance, emulation.lse_tolerance),
+            exact_tolerance,
+            emulation_out: round_to(self.shape.out_dtype, &emulation.emulation.out),
+            emulation_out_tolerance: emulation.emulation.out_tolerance(self.shape.out_dtype),
+            emulation_lse: emulation.emulation.lse.clone(),
+            emulation_lse_tolerance: emulation.emulation.lse_tolerance(),
             _inputs: (q, kv),
         }))
     }
@@ -736,11 +785,12 @@ struct AmlaPrepared<'g> {
     main: Run,
     baseline: Option<Run>,
     exact: Arc<ExactRows>,
-    /// The emulation, `out` rounded to the output dtype.
+    exact_tolerance: Tolerance,
+    /// The emulation, `out` rounded to the output dtype, and the bounds it derives.
     emulation_out: Vec<f32>,
+    emulation_out_tolerance: Tolerance,
     emulation_lse: Vec<f32>,
-    /// Of `out` and `lse` against the emulation (they depend on the kernel).
-    emulation_tolerances: (Tolerance, Tolerance),
+    emulation_lse_tolerance: Tolerance,
     _inputs: (DeviceTensor, DeviceTensor),
 }
 
@@ -777,7 +827,7 @@ impl Prepared for AmlaPrepared<'_> {
             Checked::new(
                 "out",
                 &out_shape,
-                compare(&out, &self.exact.out, out_tolerance()),
+                compare(&out, &self.exact.out, self.exact_tolerance),
             ),
             Checked::new(
                 "lse",
@@ -787,12 +837,12 @@ impl Prepared for AmlaPrepared<'_> {
             Checked::new(
                 "out~emulation",
                 &out_shape,
-                compare(&out, &self.emulation_out, self.emulation_tolerances.0),
+                compare(&out, &self.emulation_out, self.emulation_out_tolerance),
             ),
             Checked::new(
                 "lse~emulation",
                 &lse_shape,
-                compare(&lse, &self.emulation_lse, self.emulation_tolerances.1),
+                compare(&lse, &self.emulation_lse, self.emulation_lse_tolerance),
             ),
         ])
     }
@@ -816,6 +866,15 @@ fn params(rescale: Rescale, p: PPrecision, split: Split, causal: bool) -> AmlaPa
         rescale,
         p_precision: p,
         split,
+        kv_format: KvFormat::Float,
+    }
+}
+
+/// `p` for an 8-bit cache of `format`.
+fn packed(format: KvFormat, p: AmlaParams) -> AmlaParams {
+    AmlaParams {
+        kv_format: format,
+        ..p
     }
 }
 
@@ -826,7 +885,8 @@ fn spread(b: usize, max: usize, seed: u64) -> Vec<usize> {
 }
 
 fn ci_cases() -> Vec<AmlaCase> {
-    use PPrecision::{F16, F32};
+    use KvFormat::{Fp8, Int8};
+    use PPrecision::{Cache, F16, F32};
     use Rescale::{Amla, Multiply};
     let chunk = |keys| Split::Chunk { keys };
     let auto = |t| Split::Auto {
@@ -932,6 +992,37 @@ fn ci_cases() -> Vec<AmlaCase> {
                 }),
             },
         ),
+        // P and c_hat in bf16 (the cache's type), and the 8-bit caches.
+        AmlaCase::new(
+            p,
+            &[0, 1, 45, 130],
+            1,
+            16,
+            16,
+            DType::BF16,
+            params(Amla, Cache, chunk(32), false),
+            1,
+        ),
+        AmlaCase::new(
+            p,
+            &[3, 70, 129],
+            1,
+            16,
+            16,
+            DType::BF16,
+            packed(Fp8, params(Amla, Cache, Split::Off, false)),
+            7,
+        ),
+        AmlaCase::new(
+            p,
+            &[50, 33],
+            2,
+            8,
+            32,
+            DType::BF16,
+            packed(Int8, params(Multiply, F32, auto(8), true)),
+            8,
+        ),
     ]
 }
 
@@ -976,14 +1067,29 @@ fn full_cases() -> Vec<AmlaCase> {
         params(Rescale::Multiply, PPrecision::F32, Split::default(), false),
         21,
     ));
+    for (format, seed) in [(KvFormat::Fp8, 22), (KvFormat::Int8, 23)] {
+        cases.push(AmlaCase::new(
+            d,
+            &spread(64, 4096, seed),
+            1,
+            16,
+            64,
+            DType::BF16,
+            packed(
+                format,
+                params(Rescale::Amla, PPrecision::Cache, Split::default(), false),
+            ),
+            seed,
+        ));
+    }
     cases
 }
 
 /// The headline cases of `fusedops bench`: b=128, s_q=1, h_q 16 and 128 over 4096 keys of bf16
-/// cache with the `amla` and `multiply` rescales, the same with P in f16 (the tensor-core path
-/// where the adapter has one: the bench times it beside the SIMT kernel), and b=128, s_q=2,
-/// h_q=128 causal over lengths up to 8192; inputs made on the device, sampled sequences checked.
-/// A CPU adapter gets the same mix over b=4 (2 at h_q=128) and 512 keys.
+/// cache with the `amla` and `multiply` rescales (at h_q 16 also over the FP8 and int8 caches of
+/// the same values), and b=128, s_q=2, h_q=128 causal over lengths
+/// up to 8192; inputs made on the device, sampled sequences checked. A CPU adapter gets the same
+/// mix over b=4 (2 at h_q=128) and 512 keys.
 fn headline(full: bool) -> Vec<AmlaCase> {
     let d = "deepseek-v3";
     let amla = params(Rescale::Amla, PPrecision::F32, Split::default(), false);
@@ -995,6 +1101,8 @@ fn headline(full: bool) -> Vec<AmlaCase> {
         causal: true,
         ..amla
     };
+    // P in f16: the tensor-core decode where the adapter has one (the bench times it beside
+    // the SIMT kernel).
     let amla16 = AmlaParams {
         p_precision: PPrecision::F16,
         ..amla
@@ -1003,8 +1111,13 @@ fn headline(full: bool) -> Vec<AmlaCase> {
     let case = |lens: &[usize], s_q, h, p, seed| {
         AmlaCase::new(d, lens, s_q, h, 64, DType::BF16, p, seed).seeded()
     };
+    // The 8-bit caches beside their bf16 twin: same shape, the same values before quantization.
+    let fp8 = packed(KvFormat::Fp8, amla);
+    let int8 = packed(KvFormat::Int8, amla);
     vec![
         case(&vec![sk; b], 1, 16, amla, 30),
+        case(&vec![sk; b], 1, 16, fp8, 30),
+        case(&vec![sk; b], 1, 16, int8, 30),
         case(&vec![sk; b], 1, 16, multiply, 30),
         case(&vec![sk; b], 1, 16, amla16, 30),
         case(&vec![sk; b_big_h], 1, 128, amla, 31),
@@ -1015,8 +1128,9 @@ fn headline(full: bool) -> Vec<AmlaCase> {
 }
 
 /// Parameters of `fusedops run --params` (JSON): `softmax_scale` (default 1/sqrt(576)),
-/// `causal` (false), `rescale` ("amla" | "multiply"), `p_precision` ("f32" | "f16"), `split`
-/// ("auto" | "off" | {"chunk": keys} | {"target_workgroups": n}).
+/// `causal` (false), `rescale` ("amla" | "multiply"), `p_precision` ("f32" | "f16" | "bf16" |
+/// "cache"), `split` ("auto" | "off" | {"chunk": keys} | {"target_workgroups": n}),
+/// `kv_format` ("float" | "fp8" | "int8"; an 8-bit format needs the packed u8 `kv_cache`).
 #[derive(Clone, Debug, Default, serde::Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RunParams {
@@ -1025,6 +1139,7 @@ pub struct RunParams {
     pub rescale: Rescale,
     pub p_precision: PPrecision,
     pub split: Option<SplitParam>,
+    pub kv_format: KvFormat,
 }
 
 /// The `split` field of [`RunParams`].
@@ -1090,6 +1205,7 @@ impl RunParams {
             rescale: self.rescale,
             p_precision: self.p_precision,
             split,
+            kv_format: self.kv_format,
         })
     }
 }
@@ -1167,7 +1283,7 @@ impl Operator for AmlaOperator {
         let coop = match CoopConfig::choose(gpu, &deepseek, &p16) {
             Ok(c) => format!(
                 "{} (head block: s_q x h_q rounded up to a power of two, {}..64); the SIMT \
-                 kernel below for f32 q, an f32 cache or P in f32",
+                 kernels below for f32 q, f32 or 8-bit caches or P in f32",
                 c.describe(max),
                 c.fragment.size()
             ),
@@ -1184,11 +1300,18 @@ impl Operator for AmlaOperator {
                 format!("f32 SIMT, {}", tiles(16, DType::F32)),
             ),
             (
+                "decode (8-bit cache)".into(),
+                format!(
+                    "fp8/int8 codes x f32 scales decoded to f32 while loading, f32 SIMT, {}",
+                    tiles(16, DType::U8)
+                ),
+            ),
+            (
                 "reductions".into(),
                 "workgroup memory (no subgroup operations: any subgroup size)".into(),
             ),
             (
-                "P in f16".into(),
+                "P in f16 / bf16".into(),
                 "rounded in f32 arithmetic (no shader-f16 needed)".into(),
             ),
         ]
@@ -1234,12 +1357,22 @@ impl Operator for AmlaOperator {
     fn tolerance(
         &self,
         output: &str,
-        _inputs: &NamedTensors,
-        _params: &serde_json::Value,
+        inputs: &NamedTensors,
+        params: &serde_json::Value,
     ) -> Tolerance {
-        match output {
-            "lse" => lse_tolerance(),
-            _ => out_tolerance(),
+        if output == "lse" {
+            return lse_tolerance();
         }
+        let (Ok(p), Ok(x)) = (
+            params_from_json::<RunParams>("amla", params).and_then(|p| p.to_params()),
+            named_inputs(inputs),
+        ) else {
+            return out_tolerance();
+        };
+        exact_out_tolerance(
+            p.rescale,
+            p.p_precision.resolve(x.kv_cache.dtype()),
+            reference::max_abs_v(x.kv_cache, p.kv_format),
+        )
     }
 }

@@ -21,24 +21,17 @@
 
 use half::f16;
 
-use super::cases;
-use super::reference::{self, AmlaStats, Emulation, MASKED, MIN_EXPONENT_STEP};
+use super::reference::{self, AmlaStats, Bounds, Emulation, POISONED, Part, RowState, U};
 use super::schedule::{self, D_QK, D_V, TileConfig};
 use super::{
-    AmlaParams, AmlaPlan, AmlaShape, COMBINE, DECODE_STORAGE_BUFFERS, NEXT_PLAN_ID, PPrecision,
-    Rescale, dtype_code, expect_float,
+    AmlaParams, AmlaPlan, AmlaShape, COMBINE, DECODE_COOP, DECODE_STORAGE_BUFFERS, KvFormat,
+    NEXT_PLAN_ID, PPrecision, Rescale, dtype_code, kv_row_bytes,
 };
-use crate::check::Tolerance;
 use crate::error::{Error, Result};
-use crate::gpu::{Fragment, Gpu, Kernel};
+use crate::gpu::{Fragment, Gpu};
 use crate::tensor::{DType, Tensor};
 
 const OP: &str = "amla";
-
-const DECODE_COOP: Kernel = Kernel {
-    name: "amla_decode_coop",
-    source: include_str!("../../../shaders/amla_decode_coop.wgsl"),
-};
 
 /// Largest head block: P^T of a tile is held in the 64 rope columns of the staged key tile.
 pub const MAX_HEAD_BLOCK: u32 = 64;
@@ -259,19 +252,16 @@ impl CoopConfig {
         Ok(())
     }
 
-    /// The variant string of `fusedops check`/`bench`, e.g. `amla p=f16 coop16x16 hb=64 tn=32
-    /// lazy=8`.
-    pub fn variant(&self, params: &AmlaParams) -> String {
+    /// The variant string of `fusedops check`/`bench`, e.g. `amla p=bf16 coop16x16 hb=64 tn=32
+    /// lazy=8` (P as the plan resolves it for `kv_dtype`).
+    pub fn variant(&self, params: &AmlaParams, kv_dtype: DType) -> String {
         format!(
             "{} p={} coop{} hb={} tn={} lazy={}",
             match params.rescale {
                 Rescale::Amla => "amla",
                 Rescale::Multiply => "multiply",
             },
-            match params.p_precision {
-                PPrecision::F32 => "f32",
-                PPrecision::F16 => "f16",
-            },
+            params.p_precision.resolve(kv_dtype).name(),
             self.fragment.name(),
             self.head_block,
             self.tile_keys,
@@ -300,8 +290,9 @@ impl CoopConfig {
     }
 }
 
-/// Whether the cooperative-matrix decode can run `shape` with `params`: q and the cache 16-bit
-/// (their f16 rounding is then exact within the f16 range) and P 16-bit. The reason otherwise.
+/// Whether the cooperative-matrix decode can run `shape` with `params`: 16-bit q (its f16
+/// rounding after the row's power-of-two scaling is then exact), a 16-bit float cache (exact in
+/// f16 within the f16 range) and 16-bit P. The reason otherwise.
 pub fn eligible(shape: &AmlaShape, params: &AmlaParams) -> std::result::Result<(), String> {
     let sixteen = |d: DType| matches!(d, DType::F16 | DType::BF16);
     if !sixteen(shape.q_dtype) {
@@ -310,13 +301,19 @@ pub fn eligible(shape: &AmlaShape, params: &AmlaParams) -> std::result::Result<(
             shape.q_dtype
         ));
     }
+    if params.kv_format != KvFormat::Float {
+        return Err(format!(
+            "the {} cache (the SIMT kernel decodes it to f32)",
+            params.kv_format.name()
+        ));
+    }
     if !sixteen(shape.kv_dtype) {
         return Err(format!(
             "the cache is {} (the f32 SIMT kernel keeps it)",
             shape.kv_dtype
         ));
     }
-    if params.p_precision == PPrecision::F32 {
+    if params.p_precision.resolve(shape.kv_dtype) == PPrecision::F32 {
         return Err("P in f32 (fragments multiply 16-bit P)".into());
     }
     Ok(())
@@ -346,13 +343,9 @@ impl AmlaPlan {
         config: CoopConfig,
     ) -> Result<Self> {
         params.validate()?;
-        AmlaShape::from_parts(
-            (&shape.q_shape(), shape.q_dtype),
-            (&shape.kv_shape(), shape.kv_dtype),
-            (&[shape.batch, shape.max_blocks], DType::I32),
-            (&[shape.batch], DType::I32),
-        )?;
-        expect_float("out", shape.out_dtype)?;
+        // The fields are public: checked as `AmlaShape::of` checks tensors.
+        shape.validate()?;
+        shape.check_format(params.kv_format)?;
         eligible(shape, params)
             .map_err(|why| Error::unsupported(OP, format!("cooperative-matrix decode: {why}")))?;
         config.check()?;
@@ -414,7 +407,7 @@ impl AmlaPlan {
             ("q", b * rows as u64 * (D_QK * shape.q_dtype.size()) as u64),
             (
                 "kv_cache",
-                (shape.num_blocks * shape.page_size * D_QK * shape.kv_dtype.size()) as u64,
+                (shape.num_blocks * shape.page_size) as u64 * kv_row_bytes(shape.kv_dtype) as u64,
             ),
             (
                 "out",
@@ -442,10 +435,6 @@ impl AmlaPlan {
             "prep",
             &[("Q_DTYPE", dtype_code(shape.q_dtype))],
         )?;
-        let p_round = match params.p_precision {
-            PPrecision::F16 => 1.0,
-            PPrecision::F32 => unreachable!("eligible() refuses P in f32"),
-        };
         let decode = gpu.coop_pipeline(
             &DECODE_COOP,
             fragment,
@@ -457,13 +446,19 @@ impl AmlaPlan {
                 ("SG", config.subgroup_size as f64),
                 ("KSPLIT", config.k_split as f64),
                 ("LAZY", config.lazy_binades as f64),
-                ("KV_DTYPE", dtype_code(shape.kv_dtype)),
+                (
+                    "KV_FORMAT",
+                    params.kv_format.kernel_code(shape.kv_dtype) as f64,
+                ),
                 ("OUT_DTYPE", dtype_code(shape.out_dtype)),
                 (
                     "RESCALE_AMLA",
                     f64::from(u8::from(params.rescale == Rescale::Amla)),
                 ),
-                ("P_ROUND", p_round),
+                (
+                    "P_ROUND",
+                    params.p_precision.resolve(shape.kv_dtype).round_code() as f64,
+                ),
             ],
         )?;
         let combine = gpu.pipeline(
@@ -478,7 +473,7 @@ impl AmlaPlan {
             rows_total: (b * rows as u64) as u32,
             rows: rows as u32,
             rows_padded: rows_padded as u32,
-            scale_log2: (params.scale() as f64 * std::f64::consts::LOG2_E) as f32,
+            scale_log2: params.scale_log2(),
         })?;
         Ok(AmlaPlan {
             id: NEXT_PLAN_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
@@ -511,50 +506,14 @@ impl AmlaPlan {
 /// What the emulation of the cooperative-matrix decode produced.
 #[derive(Clone, Debug, PartialEq)]
 pub struct CoopEmulation {
-    /// Outputs, the AMLA counters and the largest score, as [`reference::emulate`] gives them.
+    /// Outputs, the AMLA counters and the per-entry bounds, as [`reference::emulate`] gives them
+    /// ([`Emulation::out_tolerance`], [`Emulation::lse_tolerance`]).
     pub emulation: Emulation,
     /// Round trips of a row fragment's O through workgroup memory (tiles in which some row of
     /// the fragment moved its reference max after its first tile).
     pub round_trips: u64,
     /// (row fragment, tile) pairs processed: the round trips' denominator.
     pub fragment_tiles: u64,
-    /// How far the kernel's scores may lie from the emulation's (log2 units): fragments sum S
-    /// in an order of their own ([`emulation_out_tolerance`]).
-    pub score_order_bound: f32,
-}
-
-/// Tolerance of the coop kernel's `out` against [`emulate`] (rounded to the output dtype).
-///
-/// The SIMT kernel's emulation tolerance ([`cases::emulation_out_tolerance`] with 16-bit P),
-/// plus what the summation order of S adds: fragments sum the 576 products in the hardware's
-/// order, the emulation in dim order. Modelling each of the at most n = 578 roundings of either
-/// sum as an independent error of at most 2^-24 of its running sum, the two scores differ by
-/// about δs = 4·2^-24·√n·‖q16 ⊙ k16‖₂·|factor| (four standard deviations;
-/// [`CoopEmulation::score_order_bound`] is the largest over the visible pairs). A P whose
-/// unrounded value lies within p·ln2·δs of an f16 rounding boundary rounds to the neighbouring
-/// f16 in one of them, with probability at most 2^11·ln2·δs and an error of one ulp
-/// (≤ 2^-10·P): E[ΔP²] ≤ ln2·2^-10·δs·P². Summed over keys with V of random sign, the
-/// expected cosine difference of the output is at most ln2·2^-10·δs / 2; the bound allows
-/// twice that (ln2·2^-10·δs) on top of the SIMT figure.
-/// `max_score` and `score_order_bound` are the emulation's ([`CoopEmulation`]).
-pub fn emulation_out_tolerance(
-    out_dtype: DType,
-    max_score: f32,
-    score_order_bound: f32,
-) -> Tolerance {
-    let base = cases::emulation_out_tolerance(out_dtype, PPrecision::F16, max_score);
-    let flips = std::f64::consts::LN_2 * (-10f64).exp2() * score_order_bound as f64;
-    base.with_cos_diff(base.max_cos_diff.unwrap_or(0.0) + flips)
-}
-
-/// Tolerance of the coop kernel's `lse` against [`emulate`]: the SIMT figure plus ln2·δs (the
-/// lse moves by at most the largest score difference).
-pub fn emulation_lse_tolerance(score_order_bound: f32) -> Tolerance {
-    let base = cases::emulation_lse_tolerance();
-    Tolerance::new(
-        base.abs + std::f64::consts::LN_2 * score_order_bound as f64,
-        base.rel,
-    )
 }
 
 /// A finite f32 rounded to the nearest f16 (ties to even) and saturated at ±65504, as the kernel
@@ -563,20 +522,23 @@ pub fn to_f16_saturating(x: f32) -> f32 {
     f16::from_f32(x.clamp(-65504.0, 65504.0)).to_f32()
 }
 
-/// One row's state in the kernel's softmax invocation.
-struct LazyRow {
-    m_ref: f32,
-    l: f32,
-    n_ref: f32,
-    cof_ref: f32,
-    c_hat_ref: f32,
-}
+/// Roundings in a kernel score: 576 products summed, the k-split partials added, the factor.
+const SUM_ROUNDINGS: f64 = 578.0;
 
-/// The cooperative-matrix decode's steps in f32 in its block order: q scaled by a power of two
-/// per row and rounded to f16, the cache staged as f16 (saturating), S summed per dim share
-/// (in dim order within a share, the shares in order; fragments may sum in another order), the
-/// lazy reference max, the rescale steps (AMLA or multiply) applied to the row fragments that
-/// make a round trip, P rounded to f16, the AMLA guard and the combine of split partials.
+/// The cooperative-matrix decode's steps in f32 in its block order, on the SIMT emulation's
+/// machinery ([`reference::emulate`]: the same row state, bounds and combine): q scaled by a
+/// power of two per row and rounded to f16 (a row holding a NaN or inf poisons its visible
+/// keys), the cache staged as f16 (NaN and inf cleared and flagged, beyond ±65504 saturated), S
+/// summed per dim share (in dim order within a share, the shares in order), the lazy reference
+/// max, the rescale steps of the row fragments that make a round trip, P rounded as the plan
+/// says and held as f16, the AMLA guard and the combine of split partials.
+///
+/// The bounds follow the SIMT emulation's model (docs/amla.md, "Emulation bounds") with one
+/// difference: fragments sum the 576 exact f16 products in the hardware's order, the emulation
+/// in dim order. Each of the at most n = 578 roundings of either sum is modelled as an
+/// independent error of at most 2^-24 of its running sum, so a score's noise is taken as
+/// σ = 6·2^-24·√n·‖q16 ⊙ k16‖₂·|factor| (six standard deviations, as the SIMT bounds' noise):
+/// a P whose rounding input lies within that noise of a 16-bit boundary may round the other way.
 pub fn emulate(
     q: &Tensor,
     kv_cache: &Tensor,
@@ -585,215 +547,183 @@ pub fn emulate(
     params: &AmlaParams,
     config: &CoopConfig,
 ) -> Result<CoopEmulation> {
-    let shape = AmlaShape::of(q, kv_cache, block_table, cache_seqlens)?;
+    let x = reference::Checked::new(q, kv_cache, block_table, cache_seqlens, params)?;
+    let s = x.shape;
     config.check()?;
-    eligible(&shape, params)
+    eligible(&s, params)
         .map_err(|why| Error::unsupported(OP, format!("cooperative-matrix decode: {why}")))?;
-    let table = block_table.as_i32().unwrap_or_default();
-    let lengths = shape.validate_indices(table, cache_seqlens.as_i32().unwrap_or_default())?;
-    let rows = shape.rows();
+    let rows = s.rows();
     let frag = config.fragment.size() as usize;
     let work = schedule::plan_work(
-        &lengths,
+        &x.lengths,
         config.row_blocks(rows),
         config.tile_keys,
         params.split,
     )?;
     let amla = params.rescale == Rescale::Amla;
+    let rounding = params.p_precision.resolve(s.kv_dtype);
     let tn = config.tile_keys as usize;
     let lazy = config.lazy_binades as f32;
     let share = D_QK / config.k_split as usize;
-    let scale_log2 = (params.scale() as f64 * std::f64::consts::LOG2_E) as f32;
-    let q_all = q.to_f32();
-    let kv_all = kv_cache.to_f32();
-    let page = shape.page_size;
-    let per_seq = reference::per_sequence(shape.batch, |seq| {
-        let len = lengths[seq];
-        let mut keys = Vec::with_capacity(len * D_QK);
-        for k in 0..len {
-            let block = table[seq * shape.max_blocks + k / page] as usize;
-            let at = (block * page + k % page) * D_QK;
-            keys.extend(kv_all[at..at + D_QK].iter().map(|&v| to_f16_saturating(v)));
-        }
+    let scale_log2 = params.scale_log2();
+    let q_all = x.q.to_f32();
+    let per_seq = reference::per_sequence(s.batch, |seq| {
+        let len = x.lengths[seq];
+        let (keys, flagged): (Vec<Vec<f32>>, Vec<bool>) = x
+            .rows(seq)
+            .into_iter()
+            .map(|r| {
+                let (tile, bad) = x.row_tile(r);
+                (tile.into_iter().map(to_f16_saturating).collect(), bad)
+            })
+            .unzip();
         let mut stats = AmlaStats::default();
-        let mut max_score = 0.0f32;
-        let mut max_norm = 0.0f32;
-        let mut out = Vec::with_capacity(rows * D_V);
-        let mut lse = Vec::with_capacity(rows);
+        let mut rows_out = Vec::with_capacity(rows);
         // Per split range: for each (row fragment, tile), whether some row moved its reference.
-        let mut moved = vec![Vec::<bool>::new(); work.ranges[seq].len()];
-        let mut frags_seen = vec![Vec::<bool>::new(); work.ranges[seq].len()];
+        let ranges = &work.ranges[seq];
+        let mut moved = vec![Vec::<bool>::new(); ranges.len()];
+        let mut seen = vec![Vec::<bool>::new(); ranges.len()];
         for row in 0..rows {
-            let limit = shape.visible_keys(len, row / shape.h_q, params.causal);
-            let (q16, factor) = q_row_f16(&q_all[(seq * rows + row) * D_QK..][..D_QK], scale_log2);
-            let fragment = row / frag; // row fragments in sequence order (head blocks are whole)
+            let limit = s.visible_keys(len, row / s.h_q, params.causal);
+            let q_row = &q_all[(seq * rows + row) * D_QK..][..D_QK];
+            let q_bad = q_row.iter().any(|v| !v.is_finite());
+            let (q16, factor) = q_row_f16(q_row, scale_log2);
+            let fragment = row / frag; // head blocks are whole row fragments
             let mut parts = Vec::new();
-            for (r, &(begin, end)) in work.ranges[seq].iter().enumerate() {
+            for (r, &(begin, end)) in ranges.iter().enumerate() {
                 let (begin, end) = (begin as usize, end as usize);
                 let tiles = (end - begin).div_ceil(tn);
-                let slots = (fragment + 1) * tiles;
-                if moved[r].len() < slots {
-                    moved[r].resize(slots, false);
-                    frags_seen[r].resize(slots, false);
+                if moved[r].len() < (fragment + 1) * tiles {
+                    moved[r].resize((fragment + 1) * tiles, false);
+                    seen[r].resize((fragment + 1) * tiles, false);
                 }
-                let mut state = LazyRow {
-                    m_ref: MASKED,
-                    l: 0.0,
-                    n_ref: 0.0,
-                    cof_ref: 1.0,
-                    c_hat_ref: 1.0,
-                };
+                let mut state = RowState::new();
+                let mut bounds = Bounds::new();
                 let mut o = vec![0.0f32; D_V];
-                for (t, tile_begin) in (begin..end).step_by(tn).enumerate() {
-                    stats.tiles += 1;
-                    frags_seen[r][fragment * tiles + t] = true;
-                    let scores: Vec<f32> = (0..tn)
-                        .map(|c| {
-                            let k = tile_begin + c;
-                            if k < end && k < limit {
-                                let key = &keys[k * D_QK..(k + 1) * D_QK];
-                                let norm: f32 =
-                                    q16.iter().zip(key).map(|(a, b)| (a * b).powi(2)).sum();
-                                max_norm = max_norm.max(norm.sqrt() * factor.abs());
-                                let mut s = 0.0f32;
-                                for part in 0..config.k_split as usize {
-                                    let mut acc = 0.0f32;
-                                    for d in part * share..(part + 1) * share {
-                                        acc = q16[d].mul_add(key[d], acc);
-                                    }
-                                    s += acc;
+                for (t_index, tile_begin) in (begin..end).step_by(tn).enumerate() {
+                    let tile_keys = tn.min(end - tile_begin);
+                    seen[r][fragment * tiles + t_index] = true;
+                    let mut scores = vec![reference::MASKED; tn];
+                    let mut sigmas = vec![0.0f64; tn];
+                    for (c, (score, sigma)) in scores.iter_mut().zip(&mut sigmas).enumerate() {
+                        let k = tile_begin + c;
+                        if k < end && k < limit {
+                            let key = &keys[k];
+                            let mut sc = 0.0f32;
+                            for part in 0..config.k_split as usize {
+                                let mut acc = 0.0f32;
+                                for d in part * share..(part + 1) * share {
+                                    acc = q16[d].mul_add(key[d], acc);
                                 }
-                                s * factor
+                                sc += acc;
+                            }
+                            let sc = sc * factor;
+                            if flagged[k] || q_bad || !sc.is_finite() {
+                                *score = POISONED;
+                                continue;
+                            }
+                            *score = sc;
+                            let norm: f64 = q16
+                                .iter()
+                                .zip(key)
+                                .map(|(a, b)| (*a as f64 * *b as f64).powi(2))
+                                .sum::<f64>()
+                                .sqrt();
+                            *sigma = 6.0 * U * SUM_ROUNDINGS.sqrt() * norm * factor.abs() as f64;
+                        }
+                    }
+                    let m_old = state.m;
+                    let t = state.tile(&scores, amla, rounding, lazy, &mut stats);
+                    if t.rescales {
+                        moved[r][fragment * tiles + t_index] = true;
+                        for v in o.iter_mut() {
+                            if amla {
+                                *v = reference::add_to_exponent(*v, t.step);
                             } else {
-                                MASKED
+                                *v *= f32::from_bits(t.step);
                             }
-                        })
+                        }
+                    }
+                    let tile_rows: Vec<&[f32]> = (tile_begin..tile_begin + tile_keys)
+                        .map(|k| keys[k].as_slice())
                         .collect();
-                    for &s in scores.iter().filter(|&&s| s > MASKED) {
-                        max_score = max_score.max(s.abs());
-                    }
-                    let m_tile = scores.iter().copied().fold(MASKED, f32::max);
-                    if m_tile > state.m_ref + lazy {
-                        let first = state.m_ref == MASKED;
-                        let mut step = (state.m_ref - m_tile).exp2().to_bits();
-                        if amla {
-                            let n_new = -m_tile.round_ties_even();
-                            let c = (m_tile + n_new).exp2();
-                            let c_hat = reference::round_f16(c);
-                            let cof = c / c_hat;
-                            if !first {
-                                if n_new - state.n_ref < MIN_EXPONENT_STEP {
-                                    stats.clamped_steps += 1;
-                                }
-                                step = reference::exponent_step(
-                                    state.n_ref,
-                                    n_new,
-                                    state.cof_ref,
-                                    cof,
-                                );
-                                stats.exponent_steps += 1;
-                            }
-                            state.n_ref = n_new;
-                            state.cof_ref = cof;
-                            state.c_hat_ref = c_hat;
-                        }
-                        if !first {
-                            for v in o.iter_mut() {
-                                *v = if amla {
-                                    reference::add_to_exponent(*v, step)
-                                } else {
-                                    *v * f32::from_bits(step)
-                                };
-                            }
-                            state.l *= (state.m_ref - m_tile).exp2();
-                            moved[r][fragment * tiles + t] = true;
-                        }
-                        state.m_ref = m_tile;
-                    }
-                    let p_mult = if amla { state.c_hat_ref } else { 1.0 };
-                    for (c, &s) in scores.iter().enumerate() {
-                        let p = if s > MASKED {
-                            (s - state.m_ref).exp2()
-                        } else {
-                            0.0
-                        };
-                        state.l += p;
-                        let pv = reference::round_f16(p * p_mult);
-                        if c < tn.min(end - tile_begin) && pv != 0.0 {
-                            let v = &keys[(tile_begin + c) * D_QK..][..D_V];
-                            for (od, &vd) in o.iter_mut().zip(v) {
-                                *od = pv.mul_add(vd, *od);
-                            }
+                    bounds.tile(
+                        &t,
+                        m_old,
+                        &o,
+                        &tile_rows,
+                        &scores[..tile_keys],
+                        &sigmas[..tile_keys],
+                        amla,
+                        rounding,
+                        &mut stats,
+                    );
+                    for (&pc, key) in t.p.iter().zip(&tile_rows) {
+                        // P is held as f16 (bf16-rounded P below 2^-14 loses bits there).
+                        let pc = reference::round_f16(pc);
+                        for (od, &vd) in o.iter_mut().zip(&key[..D_V]) {
+                            *od = pc.mul_add(vd, *od);
                         }
                     }
                 }
+                if state.poisoned {
+                    parts.push(Part::poisoned());
+                    continue;
+                }
+                let lse = state.finish(&mut o, amla, &mut stats);
                 let norm = if state.l > 0.0 {
-                    1.0 / if amla {
-                        state.l * state.c_hat_ref
-                    } else {
-                        state.l
-                    }
+                    1.0 / if amla { state.l * state.c_hat } else { state.l }
                 } else {
                     0.0
                 };
-                for x in o.iter_mut() {
-                    if let (true, Some(zero)) = (amla, reference::guard(*x)) {
-                        *x = zero;
-                        stats.guard_zeroed += 1;
-                    }
-                    *x *= norm;
-                }
-                let l = if state.l > 0.0 {
-                    (state.m_ref + state.l.log2()) * std::f32::consts::LN_2
-                } else {
-                    f32::NEG_INFINITY
-                };
-                parts.push((o, l));
+                let (bound, lse_bound) = bounds.finish(&o, norm, state.l, lse);
+                parts.push(Part {
+                    o,
+                    lse,
+                    bound,
+                    lse_bound,
+                });
             }
-            let (o, l) = if parts.len() == 1 {
+            rows_out.push(if parts.len() == 1 {
                 parts.pop().expect("one part")
             } else {
                 reference::combine(&parts)
-            };
-            out.extend(o);
-            lse.push(l);
+            });
         }
         let count = |v: &Vec<Vec<bool>>| v.iter().flatten().filter(|&&b| b).count() as u64;
-        let (trips, frag_tiles) = (count(&moved), count(&frags_seen));
-        (out, lse, stats, max_score, trips, frag_tiles, max_norm)
+        (rows_out, stats, count(&moved), count(&seen))
     });
-    let mut out = Vec::with_capacity(shape.batch * rows * D_V);
-    let mut lse = vec![0.0; shape.batch * rows];
+    let mut out = Vec::with_capacity(s.batch * rows * D_V);
+    let mut out_bound = Vec::with_capacity(s.batch * rows * D_V);
+    let (mut lses, mut lse_bounds) = (Vec::new(), Vec::new());
     let mut stats = AmlaStats::default();
-    let (mut max_score, mut round_trips, mut fragment_tiles) = (0.0f32, 0, 0);
-    let mut max_norm = 0.0f32;
-    for (seq, (o, l, st, m, trips, frag_tiles, norm)) in per_seq.into_iter().enumerate() {
-        out.extend(o);
+    let (mut round_trips, mut fragment_tiles) = (0, 0);
+    for (parts, st, trips, tiles) in per_seq {
         stats += st;
-        max_score = max_score.max(m);
-        max_norm = max_norm.max(norm);
         round_trips += trips;
-        fragment_tiles += frag_tiles;
-        for (row, v) in l.into_iter().enumerate() {
-            let (token, head) = (row / shape.h_q, row % shape.h_q);
-            lse[(seq * shape.h_q + head) * shape.s_q + token] = v;
+        fragment_tiles += tiles;
+        let (mut l, mut lb) = (Vec::with_capacity(rows), Vec::with_capacity(rows));
+        for p in parts {
+            out.extend(p.o);
+            out_bound.extend(p.bound);
+            l.push(p.lse);
+            lb.push(p.lse_bound);
         }
+        lses.push(l);
+        lse_bounds.push(lb);
     }
     Ok(CoopEmulation {
         emulation: Emulation {
             out,
-            lse,
+            lse: reference::scatter_lse(&s, lses),
+            out_bound,
+            lse_bound: reference::scatter_lse(&s, lse_bounds),
             stats,
-            max_score,
         },
         round_trips,
         fragment_tiles,
-        score_order_bound: 4.0 * (-24f32).exp2() * (SUM_ROUNDINGS as f32).sqrt() * max_norm,
     })
 }
-
-/// Roundings in a kernel score: 576 products summed, the k-split partials added, the factor.
-const SUM_ROUNDINGS: u32 = 578;
 
 /// A q row as the coop prep writes it: divided by 2^e (the power of two of its largest |q|) and
 /// rounded to f16, with the factor softmax_scale·log2(e)·2^e.

@@ -1,11 +1,12 @@
 //! Inputs for tests, `fusedops check` and the benchmarks: random q and cache rows in a shuffled
 //! paged layout. Every cache slot that no sequence uses (past its length, and whole unused
 //! pages) holds NaN, and block-table entries past a sequence's pages hold -1 or ids of NaN
-//! pages, so that any out-of-range read poisons the output.
+//! pages, so that any out-of-range read poisons the output. An 8-bit cache is the float one
+//! quantized by [`quantize_cache`] (its NaN rows get NaN codes and scales).
 
 use half::{bf16, f16};
 
-use super::{D_QK, D_V};
+use super::{D_QK, D_V, KvFormat, quantize_cache};
 use crate::error::{Error, Result};
 use crate::tensor::{DType, Tensor, TensorData};
 
@@ -39,7 +40,10 @@ pub struct InputSpec {
     pub h_q: usize,
     pub page_size: usize,
     pub q_dtype: DType,
+    /// f32, f16 or bf16; u8 for an 8-bit cache (see `kv_format`).
     pub kv_dtype: DType,
+    /// `Fp8` or `Int8`: the cache is generated in f32 and quantized (`kv_dtype` u8).
+    pub kv_format: KvFormat,
     /// Pages that no sequence uses (NaN-filled).
     pub spare_blocks: usize,
     /// Block-table columns past the longest sequence's pages.
@@ -57,9 +61,25 @@ impl InputSpec {
             page_size,
             q_dtype: dtype,
             kv_dtype: dtype,
+            kv_format: KvFormat::Float,
             spare_blocks: 2,
             spare_columns: 1,
             pattern: Pattern::default(),
+        }
+    }
+
+    /// The same spec with an 8-bit cache of `format` (`Fp8` or `Int8`).
+    pub fn quantized(mut self, format: KvFormat) -> Self {
+        self.kv_dtype = DType::U8;
+        self.kv_format = format;
+        self
+    }
+
+    /// The cache's name in case labels: its dtype, or fp8 / int8.
+    pub fn kv_label(&self) -> &'static str {
+        match self.kv_format {
+            KvFormat::Float => self.kv_dtype.name(),
+            f => f.name(),
         }
     }
 
@@ -208,9 +228,14 @@ impl AmlaInputs {
                     .map_err(|_| Error::invalid("amla", "sequence length", format!("{l}")))
             })
             .collect::<Result<_>>()?;
+        let kv_shape = [num_blocks, page, D_QK];
+        let kv_cache = match spec.kv_format {
+            KvFormat::Float => float_tensor(&kv_shape, cache, spec.kv_dtype)?,
+            format => quantize_cache(&Tensor::f32(&kv_shape, cache)?, format)?,
+        };
         Ok(AmlaInputs {
             q: float_tensor(&[b, spec.s_q, spec.h_q, D_QK], q, spec.q_dtype)?,
-            kv_cache: float_tensor(&[num_blocks, page, D_QK], cache, spec.kv_dtype)?,
+            kv_cache,
             block_table: Tensor::i32(&[b, width], table)?,
             cache_seqlens: Tensor::i32(&[b], lens)?,
         })

@@ -2,11 +2,17 @@
 //! the output done as an integer add on its f32 exponent bits (Huawei's AMLA, arXiv 2509.25224)
 //! or, as a second variant of the same kernel, as the classic multiply.
 //!
-//! Inputs: `q [b, s_q, h_q, 576]`, the paged cache `kv_cache [num_blocks, page, 576]` (one latent
-//! KV head; V is its first 512 columns), `block_table [b, max_blocks] i32`,
-//! `cache_seqlens [b] i32`. Outputs: `out [b, s_q, h_q, 512]` (q's dtype by default) and
-//! `lse [b, h_q, s_q] f32` (natural log). A sequence of length 0 (or a causal row that sees no
-//! key) gives `out = 0`, `lse = -inf`, as FlashMLA.
+//! Inputs: `q [b, s_q, h_q, 576]`, the paged cache `kv_cache [num_blocks, page, 576]` or
+//! FlashMLA's `[num_blocks, page, 1, 576]` (one latent KV head; V is its first 512 columns) in
+//! f32, f16 or bf16, or packed 8-bit (FP8 or int8 codes with scales, 656 bytes per token, see
+//! [`quant`]), `block_table [b, max_blocks] i32`, `cache_seqlens [b] i32`. Outputs:
+//! `out [b, s_q, h_q, 512]` (q's dtype by default) and `lse [b, h_q, s_q] f32` (natural log).
+//!
+//! A row that sees no key (a sequence of length 0, or a causal row with no visible key) gives
+//! `out = 0` and `lse = -inf` (ln of the empty sum; FlashMLA returns `lse = +inf` there). A row
+//! that sees a key and whose q row or one of whose visible keys holds a NaN or ±inf gives
+//! `out = NaN` (all 512 values) and `lse = NaN`; rows that do not see such a key are not
+//! affected, and cache slots no row sees are never read.
 //!
 //! Use it in three steps, the way FlashMLA is used in a decode loop:
 //! - [`AmlaPlan::new`] once per shape: picks the tiles from the device limits, compiles the
@@ -40,6 +46,7 @@
 pub mod cases;
 pub mod coop;
 pub mod inputs;
+pub mod quant;
 pub mod reference;
 pub mod schedule;
 
@@ -52,22 +59,29 @@ use crate::tensor::{DType, DeviceTensor, Tensor};
 
 pub use cases::OPERATOR;
 pub use coop::CoopConfig;
+pub use quant::quantize_cache;
 pub use schedule::{D_QK, D_V, Split, TileConfig, WorkPlan};
 
 const OP: &str = "amla";
 
-const PREP: Kernel = Kernel {
-    name: "amla_prep",
-    source: include_str!("../../../shaders/amla_prep.wgsl"),
-};
-const DECODE: Kernel = Kernel {
-    name: "amla_decode",
-    source: include_str!("../../../shaders/amla_decode.wgsl"),
-};
-const COMBINE: Kernel = Kernel {
-    name: "amla_combine",
-    source: include_str!("../../../shaders/amla_combine.wgsl"),
-};
+/// The AMLA kernels are each composed with shaders/amla_shared.wgsl (cache-row decoding, the
+/// non-finite checks, P rounding and the AMLA rescale step), which a second decode kernel can
+/// reuse the same way.
+macro_rules! amla_kernel {
+    ($name:literal) => {
+        Kernel {
+            name: $name,
+            source: concat!(
+                include_str!("../../../shaders/amla_shared.wgsl"),
+                include_str!(concat!("../../../shaders/", $name, ".wgsl"))
+            ),
+        }
+    };
+}
+const PREP: Kernel = amla_kernel!("amla_prep");
+const DECODE: Kernel = amla_kernel!("amla_decode");
+const COMBINE: Kernel = amla_kernel!("amla_combine");
+const DECODE_COOP: Kernel = amla_kernel!("amla_decode_coop");
 
 /// Storage buffers the decode kernel binds (the most of the three kernels).
 const DECODE_STORAGE_BUFFERS: u32 = 7;
@@ -93,6 +107,76 @@ pub enum PPrecision {
     /// P (times AMLA's c_hat) is rounded to f16 first, as the 16-bit P of a tensor-core kernel;
     /// AMLA then compensates the rounding of c in the exponent step.
     F16,
+    /// P and c_hat rounded to bf16 (CANN rounds them to a bf16 cache's dtype).
+    BF16,
+    /// 16 bits in the cache's type, as CANN does: bf16 for a bf16 or 8-bit cache (FlashMLA
+    /// computes with its FP8 cache in bf16), f16 for an f16 or f32 cache.
+    Cache,
+}
+
+impl PPrecision {
+    /// The rounding P gets with a cache of `kv_dtype`: `F32`, `F16` or `BF16` (never `Cache`).
+    pub fn resolve(self, kv_dtype: DType) -> PPrecision {
+        match (self, kv_dtype) {
+            (PPrecision::Cache, DType::BF16 | DType::U8) => PPrecision::BF16,
+            (PPrecision::Cache, _) => PPrecision::F16,
+            (p, _) => p,
+        }
+    }
+
+    /// Lower-case name, as in the JSON parameters.
+    pub fn name(self) -> &'static str {
+        match self {
+            PPrecision::F32 => "f32",
+            PPrecision::F16 => "f16",
+            PPrecision::BF16 => "bf16",
+            PPrecision::Cache => "cache",
+        }
+    }
+
+    /// The kernel's `P_ROUND` code: 0 none, 1 f16, 2 bf16 (after [`PPrecision::resolve`]).
+    fn round_code(self) -> u32 {
+        match self {
+            PPrecision::F32 => 0,
+            PPrecision::F16 => 1,
+            PPrecision::BF16 | PPrecision::Cache => 2,
+        }
+    }
+}
+
+/// How the cache stores a token's 576 values.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum KvFormat {
+    /// 576 values of the cache tensor's float dtype (f32, f16 or bf16).
+    #[default]
+    Float,
+    /// FlashMLA's FP8 row in a u8 tensor: 656 bytes, 512 E4M3 codes, four f32 scales (one per
+    /// 128 values), 64 bf16 rope values ([`quant`]).
+    Fp8,
+    /// The same row with int8 codes (Ascend 910B has int8 but no FP8).
+    Int8,
+}
+
+impl KvFormat {
+    /// Lower-case name, as in the JSON parameters.
+    pub fn name(self) -> &'static str {
+        match self {
+            KvFormat::Float => "float",
+            KvFormat::Fp8 => "fp8",
+            KvFormat::Int8 => "int8",
+        }
+    }
+
+    /// The kernel's `KV_FORMAT` code for a cache of `kv_dtype` (the `DTYPE_*` code for a float
+    /// cache, `KV_FP8` / `KV_INT8` of shaders/amla_shared.wgsl for a packed one).
+    fn kernel_code(self, kv_dtype: DType) -> u32 {
+        match self {
+            KvFormat::Float => kv_dtype.shader_code(),
+            KvFormat::Fp8 => 8,
+            KvFormat::Int8 => 9,
+        }
+    }
 }
 
 /// Operator parameters.
@@ -105,6 +189,9 @@ pub struct AmlaParams {
     pub rescale: Rescale,
     pub p_precision: PPrecision,
     pub split: Split,
+    /// What the cache holds: `Float` for an f32/f16/bf16 cache, `Fp8` or `Int8` for a packed
+    /// u8 cache (FlashMLA's `is_fp8_kvcache`).
+    pub kv_format: KvFormat,
 }
 
 impl AmlaParams {
@@ -113,12 +200,22 @@ impl AmlaParams {
         self.softmax_scale.unwrap_or(1.0 / (D_QK as f32).sqrt())
     }
 
+    /// softmax_scale · log2(e) in f32: the factor the prologue multiplies q by.
+    pub fn scale_log2(&self) -> f32 {
+        (self.scale() as f64 * std::f64::consts::LOG2_E) as f32
+    }
+
     fn validate(&self) -> Result<()> {
-        if !self.scale().is_finite() {
+        // The prologue multiplies q by scale · log2(e) in f32: that factor must exist.
+        if !self.scale().is_finite() || !self.scale_log2().is_finite() {
             return Err(Error::invalid(
                 OP,
                 "softmax_scale",
-                format!("{} (must be finite)", self.scale()),
+                format!(
+                    "{:e}: softmax_scale · log2(e) must be finite in f32 (|softmax_scale| <= {:e})",
+                    self.scale(),
+                    f32::MAX as f64 / std::f64::consts::LOG2_E
+                ),
             ));
         }
         match self.split {
@@ -136,6 +233,9 @@ impl AmlaParams {
 }
 
 /// The shapes and dtypes an [`AmlaPlan`] is built for.
+///
+/// The fields are public; [`AmlaPlan::new`] and [`AmlaPlan::with_tiles`] check a hand-built shape
+/// exactly as [`AmlaShape::of`] checks tensors ([`AmlaShape::validate`]), sizes included.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct AmlaShape {
     pub batch: usize,
@@ -145,6 +245,7 @@ pub struct AmlaShape {
     pub page_size: usize,
     pub max_blocks: usize,
     pub q_dtype: DType,
+    /// f32, f16 or bf16 (576 values per token), or u8 for a packed 8-bit cache (656 bytes).
     pub kv_dtype: DType,
     /// dtype of `out` (f32, f16 or bf16).
     pub out_dtype: DType,
@@ -172,6 +273,20 @@ fn expect_i32(what: &str, dtype: DType) -> Result<()> {
     }
 }
 
+/// Bytes of one cached token: 576 values of a float dtype, or a packed 656-byte row.
+pub fn kv_row_bytes(kv_dtype: DType) -> usize {
+    if quant::is_packed(kv_dtype) {
+        quant::ROW_BYTES
+    } else {
+        D_QK * kv_dtype.size()
+    }
+}
+
+/// Elements per token in a cache tensor's last dimension.
+fn kv_row_width(kv_dtype: DType) -> usize {
+    kv_row_bytes(kv_dtype) / kv_dtype.size()
+}
+
 impl AmlaShape {
     /// Validate the input shapes and dtypes; `out` gets q's dtype.
     pub fn of(
@@ -188,7 +303,9 @@ impl AmlaShape {
         )
     }
 
-    /// [`AmlaShape::of`] from (shape, dtype) pairs.
+    /// [`AmlaShape::of`] from (shape, dtype) pairs. The cache may be `[num_blocks, page, W]` or
+    /// FlashMLA's `[num_blocks, page, 1, W]`, with W = 576 for a float cache and 656 for a
+    /// packed u8 one.
     pub fn from_parts(
         q: (&[usize], DType),
         kv_cache: (&[usize], DType),
@@ -204,18 +321,33 @@ impl AmlaShape {
                 "[b, s_q, h_q, 576] with b, s_q, h_q >= 1",
             ));
         }
-        if kvs.len() != 3 || kvs[2] != D_QK {
-            return Err(Error::shape(OP, "kv_cache", kvs, "[num_blocks, page, 576]"));
-        }
-        if kvs[0] == 0 {
-            return Err(Error::shape(OP, "kv_cache", kvs, "at least one block"));
-        }
-        let page = kvs[1];
-        if page < 16 || !page.is_power_of_two() {
-            return Err(Error::invalid(
+        expect_float("q", q.1)?;
+        if !kv_cache.1.is_float() && !quant::is_packed(kv_cache.1) {
+            return Err(Error::unsupported(
                 OP,
-                "page size",
-                format!("{page} (a power of two >= 16)"),
+                format!(
+                    "kv_cache dtype {} (expected f32, f16 or bf16, or u8 for a packed 8-bit cache)",
+                    kv_cache.1
+                ),
+            ));
+        }
+        let width = kv_row_width(kv_cache.1);
+        let rows_ok = match kvs.len() {
+            3 => kvs[2] == width,
+            4 => kvs[2] == 1 && kvs[3] == width,
+            _ => false,
+        };
+        if !rows_ok {
+            return Err(Error::shape(
+                OP,
+                "kv_cache",
+                kvs,
+                format!(
+                    "[num_blocks, page, {width}] or [num_blocks, page, 1, {width}] for a {} cache \
+                     ({} bytes per token)",
+                    kv_cache.1,
+                    kv_row_bytes(kv_cache.1)
+                ),
             ));
         }
         let batch = qs[0];
@@ -235,34 +367,124 @@ impl AmlaShape {
                 format!("[{batch}] (b of q)"),
             ));
         }
-        expect_float("q", q.1)?;
-        expect_float("kv_cache", kv_cache.1)?;
         expect_i32("block_table", block_table.1)?;
         expect_i32("cache_seqlens", cache_seqlens.1)?;
-        Ok(AmlaShape {
+        let shape = AmlaShape {
             batch,
             s_q: qs[1],
             h_q: qs[2],
             num_blocks: kvs[0],
-            page_size: page,
+            page_size: kvs[1],
             max_blocks: bts[1],
             q_dtype: q.1,
             kv_dtype: kv_cache.1,
             out_dtype: q.1,
-        })
+        };
+        shape.validate()?;
+        Ok(shape)
     }
 
-    /// Query rows per sequence (s_q x h_q).
+    /// Check what the kernels rely on: every dimension at least 1, a page size that is a power
+    /// of two >= 16, float q and out, a float or packed cache, and every size the plan and the
+    /// kernels compute: element counts in u64 without overflow, and within u32 where the
+    /// kernels index with u32 (every tensor and the query rows), the block-table capacity
+    /// within i32 (the lengths are i32).
+    pub fn validate(&self) -> Result<()> {
+        let dims = [
+            ("b", self.batch),
+            ("s_q", self.s_q),
+            ("h_q", self.h_q),
+            ("num_blocks", self.num_blocks),
+            ("max_blocks", self.max_blocks),
+        ];
+        for (name, value) in dims {
+            if value == 0 {
+                return Err(Error::invalid(OP, name, "0 (must be >= 1)"));
+            }
+        }
+        let page = self.page_size;
+        if page < 16 || !page.is_power_of_two() {
+            return Err(Error::invalid(
+                OP,
+                "page size",
+                format!("{page} (a power of two >= 16)"),
+            ));
+        }
+        expect_float("q", self.q_dtype)?;
+        expect_float("out", self.out_dtype)?;
+        if !self.kv_dtype.is_float() && !quant::is_packed(self.kv_dtype) {
+            return Err(Error::unsupported(
+                OP,
+                format!(
+                    "kv_cache dtype {} (expected f32, f16, bf16 or u8)",
+                    self.kv_dtype
+                ),
+            ));
+        }
+        let product = |what: &str, factors: &[usize], max: u64| -> Result<u64> {
+            let n = factors
+                .iter()
+                .try_fold(1u64, |n, &f| n.checked_mul(f as u64))
+                .filter(|&n| n <= max)
+                .ok_or_else(|| {
+                    Error::invalid(
+                        OP,
+                        what,
+                        format!("{factors:?}: the product exceeds {max} (indexed with 32 bits)"),
+                    )
+                })?;
+            Ok(n)
+        };
+        let u32_max = u32::MAX as u64;
+        let rows = product("s_q x h_q", &[self.s_q, self.h_q], u32_max)?;
+        // The head-block padding adds at most 15 rows per sequence.
+        product(
+            "q workspace (b x padded rows x 576)",
+            &[self.batch, rows as usize + 15, D_QK],
+            u32_max,
+        )?;
+        product(
+            "q (b x s_q x h_q x 576)",
+            &[self.batch, rows as usize, D_QK],
+            u32_max,
+        )?;
+        product(
+            "kv_cache (num_blocks x page x row bytes)",
+            &[self.num_blocks, page, kv_row_bytes(self.kv_dtype)],
+            u32_max,
+        )?;
+        product(
+            "block_table (b x max_blocks)",
+            &[self.batch, self.max_blocks],
+            u32_max,
+        )?;
+        product(
+            "max_blocks x page",
+            &[self.max_blocks, page],
+            i32::MAX as u64,
+        )?;
+        Ok(())
+    }
+
+    /// Query rows per sequence (s_q x h_q; saturating, for a shape not yet validated).
     pub fn rows(&self) -> usize {
-        self.s_q * self.h_q
+        self.s_q.saturating_mul(self.h_q)
     }
 
     pub fn q_shape(&self) -> [usize; 4] {
         [self.batch, self.s_q, self.h_q, D_QK]
     }
 
+    /// The cache shape, 3-D (`[num_blocks, page, 576]`, or `656` bytes for a packed cache);
+    /// FlashMLA's 4-D form with a 1 in the third place is accepted everywhere too.
     pub fn kv_shape(&self) -> [usize; 3] {
-        [self.num_blocks, self.page_size, D_QK]
+        [self.num_blocks, self.page_size, kv_row_width(self.kv_dtype)]
+    }
+
+    /// True if `shape` is this cache's shape in its 3-D or its 4-D (h_kv = 1) form.
+    pub fn kv_shape_matches(&self, shape: &[usize]) -> bool {
+        let [n, p, w] = self.kv_shape();
+        shape == [n, p, w] || shape == [n, p, 1, w]
     }
 
     pub fn out_shape(&self) -> [usize; 4] {
@@ -273,10 +495,35 @@ impl AmlaShape {
         [self.batch, self.h_q, self.s_q]
     }
 
+    /// An error unless `format` fits the cache dtype: `Float` for a float cache, `Fp8` or
+    /// `Int8` for a packed one.
+    pub fn check_format(&self, format: KvFormat) -> Result<()> {
+        let packed = quant::is_packed(self.kv_dtype);
+        match (format, packed) {
+            (KvFormat::Float, false) | (KvFormat::Fp8 | KvFormat::Int8, true) => Ok(()),
+            (KvFormat::Float, true) => Err(Error::invalid(
+                OP,
+                "kv_format",
+                "float, but kv_cache is u8 (packed 656-byte rows): set kv_format to fp8 or int8",
+            )),
+            (_, false) => Err(Error::invalid(
+                OP,
+                "kv_format",
+                format!(
+                    "{}, but kv_cache is {} (an 8-bit format needs the packed u8 cache that \
+                     amla::quantize_cache makes)",
+                    format.name(),
+                    self.kv_dtype
+                ),
+            )),
+        }
+    }
+
     /// Check the block table and lengths: every length within its row's pages, every block id a
     /// sequence uses within the cache (entries past the pages in use are ignored, so padding with
     /// -1 is fine). Returns the lengths.
     pub fn validate_indices(&self, block_table: &[i32], seqlens: &[i32]) -> Result<Vec<usize>> {
+        self.validate()?;
         if block_table.len() != self.batch * self.max_blocks {
             return Err(Error::shape(
                 OP,
@@ -322,10 +569,64 @@ impl AmlaShape {
         Ok(lengths)
     }
 
+    /// The cache rows (`block · page + slot`) that sequence `seq` of `len` keys uses, in key order
+    /// (indices validated by [`AmlaShape::validate_indices`]).
+    pub fn sequence_rows<'a>(
+        &'a self,
+        block_table: &'a [i32],
+        seq: usize,
+        len: usize,
+    ) -> impl Iterator<Item = usize> + 'a {
+        let row = &block_table[seq * self.max_blocks..(seq + 1) * self.max_blocks];
+        (0..len)
+            .map(move |k| row[k / self.page_size] as usize * self.page_size + k % self.page_size)
+    }
+
     /// Keys visible to query token `token` of a sequence of `len` keys.
     pub fn visible_keys(&self, len: usize, token: usize, causal: bool) -> usize {
         visible_keys(len, self.s_q, token, causal)
     }
+}
+
+/// Check what the host can see of a call's inputs beyond their shapes, before anything is
+/// uploaded: the scales of every cache row a sequence uses (packed caches, see
+/// [`quant::check_scales`]), and that q, prescaled by softmax_scale · log2(e) in f32, stays finite
+/// wherever q is finite (`softmax_scale` names the error).
+pub fn check_values(
+    shape: &AmlaShape,
+    params: &AmlaParams,
+    q: &Tensor,
+    kv_cache: &Tensor,
+    block_table: &[i32],
+    lengths: &[usize],
+) -> Result<()> {
+    if let Some(bytes) = kv_cache.as_u8() {
+        for (seq, &len) in lengths.iter().enumerate() {
+            quant::check_scales(
+                OP,
+                bytes,
+                params.kv_format,
+                shape.page_size,
+                shape.sequence_rows(block_table, seq, len),
+            )?;
+        }
+    }
+    let q_max = q
+        .to_f32()
+        .into_iter()
+        .filter(|v| v.is_finite())
+        .fold(0.0f32, |m, v| m.max(v.abs()));
+    if !(q_max * params.scale_log2().abs()).is_finite() {
+        return Err(Error::invalid(
+            OP,
+            "softmax_scale",
+            format!(
+                "{:e}: q (max |q| {q_max:e}) times softmax_scale · log2(e) overflows f32",
+                params.scale()
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// Keys visible to query token `token` (of `s_q`) of a sequence of `len` keys: all of them, or
@@ -444,6 +745,7 @@ impl AmlaPlan {
     /// dtypes allow it ([`CoopConfig::choose`]), else the SIMT kernel, with tiles chosen from the
     /// device limits.
     pub fn new(gpu: &Gpu, shape: &AmlaShape, params: &AmlaParams) -> Result<Self> {
+        shape.validate()?;
         if let Ok(config) = CoopConfig::choose(gpu, shape, params) {
             return AmlaPlan::with_coop(gpu, shape, params, config);
         }
@@ -461,14 +763,10 @@ impl AmlaPlan {
     ) -> Result<Self> {
         params.validate()?;
         // The fields are public: a shape not made by `AmlaShape::of` is checked the same way (a
-        // page size that is not a power of two would make the kernel's page shift wrong).
-        AmlaShape::from_parts(
-            (&shape.q_shape(), shape.q_dtype),
-            (&shape.kv_shape(), shape.kv_dtype),
-            (&[shape.batch, shape.max_blocks], DType::I32),
-            (&[shape.batch], DType::I32),
-        )?;
-        expect_float("out", shape.out_dtype)?;
+        // page size that is not a power of two would make the kernel's page shift wrong, a
+        // size that wraps would bind too little).
+        shape.validate()?;
+        shape.check_format(params.kv_format)?;
         tiles.check(shape.kv_dtype)?;
         let caps = &gpu.caps;
         if tiles.workgroup_bytes > caps.max_workgroup_storage {
@@ -511,7 +809,7 @@ impl AmlaPlan {
             ("q", b * rows as u64 * (D_QK * shape.q_dtype.size()) as u64),
             (
                 "kv_cache",
-                (shape.num_blocks * shape.page_size * D_QK * shape.kv_dtype.size()) as u64,
+                (shape.num_blocks * shape.page_size) as u64 * kv_row_bytes(shape.kv_dtype) as u64,
             ),
             (
                 "out",
@@ -544,15 +842,18 @@ impl AmlaPlan {
                 ("CB", tiles.keys_per_thread as f64),
                 ("DG", tiles.d_groups as f64),
                 ("KV_STRIDE", tiles.kv_stride as f64),
-                ("KV_DTYPE", dtype_code(shape.kv_dtype)),
+                (
+                    "KV_FORMAT",
+                    params.kv_format.kernel_code(shape.kv_dtype) as f64,
+                ),
                 ("OUT_DTYPE", dtype_code(shape.out_dtype)),
                 (
                     "RESCALE_AMLA",
                     f64::from(u8::from(params.rescale == Rescale::Amla)),
                 ),
                 (
-                    "P_HALF",
-                    f64::from(u8::from(params.p_precision == PPrecision::F16)),
+                    "P_ROUND",
+                    params.p_precision.resolve(shape.kv_dtype).round_code() as f64,
                 ),
             ],
         )?;
@@ -568,7 +869,7 @@ impl AmlaPlan {
             quads: (b * rows as u64 * schedule::QUADS as u64) as u32,
             rows: rows as u32,
             rows_padded: rows_padded as u32,
-            scale_log2: (params.scale() as f64 * std::f64::consts::LOG2_E) as f32,
+            scale_log2: params.scale_log2(),
         })?;
         Ok(AmlaPlan {
             id: NEXT_PLAN_ID.fetch_add(1, Ordering::Relaxed),
@@ -626,22 +927,28 @@ impl AmlaPlan {
         self.max_partial_slots
     }
 
+    /// The rounding P gets in this plan ([`PPrecision::resolve`] for its cache).
+    pub fn p_rounding(&self) -> PPrecision {
+        self.params.p_precision.resolve(self.shape.kv_dtype)
+    }
+
     /// The kernel variant, as reported by `fusedops check`/`bench`.
     pub fn variant(&self) -> String {
         if let Some(c) = &self.coop {
-            return c.variant(&self.params);
+            return c.variant(&self.params, self.shape.kv_dtype);
         }
         let t = &self.tiles;
+        let kv = match self.params.kv_format {
+            KvFormat::Float => String::new(),
+            f => format!(" kv={}", f.name()),
+        };
         format!(
-            "{} p={} hb={} tn={}",
+            "{} p={}{kv} hb={} tn={}",
             match self.params.rescale {
                 Rescale::Amla => "amla",
                 Rescale::Multiply => "multiply",
             },
-            match self.params.p_precision {
-                PPrecision::F32 => "f32",
-                PPrecision::F16 => "f16",
-            },
+            self.p_rounding().name(),
             t.head_block,
             t.tile_keys
         )
@@ -739,10 +1046,11 @@ impl AmlaPlan {
         &self,
         what: &str,
         t: &DeviceTensor,
+        shape_ok: bool,
         shape: &[usize],
         dtype: DType,
     ) -> Result<()> {
-        if t.shape() != shape {
+        if !shape_ok {
             return Err(Error::shape(
                 OP,
                 what,
@@ -773,10 +1081,12 @@ impl AmlaPlan {
             return Err(Error::invalid(OP, "schedule", "was made by another plan"));
         }
         let s = &self.shape;
-        self.check_tensor("q", q, &s.q_shape(), s.q_dtype)?;
-        self.check_tensor("kv_cache", kv_cache, &s.kv_shape(), s.kv_dtype)?;
-        self.check_tensor("out", out, &s.out_shape(), s.out_dtype)?;
-        self.check_tensor("lse", lse, &s.lse_shape(), DType::F32)?;
+        let (qs, os, ls) = (s.q_shape(), s.out_shape(), s.lse_shape());
+        self.check_tensor("q", q, q.shape() == qs, &qs, s.q_dtype)?;
+        let kv_ok = s.kv_shape_matches(kv_cache.shape());
+        self.check_tensor("kv_cache", kv_cache, kv_ok, &s.kv_shape(), s.kv_dtype)?;
+        self.check_tensor("out", out, out.shape() == os, &os, s.out_dtype)?;
+        self.check_tensor("lse", lse, lse.shape() == ls, &ls, DType::F32)?;
         let prep = gpu.bind_group(
             &self.prep,
             &[
@@ -914,7 +1224,8 @@ pub struct AmlaBindings {
 pub struct AmlaOutput {
     /// `[b, s_q, h_q, 512]` in q's dtype.
     pub out: Tensor,
-    /// `[b, h_q, s_q]` f32, natural log; -inf for rows that see no key.
+    /// `[b, h_q, s_q]` f32, natural log; -inf for rows that see no key, NaN for rows whose
+    /// inputs hold NaN or ±inf.
     pub lse: Tensor,
 }
 
@@ -930,6 +1241,8 @@ pub fn amla(
     let shape = AmlaShape::of(q, kv_cache, block_table, cache_seqlens)?;
     let plan = AmlaPlan::new(gpu, &shape, params)?;
     let schedule = plan.schedule(gpu, block_table, cache_seqlens)?;
+    let table = block_table.as_i32().unwrap_or_default(); // i32: checked by the schedule
+    check_values(&shape, params, q, kv_cache, table, schedule.lengths())?;
     let q_dev = gpu.upload(q)?;
     let kv_dev = gpu.upload(kv_cache)?;
     let out = gpu.zeros(&shape.out_shape(), shape.out_dtype)?;
@@ -963,7 +1276,7 @@ mod tests {
     #[test]
     fn guard_constant_is_1e10() {
         assert!(
-            include_str!("../../../shaders/amla_decode.wgsl")
+            include_str!("../../../shaders/amla_shared.wgsl")
                 .contains(&format!("0x{:08x}u; // bits of 1e10", 1e10f32.to_bits()))
         );
     }
@@ -1021,6 +1334,50 @@ mod tests {
             ),
             Err(Error::Unsupported { .. })
         ));
+    }
+
+    #[test]
+    fn p_precision_cache_follows_the_cache_dtype() {
+        assert_eq!(PPrecision::Cache.resolve(DType::BF16), PPrecision::BF16);
+        assert_eq!(PPrecision::Cache.resolve(DType::U8), PPrecision::BF16);
+        assert_eq!(PPrecision::Cache.resolve(DType::F16), PPrecision::F16);
+        assert_eq!(PPrecision::Cache.resolve(DType::F32), PPrecision::F16);
+        assert_eq!(PPrecision::F16.resolve(DType::BF16), PPrecision::F16);
+        assert_eq!(PPrecision::F32.resolve(DType::U8), PPrecision::F32);
+        let p: PPrecision = serde_json::from_str("\"bf16\"").unwrap();
+        assert_eq!((p, p.round_code()), (PPrecision::BF16, 2));
+    }
+
+    #[test]
+    fn caches_in_flashmla_and_packed_layouts() {
+        let ok = |kv: &[usize], dtype| {
+            AmlaShape::from_parts(
+                (&[2, 1, 16, 576], DType::BF16),
+                (kv, dtype),
+                (&[2, 4], DType::I32),
+                (&[2], DType::I32),
+            )
+        };
+        let four = ok(&[8, 64, 1, 576], DType::BF16).unwrap();
+        assert_eq!(four, ok(&[8, 64, 576], DType::BF16).unwrap());
+        assert!(four.kv_shape_matches(&[8, 64, 1, 576]) && four.kv_shape_matches(&[8, 64, 576]));
+        assert!(!four.kv_shape_matches(&[8, 64, 2, 576]));
+        let packed = ok(&[8, 64, 1, 656], DType::U8).unwrap();
+        assert_eq!(packed.kv_shape(), [8, 64, 656]);
+        assert!(packed.check_format(KvFormat::Fp8).is_ok());
+        assert!(packed.check_format(KvFormat::Float).is_err());
+        assert!(four.check_format(KvFormat::Int8).is_err());
+        for (kv, dtype) in [
+            (&[8, 64, 2, 576][..], DType::BF16),
+            (&[8, 64, 576][..], DType::U8),
+            (&[8, 64, 656][..], DType::BF16),
+            (&[8, 64, 1, 1, 576][..], DType::BF16),
+        ] {
+            assert!(
+                matches!(ok(kv, dtype), Err(Error::Shape { .. })),
+                "{kv:?} {dtype}"
+            );
+        }
     }
 
     #[test]

@@ -32,6 +32,16 @@ const KV_ROW_PAD_WORDS: u32 = 8;
 /// Key tile sizes tried, largest first.
 const TILE_KEYS: [u32; 3] = [32, 16, 8];
 
+/// Bytes per value in the kernel's key tile: the cache's own for a float cache, 4 for a packed
+/// 8-bit cache (decoded to f32 while the tile is loaded).
+pub fn tile_value_bytes(kv_dtype: DType) -> usize {
+    if kv_dtype.size() == 1 {
+        4
+    } else {
+        kv_dtype.size()
+    }
+}
+
 /// The decode kernel's tile configuration (all of it becomes WGSL override constants).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct TileConfig {
@@ -81,13 +91,15 @@ impl TileConfig {
         let pairs = row_groups * tile_keys / keys_per_thread;
         let d_groups = WORKGROUP / pairs;
         debug_assert!(d_groups * pairs == WORKGROUP && QUADS.is_multiple_of(d_groups));
-        let words_per_key = (D_QK * kv_dtype.size() / 4) as u32;
+        let words_per_key = (D_QK * tile_value_bytes(kv_dtype) / 4) as u32;
         let kv_stride_words = words_per_key + KV_ROW_PAD_WORDS;
-        // kv tile + d-split partial scores (reused for P) + scores + two per-row words.
+        // kv tile + d-split partial scores (reused for P) + scores + three per-row words + one
+        // per-key word (the non-finite flags).
         let words = tile_keys * kv_stride_words
             + d_groups * head_block * tile_keys
             + head_block * tile_keys
-            + 2 * head_block;
+            + 3 * head_block
+            + tile_keys;
         Ok(TileConfig {
             head_block,
             rows_per_thread,
@@ -356,7 +368,7 @@ mod tests {
 
     #[test]
     fn tile_configs_tile_the_workgroup_and_fit_the_target_limits() {
-        for kv in [DType::F32, DType::F16, DType::BF16] {
+        for kv in [DType::F32, DType::F16, DType::BF16, DType::U8] {
             for hb in [1, 2, 4, 8, 16] {
                 for tn in TILE_KEYS {
                     let c = TileConfig::new(hb, tn, kv).unwrap();

@@ -21,6 +21,7 @@ fn values_f64(t: &Tensor, range: std::ops::Range<usize>) -> Vec<f64> {
         TensorData::BF16(v) => v[range].iter().map(|x| x.to_f64()).collect(),
         TensorData::I32(v) => v[range].iter().map(|&x| x as f64).collect(),
         TensorData::U32(v) => v[range].iter().map(|&x| x as f64).collect(),
+        TensorData::U8(v) => v[range].iter().map(|&x| x as f64).collect(),
     }
 }
 
