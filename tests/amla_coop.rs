@@ -16,7 +16,7 @@ use fusedops::ops::amla::coop::{self, CoopEmulation};
 use fusedops::ops::amla::inputs::{AmlaInputs, InputSpec, Pattern};
 use fusedops::ops::amla::reference::{self, AmlaStats};
 use fusedops::ops::amla::{
-    self, AmlaParams, AmlaPlan, AmlaShape, CoopConfig, KvFormat, PPrecision, Rescale, Split,
+    self, AmlaParams, AmlaPlan, AmlaShape, CoopConfig, KvFormat, PPrecision, Rescale, Split, quant,
 };
 use fusedops::registry::Operator;
 use fusedops::tensor::{DType, Tensor};
@@ -91,19 +91,23 @@ fn run_checked(
     let (o, l) = (got.out.to_f32(), got.lse.to_f32());
     let (os, ls) = (shape.out_shape(), shape.lse_shape());
     let exact = reference::exact(&x.q, &x.kv_cache, &x.block_table, &x.cache_seqlens, &p).unwrap();
-    let exact_tol = exact_out_tolerance(
-        p.rescale,
-        plan.p_rounding(),
-        reference::max_abs_v(&x.kv_cache, p.kv_format),
+    let max_abs_v = reference::max_abs_v(&x.kv_cache, p.kv_format);
+    let mut exact_tol = (
+        exact_out_tolerance(p.rescale, plan.p_rounding(), max_abs_v),
+        lse_tolerance(),
     );
+    if plan.coop().is_some() {
+        let bound = coop::StagingBound::of(&x.q, &x.kv_cache, &p);
+        exact_tol = coop::exact_tolerances(exact_tol.0, exact_tol.1, &p, max_abs_v, &bound);
+    }
     must_pass(
         &format!("{label} out/exact"),
-        &compare(&o, &exact.out, exact_tol),
+        &compare(&o, &exact.out, exact_tol.0),
         &os,
     );
     must_pass(
         &format!("{label} lse/exact"),
-        &compare(&l, &exact.lse, lse_tolerance()),
+        &compare(&l, &exact.lse, exact_tol.1),
         &ls,
     );
     let coop = plan.coop().map(|c| {
@@ -712,5 +716,47 @@ fn nan_and_inf_reach_exactly_the_rows_that_see_them() {
                 }
             }
         }
+    }
+}
+
+#[test]
+fn eight_bit_caches_are_decoded_to_f16_while_staged() {
+    let g = gpu();
+    // FlashMLA's FP8 layout and its int8 twin (656 bytes per token), decoded (codes times
+    // scales) and rounded to f16 in the tile. A NaN code (FP8) or an infinite scale (int8) in key
+    // 20 of sequence 0 poisons the rows that see it; the padding is NaN and never read.
+    for format in [KvFormat::Fp8, KvFormat::Int8] {
+        let spec = InputSpec::new(&[45, 0, 70], 1, 16, 16, DType::BF16).quantized(format);
+        let mut x = AmlaInputs::generate(&spec, 22).unwrap();
+        let page = x.kv_cache.shape()[1];
+        let row = x.block_table.as_i32().unwrap()[20 / page] as usize * page + 20 % page;
+        let mut bytes = x.kv_cache.as_u8().unwrap().to_vec();
+        let r = &mut bytes[row * quant::ROW_BYTES..(row + 1) * quant::ROW_BYTES];
+        match format {
+            KvFormat::Fp8 => r[9] = 0x7f,
+            _ => r[quant::SCALES_AT..quant::SCALES_AT + 4]
+                .copy_from_slice(&f32::INFINITY.to_le_bytes()),
+        }
+        x.kv_cache = Tensor::u8(x.kv_cache.shape(), bytes).unwrap();
+        for rescale in RESCALES {
+            for split in [Split::Off, Split::Chunk { keys: 32 }] {
+                let p = AmlaParams {
+                    kv_format: format,
+                    ..params(rescale, split, false)
+                };
+                let label = format!("{format:?} {rescale:?} {split:?}");
+                let r = run_checked(g, &label, &x, p, DType::F32, None);
+                let out = r.got.out.to_f32();
+                assert!(out[..16 * 512].iter().all(|v| v.is_nan()), "{label}");
+                assert!(out[2 * 16 * 512..].iter().all(|v| v.is_finite()), "{label}");
+            }
+        }
+        // P rounded to the cache's 16-bit type (bf16 for an 8-bit cache, as CANN).
+        let p = AmlaParams {
+            kv_format: format,
+            p_precision: PPrecision::Cache,
+            ..params(Rescale::Amla, Split::Off, false)
+        };
+        run_checked(g, "cache-typed P", &x, p, DType::BF16, None);
     }
 }

@@ -297,6 +297,8 @@ struct ExactRows {
     lse: Vec<f64>,
     /// The largest |v| of their caches ([`exact_out_tolerance`]).
     max_abs_v: f64,
+    /// What rounding their caches to f16 may do to the scores ([`coop::exact_tolerances`]).
+    staging: coop::StagingBound,
 }
 
 /// The decode kernel an emulation follows: the SIMT one with its tiles, or the
@@ -545,27 +547,33 @@ impl AmlaCase {
                     out: e.out,
                     lse: e.lse,
                     max_abs_v: reference::max_abs_v(kv, self.params.kv_format),
+                    staging: coop::StagingBound::of(q, kv, &self.params),
                 }
             }
             None => {
-                let parts: Vec<(Exact, f64)> = seqs
+                let parts: Vec<(Exact, f64, coop::StagingBound)> = seqs
                     .par_iter()
                     .map(|&seq| {
                         let [q, kv, table, lens] = self.one_sequence(layout, seq)?;
                         let e = reference::exact(&q, &kv, &table, &lens, &self.params)?;
-                        Ok((e, reference::max_abs_v(&kv, self.params.kv_format)))
+                        let v = reference::max_abs_v(&kv, self.params.kv_format);
+                        Ok((e, v, coop::StagingBound::of(&q, &kv, &self.params)))
                     })
                     .collect::<Result<_>>()?;
                 ExactRows {
                     out: parts
                         .iter()
-                        .flat_map(|(e, _)| e.out.iter().copied())
+                        .flat_map(|(e, _, _)| e.out.iter().copied())
                         .collect(),
                     lse: parts
                         .iter()
-                        .flat_map(|(e, _)| e.lse.iter().copied())
+                        .flat_map(|(e, _, _)| e.lse.iter().copied())
                         .collect(),
                     max_abs_v: parts.iter().map(|p| p.1).fold(0.0, f64::max),
+                    staging: coop::StagingBound {
+                        score_abs: parts.iter().map(|p| p.2.score_abs).fold(0.0, f64::max),
+                        score_l2: parts.iter().map(|p| p.2.score_l2).fold(0.0, f64::max),
+                    },
                 }
             }
         });
@@ -708,8 +716,20 @@ impl HostPrepared for AmlaHost {
             redone = c.emulate(&self.layout, &self.seqs, &self.shape, kernel)?;
             &redone
         };
-        let exact_tolerance =
-            exact_out_tolerance(c.params.rescale, plan.p_rounding(), self.exact.max_abs_v);
+        let mut exact_tolerance = (
+            exact_out_tolerance(c.params.rescale, plan.p_rounding(), self.exact.max_abs_v),
+            lse_tolerance(),
+        );
+        if plan.coop().is_some() {
+            let (out, lse) = exact_tolerance;
+            exact_tolerance = coop::exact_tolerances(
+                out,
+                lse,
+                &c.params,
+                self.exact.max_abs_v,
+                &self.exact.staging,
+            );
+        }
         let (q, kv) = self.inputs(gpu)?;
         let (table, lens) = (&self.layout.block_table, &self.layout.cache_seqlens);
         let main = Run::new(gpu, plan, table, lens, &q, &kv)?;
@@ -785,7 +805,8 @@ struct AmlaPrepared<'g> {
     main: Run,
     baseline: Option<Run>,
     exact: Arc<ExactRows>,
-    exact_tolerance: Tolerance,
+    /// Of `out` and `lse` against the exact reference (they depend on the kernel).
+    exact_tolerance: (Tolerance, Tolerance),
     /// The emulation, `out` rounded to the output dtype, and the bounds it derives.
     emulation_out: Vec<f32>,
     emulation_out_tolerance: Tolerance,
@@ -827,12 +848,12 @@ impl Prepared for AmlaPrepared<'_> {
             Checked::new(
                 "out",
                 &out_shape,
-                compare(&out, &self.exact.out, self.exact_tolerance),
+                compare(&out, &self.exact.out, self.exact_tolerance.0),
             ),
             Checked::new(
                 "lse",
                 &lse_shape,
-                compare(&lse, &self.exact.lse, lse_tolerance()),
+                compare(&lse, &self.exact.lse, self.exact_tolerance.1),
             ),
             Checked::new(
                 "out~emulation",
@@ -1360,19 +1381,36 @@ impl Operator for AmlaOperator {
         inputs: &NamedTensors,
         params: &serde_json::Value,
     ) -> Tolerance {
-        if output == "lse" {
-            return lse_tolerance();
-        }
         let (Ok(p), Ok(x)) = (
             params_from_json::<RunParams>("amla", params).and_then(|p| p.to_params()),
             named_inputs(inputs),
         ) else {
-            return out_tolerance();
+            return if output == "lse" {
+                lse_tolerance()
+            } else {
+                out_tolerance()
+            };
         };
-        exact_out_tolerance(
-            p.rescale,
-            p.p_precision.resolve(x.kv_cache.dtype()),
-            reference::max_abs_v(x.kv_cache, p.kv_format),
-        )
+        let max_abs_v = reference::max_abs_v(x.kv_cache, p.kv_format);
+        let mut tolerances = (
+            exact_out_tolerance(
+                p.rescale,
+                p.p_precision.resolve(x.kv_cache.dtype()),
+                max_abs_v,
+            ),
+            lse_tolerance(),
+        );
+        // The coop decode may run (the adapter decides): its f16 staging of an 8-bit cache.
+        let coop_possible = AmlaShape::of(x.q, x.kv_cache, x.block_table, x.cache_seqlens)
+            .is_ok_and(|shape| coop::eligible(&shape, &p).is_ok());
+        if coop_possible {
+            let bound = coop::StagingBound::of(x.q, x.kv_cache, &p);
+            tolerances = coop::exact_tolerances(tolerances.0, tolerances.1, &p, max_abs_v, &bound);
+        }
+        if output == "lse" {
+            tolerances.1
+        } else {
+            tolerances.0
+        }
     }
 }

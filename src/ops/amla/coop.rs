@@ -25,8 +25,9 @@ use super::reference::{self, AmlaStats, Bounds, Emulation, POISONED, Part, RowSt
 use super::schedule::{self, D_QK, D_V, TileConfig};
 use super::{
     AmlaParams, AmlaPlan, AmlaShape, COMBINE, DECODE_COOP, DECODE_STORAGE_BUFFERS, KvFormat,
-    NEXT_PLAN_ID, PPrecision, Rescale, dtype_code, kv_row_bytes,
+    NEXT_PLAN_ID, PPrecision, Rescale, dtype_code, kv_row_bytes, quant,
 };
+use crate::check::Tolerance;
 use crate::error::{Error, Result};
 use crate::gpu::{Fragment, Gpu};
 use crate::tensor::{DType, Tensor};
@@ -292,7 +293,8 @@ impl CoopConfig {
 
 /// Whether the cooperative-matrix decode can run `shape` with `params`: 16-bit q (its f16
 /// rounding after the row's power-of-two scaling is then exact), a 16-bit float cache (exact in
-/// f16 within the f16 range) and 16-bit P. The reason otherwise.
+/// f16 within the f16 range) or an 8-bit one (decoded, then rounded to f16: see
+/// [`exact_tolerances`]), and 16-bit P. The reason otherwise.
 pub fn eligible(shape: &AmlaShape, params: &AmlaParams) -> std::result::Result<(), String> {
     let sixteen = |d: DType| matches!(d, DType::F16 | DType::BF16);
     if !sixteen(shape.q_dtype) {
@@ -301,13 +303,7 @@ pub fn eligible(shape: &AmlaShape, params: &AmlaParams) -> std::result::Result<(
             shape.q_dtype
         ));
     }
-    if params.kv_format != KvFormat::Float {
-        return Err(format!(
-            "the {} cache (the SIMT kernel decodes it to f32)",
-            params.kv_format.name()
-        ));
-    }
-    if !sixteen(shape.kv_dtype) {
+    if params.kv_format == KvFormat::Float && !sixteen(shape.kv_dtype) {
         return Err(format!(
             "the cache is {} (the f32 SIMT kernel keeps it)",
             shape.kv_dtype
@@ -317,6 +313,92 @@ pub fn eligible(shape: &AmlaShape, params: &AmlaParams) -> std::result::Result<(
         return Err("P in f32 (fragments multiply 16-bit P)".into());
     }
     Ok(())
+}
+
+/// What rounding a decoded 8-bit cache to f16 can do to the scores: for every q row and every
+/// finite cache row, `score_abs` bounds Σ_d |q'_d k_d| (log2 units, q' = q · softmax_scale ·
+/// log2 e) by Cauchy–Schwarz as max‖q'‖₂ · max‖k‖₂, and `score_l2` bounds ‖q' ⊙ k‖₂ as
+/// max‖q'‖∞ · max‖k‖₂.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct StagingBound {
+    pub score_abs: f64,
+    pub score_l2: f64,
+}
+
+impl StagingBound {
+    /// The bound for `q` and the finite rows of `kv_cache` (NaN padding is skipped; rows holding
+    /// a NaN or inf make their rows NaN anyway).
+    pub fn of(q: &Tensor, kv_cache: &Tensor, params: &AmlaParams) -> StagingBound {
+        let finite_norm = |row: &[f64]| -> Option<f64> {
+            row.iter()
+                .all(|v| v.is_finite())
+                .then(|| row.iter().map(|v| v * v).sum::<f64>().sqrt())
+        };
+        let k_max = match kv_cache.as_u8() {
+            Some(bytes) => bytes
+                .chunks_exact(quant::ROW_BYTES)
+                .filter_map(|r| finite_norm(&quant::decode_row(r, params.kv_format)))
+                .fold(0.0, f64::max),
+            None => kv_cache
+                .to_f64()
+                .chunks_exact(D_QK)
+                .filter_map(finite_norm)
+                .fold(0.0, f64::max),
+        };
+        let scale = params.scale_log2().abs() as f64;
+        let (mut q_l2, mut q_inf) = (0.0f64, 0.0f64);
+        for row in q.to_f64().chunks_exact(D_QK) {
+            if let Some(norm) = finite_norm(row) {
+                q_l2 = q_l2.max(norm);
+                q_inf = q_inf.max(row.iter().fold(0.0, |m, v| m.max(v.abs())));
+            }
+        }
+        StagingBound {
+            score_abs: scale * q_l2 * k_max,
+            score_l2: scale * q_inf * k_max,
+        }
+    }
+}
+
+/// Tolerances of the coop kernel's `out` and `lse` against the exact reference, from those of
+/// the SIMT kernel (`out`, `lse`): unchanged for a 16-bit float cache (staged exactly), relaxed
+/// for an 8-bit one, whose decoded values are rounded to f16 (relative error at most 2^-11, or
+/// 2^-25 absolute below 2^-14):
+/// - V: an output, an average of v, moves by at most 2^-11 · max|v| (`max_abs_v`);
+/// - K: a score moves by at most δ = ln2 · 2^-11 · Σ_d|q'_d k_d| (natural units), so the lse by
+///   at most δ and the softmax weights by a factor within e^{±2δ}: an output by at most
+///   (e^{2δ} - 1) · max|v|;
+/// - cosine: independent rounding errors (uniform, relative half-width 2^-11, variance
+///   2^-22/3) give about 2^-22/6 from V and (ln2 · σ_s)²/2 from the scores, σ_s² =
+///   2^-22/3 · ‖q' ⊙ k‖²; the bound grows by six times their sum.
+pub fn exact_tolerances(
+    out: Tolerance,
+    lse: Tolerance,
+    params: &AmlaParams,
+    max_abs_v: f64,
+    bound: &StagingBound,
+) -> (Tolerance, Tolerance) {
+    if params.kv_format == KvFormat::Float {
+        return (out, lse);
+    }
+    let u = (-11f64).exp2();
+    let ln2 = std::f64::consts::LN_2;
+    let delta = ln2 * u * bound.score_abs;
+    let sigma = ln2 * u * bound.score_l2;
+    let out = Tolerance {
+        abs: out.abs + u * max_abs_v + (2.0 * delta).exp_m1() * max_abs_v + (-25f64).exp2(),
+        max_cos_diff: out
+            .max_cos_diff
+            .map(|c| c + 6.0 * (u * u / 6.0 + sigma * sigma / 6.0)),
+        ..out
+    };
+    (
+        out,
+        Tolerance {
+            abs: lse.abs + delta,
+            ..lse
+        },
+    )
 }
 
 /// Uniform of the coop prep entry (`PrepParams` in shaders/amla_decode_coop.wgsl).
