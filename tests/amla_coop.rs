@@ -197,7 +197,7 @@ fn the_path_is_chosen_from_the_adapter_and_reported() {
     let coop_line = |gpu: &Gpu| {
         op.paths(gpu)
             .into_iter()
-            .find(|(what, _)| what == "decode (16-bit q, cache and P)")
+            .find(|(what, _)| what == "decode (16-bit q and P)")
             .expect("the coop decode line")
             .1
     };

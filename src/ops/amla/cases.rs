@@ -1304,14 +1304,14 @@ impl Operator for AmlaOperator {
         let coop = match CoopConfig::choose(gpu, &deepseek, &p16) {
             Ok(c) => format!(
                 "{} (head block: s_q x h_q rounded up to a power of two, {}..64); the SIMT \
-                 kernels below for f32 q, f32 or 8-bit caches or P in f32",
+                 kernels below for f32 q, an f32 cache or P in f32",
                 c.describe(max),
                 c.fragment.size()
             ),
             Err(why) => format!("f32 SIMT ({why})"),
         };
         vec![
-            ("decode (16-bit q, cache and P)".into(), coop),
+            ("decode (16-bit q and P)".into(), coop),
             (
                 "decode (16-bit cache)".into(),
                 format!("f32 SIMT, {}", tiles(16, DType::BF16)),

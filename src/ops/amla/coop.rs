@@ -2,17 +2,19 @@
 //! configuration, the plan that runs it, and the emulation of its steps.
 //!
 //! S = q·Kᵀ over the 576 dims and O += P·V run on f16 x f16 -> f32 fragments of the size the
-//! adapter reports (8x8 or 16x16), with the head block's query rows as the M dimension. q, the
-//! cache and P must be 16-bit (f16 or bf16): an f32 input or P in f32 keeps the f32 SIMT kernel,
-//! which stays the fallback and the A/B baseline. The split-KV schedule, the workspace layout of
-//! the partial results and the combine kernel are the SIMT path's.
+//! adapter reports (8x8 or 16x16), with the head block's query rows as the M dimension. q and P
+//! must be 16-bit and the cache 16-bit or 8-bit: f32 q, an f32 cache or P in f32 keep the f32
+//! SIMT kernel, which stays the fallback and the A/B baseline. The split-KV schedule, the
+//! workspace layout of the partial results, the combine kernel, the NaN rule and P's rounding
+//! are the SIMT path's (shaders/amla_shared.wgsl).
 //!
 //! Numerics, beyond the SIMT kernel's (docs/amla.md has the design and its arithmetic):
 //! - q is divided by the power of two of its row's largest |q| and rounded to f16 (exact for f16
 //!   and bf16 q); the power of two and softmax_scale·log2(e) scale S in f32.
 //! - The cache is rounded to f16 while staged: exact for f16 and for bf16 within the f16 range;
-//!   bf16 values beyond ±65504 **saturate** at ±65504 (they never become inf), and bf16 values
-//!   below 2^-14 in magnitude lose the bits an f16 subnormal cannot hold.
+//!   values beyond ±65504 **saturate** at ±65504 (they never become inf), and values below 2^-14
+//!   in magnitude lose the bits an f16 subnormal cannot hold. An 8-bit row is decoded (codes
+//!   times scales, in f32) and then rounded: [`exact_tolerances`] says what that costs.
 //! - The reference max of a row moves only when a tile's max exceeds it by more than
 //!   [`CoopConfig::lazy_binades`]; P = 2^(s - m_ref) (times AMLA's c_hat) then stays below
 //!   2^(lazy + 0.5). O lives in accumulator fragments, which WGSL gives no per-element access,
