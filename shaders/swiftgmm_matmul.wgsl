@@ -45,7 +45,7 @@ override HAS_SCALE: bool = false; // y[row] *= row_scale[row]
 @group(0) @binding(2) var<storage, read> w: array<vec4<u32>>;
 @group(0) @binding(3) var<storage, read> sched: array<u32>;
 @group(0) @binding(4) var<storage, read> row_scale: array<f32>;
-@group(0) @binding(5) var<storage, read_write> y: array<u32>;
+@group(0) @binding(5) var<storage, read_write> y: array<atomic<u32>>;
 
 // ---- loads -------------------------------------------------------------------------------------
 
@@ -122,8 +122,17 @@ fn silu(v: f32) -> f32 {
     return v / (1.0 + exp(-v));
 }
 
-// Output columns col, col + 1 of `row` (col even); the second only when `both`. 16-bit outputs
-// have an even n_out (checked on the host), so a pair is one word owned by one invocation.
+// Half `i % 2` of word `i / 2` of a 16-bit y, the other half left as it is: two atomics, each
+// touching only this half, so whoever writes the other half cannot be overwritten.
+fn store_half(i: u32, h: u32) {
+    let shift = (i & 1u) * 16u;
+    atomicAnd(&y[i >> 1u], ~(0xffffu << shift));
+    atomicOr(&y[i >> 1u], h << shift);
+}
+
+// Output columns col, col + 1 of `row` (col even); the second only when `both`. A 16-bit word
+// holding both is written whole; with an odd n_out, odd rows start in the middle of a word and
+// a row's last column shares its word with the next row, so those halves are written one by one.
 fn store_pair(row: u32, col: u32, v: vec2<f32>, both: bool) {
     var o = v;
     if (HAS_SCALE) {
@@ -131,12 +140,20 @@ fn store_pair(row: u32, col: u32, v: vec2<f32>, both: bool) {
     }
     let i = row * p.n_out + col;
     if (OUT_DTYPE == DTYPE_F32) {
-        y[i] = bitcast<u32>(o.x);
+        atomicStore(&y[i], bitcast<u32>(o.x));
         if (both) {
-            y[i + 1u] = bitcast<u32>(o.y);
+            atomicStore(&y[i + 1u], bitcast<u32>(o.y));
         }
-    } else {
-        y[i >> 1u] = pack_pair(o, OUT_DTYPE);
+        return;
+    }
+    let bits = pack_pair(o, OUT_DTYPE);
+    if ((i & 1u) == 0u && both) {
+        atomicStore(&y[i >> 1u], bits);
+        return;
+    }
+    store_half(i, bits & 0xffffu);
+    if (both) {
+        store_half(i + 1u, bits >> 16u);
     }
 }
 

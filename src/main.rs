@@ -669,7 +669,7 @@ fn tune_cmd(clear: bool, rebuild: bool) -> Result<ExitCode> {
             k.k,
             k.n,
             k.rows_bucket,
-            e.config.describe(),
+            e.config.describe(k.gemm),
             e.measured_utc
         );
     }

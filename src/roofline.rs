@@ -1,10 +1,14 @@
 //! Roofline probes measured on the current adapter: copy bandwidth, f32 and f16 FMA throughput
-//! and, where cooperative matrices exist, an f16 cooperative-matrix GEMM with f32 accumulation.
-//! Each probe checks its own output against the CPU before its number is trusted; benchmark
-//! reports divide by these figures.
+//! and, where cooperative matrices exist, an f16 GEMM with f32 accumulation on SwiftGMM's tiled
+//! cooperative-matrix kernel (so the compute roof is what a good tiled kernel reaches, at the
+//! adapter's fragment size). Each probe checks its own output against the CPU before its number
+//! is trusted; benchmark reports divide by these figures.
 
 use crate::error::Result;
 use crate::gpu::{Clock, Gpu, Kernel, grid};
+use crate::ops::swiftgmm::{
+    self, DeviceGroups, ExpertWeights, GemmKernel, GmmArgs, GmmPlan, Layout, Mode, Options, Tiling,
+};
 use crate::tensor::{DType, Tensor};
 
 const COPY: Kernel = Kernel {
@@ -18,10 +22,6 @@ const FMA_F32: Kernel = Kernel {
 const FMA_F16: Kernel = Kernel {
     name: "roofline_fma_f16",
     source: include_str!("../shaders/roofline_fma_f16.wgsl"),
-};
-const COOP_GEMM: Kernel = Kernel {
-    name: "roofline_coop_gemm",
-    source: include_str!("../shaders/roofline_coop_gemm.wgsl"),
 };
 
 /// One probe's result.
@@ -86,7 +86,7 @@ pub struct ProbeSizes {
     /// Invocations and chain length of the FMA probes.
     pub fma_invocations: u32,
     pub fma_iters: u32,
-    /// Square GEMM size (multiple of 32).
+    /// Square GEMM size of the cooperative-matrix probe.
     pub gemm_n: u32,
     pub warmup: usize,
     pub iters: usize,
@@ -126,7 +126,7 @@ pub fn measure(gpu: &Gpu, sizes: &ProbeSizes) -> Result<Roofline> {
         } else {
             None
         },
-        coop_f16: if gpu.caps.has_coop_fragment(crate::gpu::Fragment::Size16) {
+        coop_f16: if swiftgmm::coop_support(gpu).is_ok() {
             Some(coop_gemm_probe(gpu, sizes)?)
         } else {
             None
@@ -247,61 +247,57 @@ pub fn fma_probe(gpu: &Gpu, sizes: &ProbeSizes, half: bool) -> Result<Probe> {
     })
 }
 
-/// Cooperative-matrix f16 GEMM (f32 accumulation) in TFLOP/s, checked on sampled outputs.
+/// f16 GEMM with f32 accumulation on cooperative matrices in TFLOP/s: one `n x n x n` group
+/// through SwiftGMM's tiled cooperative-matrix kernel (forced GEMM path, the default tiles of
+/// large groups), checked on sampled outputs against an f64 CPU product of the same f16 values.
+/// [`Error::Unsupported`](crate::Error::Unsupported) on an adapter without cooperative matrices.
 pub fn coop_gemm_probe(gpu: &Gpu, sizes: &ProbeSizes) -> Result<Probe> {
-    #[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
-    #[repr(C)]
-    struct Params {
-        m: u32,
-        n: u32,
-        k: u32,
-        pad: u32,
-    }
-    // Keep each operand within one binding.
-    let mut n = sizes.gemm_n.max(32) / 32 * 32;
-    while (n as u64 * n as u64 * 4) > gpu.caps.max_storage_binding && n > 32 {
+    // Keep each operand within one binding (the f32 output is the largest).
+    let mut n = sizes.gemm_n.max(16);
+    while (n as u64 * n as u64 * 4) > gpu.caps.max_storage_binding && n > 16 {
         n /= 2;
     }
+    let nn = n as usize;
     let values = |seed: u32| -> Vec<f32> {
         (0..n * n)
             .map(|i| ((i.wrapping_mul(seed) >> 7) % 17) as f32 / 16.0 - 0.5)
             .collect()
     };
-    let a_host = Tensor::from_f32(&[n as usize, n as usize], &values(2654435761), DType::F16)?;
-    let b_host = Tensor::from_f32(&[n as usize, n as usize], &values(2246822519), DType::F16)?;
-    let a = gpu.upload(&a_host)?;
-    let b = gpu.upload(&b_host)?;
-    let c = gpu.zeros(&[n as usize, n as usize], DType::F32)?;
-    let params = gpu.uniform(&Params {
-        m: n,
-        n,
-        k: n,
-        pad: 0,
-    })?;
-    let sg = gpu.caps.subgroup_size.1;
-    let pipeline = gpu.pipeline(&COOP_GEMM, "coop_gemm", &[("SG", sg as f64)])?;
-    let bind = gpu.bind_group(
-        &pipeline,
-        &[
-            a.binding(),
-            b.binding(),
-            c.binding(),
-            params.as_entire_binding(),
-        ],
+    let x_host = Tensor::from_f32(&[nn, nn], &values(2654435761), DType::F16)?;
+    let w_host = Tensor::from_f32(&[1, nn, nn], &values(2246822519), DType::F16)?;
+    let x = gpu.upload(&x_host)?;
+    let weights = ExpertWeights::upload(gpu, &w_host)?;
+    let offsets_host = [0, n];
+    let offsets = gpu.upload(&Tensor::u32(&[2], offsets_host.to_vec())?)?;
+    let y = gpu.zeros(&[nn, nn], DType::F32)?;
+    let plan = GmmPlan::new(
+        gpu,
+        &GmmArgs {
+            x: &x,
+            groups: DeviceGroups::Offsets(&offsets),
+            weights: &weights,
+            row_scale: None,
+            y: &y,
+            host_offsets: Some(&offsets_host),
+        },
+        &Options {
+            layout: Layout::Kn,
+            mode: Mode::Gemm,
+            tiling: Tiling::Defaults,
+            gemm_kernel: GemmKernel::Coop,
+            ..Options::default()
+        },
     )?;
     let timing = gpu.time(sizes.warmup, sizes.iters, |rec| {
-        let mut pass = rec.compute_pass("coop_gemm");
-        pass.set_pipeline(&pipeline);
-        pass.set_bind_group(0, &bind, &[]);
-        pass.dispatch_workgroups(n / 32, n / 32, 1);
-        Ok(())
+        plan.record_as(rec, "coop_gemm")
     })?;
-    let got = gpu.download_f32(&c)?;
-    let (av, bv) = (a_host.to_f64(), b_host.to_f64());
-    let nn = n as usize;
+    let got = gpu.download_f32(&y)?;
+    let (xv, wv) = (x_host.to_f64(), w_host.to_f64());
+    // The values are multiples of 1/16 in [-0.5, 0.5]: exact in f16, products exact in f32, so
+    // only the f32 accumulation order differs from the f64 sum.
     let verified = (0..64).all(|s| {
         let (i, j) = ((s * 7919) % nn, (s * 104_729 + 13) % nn);
-        let want: f64 = (0..nn).map(|k| av[i * nn + k] * bv[k * nn + j]).sum();
+        let want: f64 = (0..nn).map(|k| xv[i * nn + k] * wv[k * nn + j]).sum();
         (got[i * nn + j] as f64 - want).abs() <= 1e-3 * want.abs().max(1.0)
     });
     let ns = timing.median_ns();
@@ -311,7 +307,7 @@ pub fn coop_gemm_probe(gpu: &Gpu, sizes: &ProbeSizes) -> Result<Probe> {
         unit: "TFLOP/s",
         median_ns: ns,
         clock: timing.clock,
-        size: format!("{n}^3 f16 -> f32"),
+        size: format!("{n}^3 f16 -> f32, SwiftGMM {}", plan.variant()),
         verified,
     })
 }

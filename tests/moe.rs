@@ -494,6 +494,41 @@ fn one_submission_with_named_steps() {
     }
 }
 
+/// The expert matmuls take SwiftGMM's GEMM kernel for the adapter: cooperative matrices on the
+/// coop lane (asserted there), SIMT elsewhere; forced GEMM puts the routed and the shared experts
+/// on it, and the layer still matches the reference.
+#[test]
+fn expert_matmuls_run_on_the_adapters_gemm_kernel() {
+    let g = gpu();
+    let config = preset("pangu-pro-moe-small");
+    let t = 9;
+    let layer = Layer::new(&config, t, DType::BF16, DType::BF16, 71);
+    let dev = DeviceLayer::upload(g, &layer);
+    let out = g.zeros(&[t, config.hidden], DType::BF16).unwrap();
+    let options = MoeOptions {
+        mode: Mode::Gemm,
+        ..DEFAULTS
+    };
+    let moe = MoeLayer::new(g, &config, &dev.hidden, &dev.weights(), &out, &options).unwrap();
+    let kernel = match common::coop_fragment() {
+        Some(fragment) => format!("gemm coop{}", fragment.name()),
+        None => "gemm simt".to_string(),
+    };
+    let variant = moe.variant();
+    assert_eq!(variant.matches(&kernel).count(), 4, "{variant}");
+    g.run(|rec| moe.record(rec)).unwrap();
+    let got = MoeOutput {
+        out: g.download(&out).unwrap(),
+        router: moe.router().download(g).unwrap(),
+    };
+    assert_matches(
+        &got,
+        &layer.reference(DType::BF16),
+        layer.tolerance(DType::BF16),
+        &variant,
+    );
+}
+
 /// The router's workgroup-memory reductions and no f16 arithmetic: the same results.
 #[test]
 fn fallback_device_gives_the_same_result() {

@@ -1,7 +1,13 @@
-//! SwiftGMM against its CPU reference on the default adapter (lavapipe in CI): every dtype and
-//! layout, both paths forced and automatic, corner groups, padding, device-side offsets (also
-//! bad ones), the MoE chain in one command buffer, weight shards, the tiling cache, the registry
-//! cases with their per-expert baseline, and every error path.
+//! SwiftGMM against its CPU reference on the default adapter (lavapipe in CI, on both lanes): every
+//! dtype and layout, both paths forced and automatic, the GEMM path on cooperative matrices where
+//! the adapter has them (the coop lane asserts it) and on SIMT, corner groups, padding, 16-bit
+//! outputs of odd length, bf16 values outside the f16 range, device-side offsets (also bad ones),
+//! the MoE chain in one command buffer, weight shards, the tiling cache (also unreadable and
+//! unwritable), the registry cases with their per-expert baseline, and every error path.
+//!
+//! Groups on the cooperative-matrix path are checked against the reference with their operands
+//! staged in f16 as the kernel stages them (`reference::grouped_matmul_staged`), with the SIMT
+//! tolerance; one test also holds them to the derived staging bound against the exact reference.
 
 mod common;
 
@@ -9,10 +15,12 @@ use common::{gpu, gpu_without};
 use fusedops::check::{Tolerance, compare};
 use fusedops::error::Error;
 use fusedops::gpu::{Feature, Gpu};
-use fusedops::ops::swiftgmm::tiling::{self, ShapeKey, TileConfig, TilingCache, TuneSettings};
+use fusedops::ops::swiftgmm::tiling::{
+    self, GemmPath, ShapeKey, TileConfig, TilingCache, TuneSettings,
+};
 use fusedops::ops::swiftgmm::{
-    self, Activation, DeviceGroups, ExpertWeights, GmmArgs, GmmPlan, Groups, Layout, Mode, Options,
-    PerExpertBaseline, Tiling, reference,
+    self, Activation, DeviceGroups, ExpertWeights, GemmKernel, GmmArgs, GmmPlan, Groups, Layout,
+    Mode, Options, PerExpertBaseline, Tiling, reference,
 };
 use fusedops::registry::{Operator, Scale};
 use fusedops::tensor::{DType, DeviceTensor, Tensor};
@@ -43,6 +51,7 @@ struct Spec {
     out_dtype: DType,
     scale: bool,
     mode: Mode,
+    gemm_kernel: GemmKernel,
 }
 
 impl Spec {
@@ -61,6 +70,7 @@ impl Spec {
             out_dtype: DType::F32,
             scale: false,
             mode: Mode::Auto,
+            gemm_kernel: GemmKernel::Auto,
         }
     }
 
@@ -94,11 +104,9 @@ impl Spec {
         self
     }
 
-    fn n_out(&self) -> usize {
-        match self.activation {
-            Activation::None => self.n,
-            Activation::SwiGlu => self.n / 2,
-        }
+    fn kernel(mut self, kernel: GemmKernel) -> Self {
+        self.gemm_kernel = kernel;
+        self
     }
 }
 
@@ -145,6 +153,7 @@ fn inputs(spec: &Spec, seed: u64) -> Inputs {
             mode: spec.mode,
             tiling: Tiling::Defaults,
             max_workgroups: None,
+            gemm_kernel: spec.gemm_kernel,
         },
     }
 }
@@ -154,16 +163,52 @@ impl Inputs {
         self.x.shape()[0]
     }
 
-    fn reference(&self) -> Vec<f64> {
-        reference::grouped_matmul(
+    /// The reference with the groups flagged in `coop` staged in f16 (`GmmPlan::coop_groups`).
+    fn reference(&self, coop: &[bool]) -> Vec<f64> {
+        reference::grouped_matmul_staged(
             &self.x,
             &self.offsets,
             &self.w,
             self.options.layout,
             self.options.activation,
             self.scale.as_ref(),
+            coop,
         )
         .unwrap()
+    }
+
+    /// The groups `run` puts on the cooperative-matrix path (a plan over the same inputs).
+    fn coop_groups(&self, g: &Gpu) -> Vec<bool> {
+        let dev = upload(g, self);
+        let offsets = g
+            .upload(&Tensor::u32(&[self.offsets.len()], self.offsets.clone()).unwrap())
+            .unwrap();
+        let y = g.zeros(&self.y_shape(), self.options.out_dtype).unwrap();
+        let plan = GmmPlan::new(
+            g,
+            &GmmArgs {
+                x: &dev.x,
+                groups: DeviceGroups::Offsets(&offsets),
+                weights: &dev.weights,
+                row_scale: dev.scale.as_ref(),
+                y: &y,
+                host_offsets: Some(&self.offsets),
+            },
+            &self.options,
+        )
+        .unwrap();
+        plan.coop_groups(&self.offsets)
+    }
+
+    fn y_shape(&self) -> [usize; 2] {
+        let (_, n) = self
+            .options
+            .layout
+            .k_n([self.w.shape()[1], self.w.shape()[2]]);
+        match self.options.activation {
+            Activation::None => [self.m_total(), n],
+            Activation::SwiGlu => [self.m_total(), n / 2],
+        }
     }
 
     fn run(&self, g: &Gpu) -> Tensor {
@@ -199,17 +244,28 @@ fn assert_matches(got: &[f32], want: &[f64], tol: Tolerance, what: &str) {
     assert!(c.pass, "{what}: {}", c.summary(&[got.len()]));
 }
 
-fn check(g: &Gpu, spec: &Spec, seed: u64, what: &str) {
-    let inp = inputs(spec, seed);
+/// Run through `swiftgmm::run` and compare; returns which groups ran on cooperative matrices.
+fn check_inputs(g: &Gpu, inp: &Inputs, what: &str) -> Vec<bool> {
     let y = inp.run(g);
-    assert_eq!(y.shape(), &[inp.m_total(), spec.n_out()], "{what}");
-    assert_eq!(y.dtype(), spec.out_dtype, "{what}");
+    assert_eq!(y.shape(), &inp.y_shape(), "{what}");
+    assert_eq!(y.dtype(), inp.options.out_dtype, "{what}");
+    let coop = inp.coop_groups(g);
     assert_matches(
         &y.to_f32(),
-        &inp.reference(),
-        swiftgmm::tolerance(spec.out_dtype),
+        &inp.reference(&coop),
+        swiftgmm::tolerance(inp.options.out_dtype),
         what,
     );
+    coop
+}
+
+fn check(g: &Gpu, spec: &Spec, seed: u64, what: &str) -> Vec<bool> {
+    check_inputs(g, &inputs(spec, seed), what)
+}
+
+/// The GEMM path's kernel `Auto` gives on the default adapter.
+fn auto_path(g: &Gpu) -> GemmPath {
+    swiftgmm::gemm_path(g, GemmKernel::Auto).unwrap()
 }
 
 /// Groups small and large, so that automatic mode uses both paths.
@@ -338,7 +394,7 @@ fn padded_rows_are_neither_read_nor_written() {
     let plan = GmmPlan::new(g, &args, &inp.options).unwrap();
     g.run(|rec| plan.record(rec)).unwrap();
     let got = g.download_f32(&y).unwrap();
-    let want = inp.reference();
+    let want = inp.reference(&plan.coop_groups(&inp.offsets));
     for row in 0..m {
         let r = &got[row * 40..(row + 1) * 40];
         if row < 3 || row >= m - 4 {
@@ -398,7 +454,7 @@ fn forced_paths_agree_with_automatic() {
         g.run(|rec| plan.record(rec)).unwrap();
         assert_matches(
             &g.download_f32(&y).unwrap(),
-            &inp.reference(),
+            &inp.reference(&plan.coop_groups(&inp.offsets)),
             swiftgmm::tolerance(DType::F32),
             &format!("{mode:?}"),
         );
@@ -417,6 +473,7 @@ fn automatic_mode_follows_the_threshold() {
             k: 32,
             n: 40,
             rows_bucket: 4,
+            gemm: auto_path(g),
         },
     );
     let t = config.threshold;
@@ -498,7 +555,7 @@ fn the_gpu_schedule_picks_the_path_per_group() {
         }
         assert_matches(
             &g.download_f32(&y).unwrap(),
-            &inp.reference(),
+            &inp.reference(&plan.coop_groups(&inp.offsets)),
             swiftgmm::tolerance(DType::F32),
             &format!("{mode:?}"),
         );
@@ -511,24 +568,18 @@ fn persistent_workgroups_loop_over_every_tile() {
     let spec = Spec::new(6, 40, 72, &MIXED).swiglu();
     let mut inp = inputs(&spec, 13);
     inp.options.max_workgroups = Some(2);
-    let y = inp.run(g);
-    assert_matches(
-        &y.to_f32(),
-        &inp.reference(),
-        swiftgmm::tolerance(DType::F32),
-        "two workgroups per path",
-    );
+    check_inputs(g, &inp, "two workgroups per path");
 }
 
 /// Run a plan with device-side groups and no host offsets (weights [e, n, k], no SwiGLU); y
-/// starts as `sentinel`.
+/// starts as `sentinel`. Returns y and the plan (for `coop_groups` of the repaired offsets).
 fn run_device_groups(
     g: &Gpu,
     inp: &Inputs,
     groups: &Tensor,
     counts: bool,
     sentinel: f32,
-) -> Vec<f32> {
+) -> (Vec<f32>, GmmPlan) {
     let dev = upload(g, inp);
     let groups_dev = g.upload(groups).unwrap();
     let m = inp.m_total();
@@ -555,7 +606,7 @@ fn run_device_groups(
         plan.variant()
     );
     g.run(|rec| plan.record(rec)).unwrap();
-    g.download_f32(&y).unwrap()
+    (g.download_f32(&y).unwrap(), plan)
 }
 
 #[test]
@@ -563,22 +614,22 @@ fn device_offsets_i32_u32_and_counts() {
     let g = gpu();
     let spec = Spec::new(6, 40, 24, &MIXED).scaled();
     let inp = inputs(&spec, 14);
-    let want = inp.reference();
     let tol = swiftgmm::tolerance(DType::F32);
+    let want = |plan: &GmmPlan| inp.reference(&plan.coop_groups(&inp.offsets));
     let as_i32: Vec<i32> = inp.offsets.iter().map(|&o| o as i32).collect();
-    let got = run_device_groups(g, &inp, &Tensor::i32(&[7], as_i32).unwrap(), false, 0.0);
-    assert_matches(&got, &want, tol, "i32 offsets");
-    let got = run_device_groups(
+    let (got, plan) = run_device_groups(g, &inp, &Tensor::i32(&[7], as_i32).unwrap(), false, 0.0);
+    assert_matches(&got, &want(&plan), tol, "i32 offsets");
+    let (got, plan) = run_device_groups(
         g,
         &inp,
         &Tensor::u32(&[7], inp.offsets.clone()).unwrap(),
         false,
         0.0,
     );
-    assert_matches(&got, &want, tol, "u32 offsets");
+    assert_matches(&got, &want(&plan), tol, "u32 offsets");
     let counts: Vec<i32> = MIXED.iter().map(|&c| c as i32).collect();
-    let got = run_device_groups(g, &inp, &Tensor::i32(&[6], counts).unwrap(), true, 0.0);
-    assert_matches(&got, &want, tol, "i32 counts");
+    let (got, plan) = run_device_groups(g, &inp, &Tensor::i32(&[6], counts).unwrap(), true, 0.0);
+    assert_matches(&got, &want(&plan), tol, "i32 counts");
 }
 
 #[test]
@@ -600,7 +651,7 @@ fn bad_device_offsets_are_repaired_not_followed_out_of_range() {
     ];
     for (what, raw, counts) in cases {
         let tensor = Tensor::i32(&[raw.len()], raw.iter().map(|&v| v as i32).collect()).unwrap();
-        let got = run_device_groups(g, &inp, &tensor, counts, sentinel);
+        let (got, plan) = run_device_groups(g, &inp, &tensor, counts, sentinel);
         let repaired = if counts {
             reference::repair_counts(
                 &raw.iter().map(|&v| v as i32 as i64).collect::<Vec<_>>(),
@@ -612,13 +663,14 @@ fn bad_device_offsets_are_repaired_not_followed_out_of_range() {
                 m as usize,
             )
         };
-        let want = reference::grouped_matmul(
+        let want = reference::grouped_matmul_staged(
             &inp.x,
             &repaired,
             &inp.w,
             Layout::Nk,
             Activation::None,
             None,
+            &plan.coop_groups(&repaired),
         )
         .unwrap();
         for row in 0..m as usize {
@@ -701,7 +753,7 @@ fn moe_chain_in_one_command_buffer() {
     })
     .unwrap();
     // Reference: the intermediate is stored in bf16, as on the GPU.
-    let h_ref = up.reference();
+    let h_ref = up.reference(&gate_up.coop_groups(&up.offsets));
     let h_host = Tensor::from_f32(
         &[m, inter],
         &h_ref.iter().map(|&v| v as f32).collect::<Vec<_>>(),
@@ -714,13 +766,14 @@ fn moe_chain_in_one_command_buffer() {
         swiftgmm::tolerance(DType::BF16),
         "intermediate",
     );
-    let want = reference::grouped_matmul(
+    let want = reference::grouped_matmul_staged(
         &h_host,
         &up.offsets,
         &down.w,
         Layout::Nk,
         Activation::None,
         down.scale.as_ref(),
+        &down_plan.coop_groups(&up.offsets),
     )
     .unwrap();
     // The GPU's intermediate may round a few values the other way: bf16 tolerance.
@@ -752,7 +805,6 @@ fn weights_split_across_shards() {
     let offsets_dev = g
         .upload(&Tensor::u32(&[7], inp.offsets.clone()).unwrap())
         .unwrap();
-    let want = inp.reference();
     for host in [true, false] {
         let y = g.zeros(&[inp.m_total(), 12], DType::F32).unwrap();
         let args = GmmArgs {
@@ -772,7 +824,7 @@ fn weights_split_across_shards() {
         g.run(|rec| plan.record(rec)).unwrap();
         assert_matches(
             &g.download_f32(&y).unwrap(),
-            &want,
+            &inp.reference(&plan.coop_groups(&inp.offsets)),
             swiftgmm::tolerance(DType::F32),
             "sharded",
         );
@@ -887,6 +939,7 @@ fn tiling_cache_round_trip() {
         k: 32,
         n: 48,
         rows_bucket: 2,
+        gemm: auto_path(g),
     };
     let settings = TuneSettings {
         warmup: 0,
@@ -924,12 +977,7 @@ fn tiling_cache_round_trip() {
     let spec = Spec::new(3, 32, 48, &[2, 0, 4]);
     let mut inp = inputs(&spec, 20);
     inp.options.tiling = Tiling::Fixed(config);
-    assert_matches(
-        &inp.run(g).to_f32(),
-        &inp.reference(),
-        swiftgmm::tolerance(DType::F32),
-        "tuned config",
-    );
+    check_inputs(g, &inp, "tuned config");
 
     // Rebuild measures every entry again; clear removes the file.
     assert_eq!(reopened.rebuild(g, &settings).unwrap(), 1);
@@ -953,6 +1001,7 @@ fn invalid_configurations_are_refused() {
             k: 32,
             n: 48,
             rows_bucket: 2,
+            gemm: auto_path(g),
         },
     );
     config.threshold = config.gemv.rows + 1;
@@ -968,7 +1017,11 @@ fn invalid_configurations_are_refused() {
     .unwrap_err();
     assert!(matches!(err, Error::Invalid { .. }), "{err}");
     config.threshold = 0;
-    config.gemm.tm = 4096;
+    // Tiles past the invocation limit, on the GEMM kernel in use.
+    match auto_path(g) {
+        GemmPath::Simt => config.gemm.tm = 4096,
+        GemmPath::Coop(_) => config.coop.sg_m = 128,
+    }
     inp.options.tiling = Tiling::Fixed(config);
     let err = swiftgmm::run(
         g,
@@ -997,8 +1050,14 @@ fn plan_error(g: &Gpu, args: &GmmArgs, options: &Options) -> Error {
 
 #[test]
 fn bad_inputs_return_typed_errors_and_dispatch_nothing() {
-    let g = gpu();
-    let spec = Spec::new(3, 32, 48, &[2, 0, 4]);
+    // The cooperative-matrix GEMM path (where the adapter has it) refuses exactly what the SIMT
+    // one refuses.
+    refuses_bad_inputs(gpu(), GemmKernel::Simt);
+    refuses_bad_inputs(gpu(), GemmKernel::Auto);
+}
+
+fn refuses_bad_inputs(g: &Gpu, kernel: GemmKernel) {
+    let spec = Spec::new(3, 32, 48, &[2, 0, 4]).kernel(kernel);
     let inp = inputs(&spec, 22);
     let dev = upload(g, &inp);
     let m = inp.m_total();
@@ -1103,7 +1162,7 @@ fn bad_inputs_return_typed_errors_and_dispatch_nothing() {
     );
     assert!(matches!(err, Error::Shape { .. }), "{err}");
 
-    // SwiGLU with odd n; output of the wrong shape; 16-bit output with an odd row.
+    // SwiGLU with odd n; output of the wrong shape.
     let odd = ExpertWeights::upload(g, &Tensor::zeros(&[3, 47, 32], DType::BF16).unwrap()).unwrap();
     let y_odd = g.zeros(&[m, 47], DType::F32).unwrap();
     let swiglu = Options {
@@ -1122,17 +1181,6 @@ fn bad_inputs_return_typed_errors_and_dispatch_nothing() {
     assert!(matches!(err, Error::Invalid { .. }), "{err}");
     let err = plan_error(g, &args, &swiglu);
     assert!(matches!(err, Error::Shape { .. }), "{err}");
-    let y16 = g.zeros(&[m, 47], DType::F16).unwrap();
-    let err = plan_error(
-        g,
-        &GmmArgs {
-            weights: &odd,
-            y: &y16,
-            ..args
-        },
-        &opts,
-    );
-    assert!(matches!(err, Error::Unsupported { .. }), "{err}");
 
     // Row scale of the wrong shape or dtype.
     let scale = g.zeros(&[m + 1], DType::F32).unwrap();
@@ -1220,4 +1268,384 @@ fn a_binding_past_the_device_limit_is_refused() {
     };
     let err = GmmPlan::new(g, &args, &options).unwrap_err();
     assert!(matches!(err, Error::Limit { .. }), "{err}");
+}
+
+/// On the coop lane the GEMM path runs on cooperative matrices with the adapter's fragment and
+/// is checked; `FUSEDOPS_DISABLE=coop` (here: the feature left off) gives SIMT, and forcing the
+/// cooperative-matrix kernel there is refused.
+#[test]
+fn the_coop_path_is_chosen_and_checked() {
+    let g = gpu();
+    let spec = Spec::new(4, 40, 48, &[20, 0, 9, 3]).swiglu();
+    let inp = inputs(&spec, 30);
+    match common::coop_fragment() {
+        Some(fragment) => {
+            assert_eq!(auto_path(g), GemmPath::Coop(fragment));
+            let coop = check_inputs(g, &inp, "coop");
+            assert_eq!(
+                coop,
+                vec![true, false, true, false],
+                "GEMM-sized groups on coop"
+            );
+            let variant = plan_variant(g, &inp);
+            assert!(
+                variant.contains(&format!("gemm coop{}", fragment.name())),
+                "{variant}"
+            );
+            let info = swiftgmm::OPERATOR.paths(g);
+            assert!(
+                info.iter()
+                    .any(|(what, how)| what == "gemm" && how.contains(fragment.name())),
+                "{info:?}"
+            );
+        }
+        None => assert_eq!(auto_path(g), GemmPath::Simt),
+    }
+    let plain = gpu_without(&[Feature::CooperativeMatrix]);
+    assert_eq!(auto_path(&plain), GemmPath::Simt);
+    assert!(plan_variant(&plain, &inp).contains("gemm simt"));
+    let coop = check_inputs(&plain, &inp, "coop switched off");
+    assert!(coop.iter().all(|&c| !c));
+    let forced = Options {
+        gemm_kernel: GemmKernel::Coop,
+        ..inp.options
+    };
+    let err = swiftgmm::run(
+        &plain,
+        &inp.x,
+        &Groups::Offsets(inp.offsets.clone()),
+        &inp.w,
+        None,
+        &forced,
+    )
+    .unwrap_err();
+    assert!(matches!(err, Error::Unsupported { .. }), "{err}");
+    let (_, reason) = swiftgmm::OPERATOR
+        .paths(&plain)
+        .into_iter()
+        .find(|(what, _)| what == "gemm")
+        .unwrap();
+    assert!(reason.contains("SIMT"), "{reason}");
+}
+
+fn plan_variant(g: &Gpu, inp: &Inputs) -> String {
+    let dev = upload(g, inp);
+    let offsets = g
+        .upload(&Tensor::u32(&[inp.offsets.len()], inp.offsets.clone()).unwrap())
+        .unwrap();
+    let y = g.zeros(&inp.y_shape(), inp.options.out_dtype).unwrap();
+    let args = GmmArgs {
+        x: &dev.x,
+        groups: DeviceGroups::Offsets(&offsets),
+        weights: &dev.weights,
+        row_scale: dev.scale.as_ref(),
+        y: &y,
+        host_offsets: Some(&inp.offsets),
+    };
+    GmmPlan::new(g, &args, &inp.options)
+        .unwrap()
+        .variant()
+        .to_string()
+}
+
+/// Forced GEMM (so that even 1-row groups take it), on both kernels: m, n and k not multiples of
+/// the block (k 37, n 53 or 54, groups of 1 to 33 rows), empty experts, all rows in one expert,
+/// both layouts, every epilogue and output dtype (16-bit with odd row lengths too).
+#[test]
+fn gemm_edge_tiles_layouts_and_epilogues_on_both_kernels() {
+    let g = gpu();
+    use DType::{BF16, F16, F32};
+    let groups: [&[u32]; 3] = [&[33, 0, 1, 7], &[0, 0, 0, 29], &[1, 1, 0, 1]];
+    let mut seed = 100;
+    for kernel in [GemmKernel::Simt, GemmKernel::Auto] {
+        for layout in [Layout::Kn, Layout::Nk] {
+            for (act, n) in [(Activation::None, 53), (Activation::SwiGlu, 54)] {
+                for (out, counts) in [(F32, groups[0]), (F16, groups[1]), (BF16, groups[2])] {
+                    seed += 1;
+                    let mut spec = Spec::new(4, 37, n, counts)
+                        .layout(layout)
+                        .dtypes(BF16, BF16, out)
+                        .mode(Mode::Gemm)
+                        .kernel(kernel)
+                        .padded(1, 2);
+                    spec.activation = act;
+                    spec.scale = seed % 2 == 0;
+                    let what = format!("{kernel:?} {layout:?} {act:?} n={n} {out} {counts:?}");
+                    let coop = check(g, &spec, seed, &what);
+                    let on_coop = kernel == GemmKernel::Auto && common::coop_fragment().is_some();
+                    let busy: Vec<bool> = counts.iter().map(|&c| c > 0).collect();
+                    assert_eq!(coop, if on_coop { busy } else { vec![false; 4] }, "{what}");
+                }
+            }
+        }
+    }
+    // Mixed dtypes: f32 x (4 elements per vector) with f16 weights, k a multiple of 8.
+    let spec = Spec::new(3, 40, 24, &[17, 0, 5])
+        .dtypes(F32, F16, F32)
+        .mode(Mode::Gemm);
+    check(g, &spec, 150, "f32 x f16 w");
+}
+
+/// 16-bit outputs of odd length: with an odd n_out the rows do not start on a word, so two
+/// outputs of one word can belong to different tiles, paths or dispatches. Words are never raced
+/// on: padding rows keep their sentinel bits exactly, and every group row matches.
+#[test]
+fn sixteen_bit_outputs_of_odd_length() {
+    let g = gpu();
+    // GEMV-sized and GEMM-sized groups side by side, padding before and after.
+    let counts = [3, 17, 0, 1, 40];
+    for kernel in [GemmKernel::Simt, GemmKernel::Auto] {
+        for (out, act, n, layout) in [
+            (DType::BF16, Activation::None, 33, Layout::Nk),
+            (DType::F16, Activation::SwiGlu, 42, Layout::Kn),
+            (DType::BF16, Activation::SwiGlu, 2, Layout::Nk),
+        ] {
+            let mut spec = Spec::new(5, 24, n, &counts)
+                .layout(layout)
+                .dtypes(DType::BF16, DType::BF16, out)
+                .kernel(kernel)
+                .padded(3, 1);
+            spec.activation = act;
+            let inp = inputs(&spec, 160 + n as u64);
+            let [m, n_out] = inp.y_shape();
+            assert_eq!(n_out % 2, 1);
+            let sentinel = Tensor::from_f32(&[m, n_out], &vec![7.25; m * n_out], out).unwrap();
+            let dev = upload(g, &inp);
+            let offsets = g
+                .upload(&Tensor::u32(&[6], inp.offsets.clone()).unwrap())
+                .unwrap();
+            let y = g.upload(&sentinel).unwrap();
+            let args = GmmArgs {
+                x: &dev.x,
+                groups: DeviceGroups::Offsets(&offsets),
+                weights: &dev.weights,
+                row_scale: None,
+                y: &y,
+                host_offsets: Some(&inp.offsets),
+            };
+            let plan = GmmPlan::new(g, &args, &inp.options).unwrap();
+            assert!(
+                plan.variant().starts_with("gemv+gemm"),
+                "{}",
+                plan.variant()
+            );
+            g.run(|rec| plan.record(rec)).unwrap();
+            let got = g.download(&y).unwrap().to_f32();
+            let want = inp.reference(&plan.coop_groups(&inp.offsets));
+            let what = format!("{kernel:?} {out} {act:?} n_out={n_out}");
+            for row in 0..m {
+                let r = &got[row * n_out..(row + 1) * n_out];
+                if reference::group_of_row(&inp.offsets, row).is_none() {
+                    assert!(
+                        r.iter().all(|&v| v == 7.25),
+                        "{what}: padding row {row}: {r:?}"
+                    );
+                } else {
+                    let w = &want[row * n_out..(row + 1) * n_out];
+                    assert_matches(r, w, swiftgmm::tolerance(out), &format!("{what} row {row}"));
+                }
+            }
+        }
+    }
+}
+
+/// bf16 inputs past the f16 range: on cooperative matrices they are saturated at ±65504 while
+/// staged (a finite input never becomes inf), exactly as `reference::stage_f16`; on SIMT they
+/// are used as they are. inf and NaN inputs still reach the output.
+#[test]
+fn bf16_values_outside_the_f16_range() {
+    let g = gpu();
+    let spec = Spec::new(2, 24, 16, &[12, 9])
+        .dtypes(DType::BF16, DType::BF16, DType::F32)
+        .mode(Mode::Gemm);
+    let mut inp = inputs(&spec, 170);
+    let mut x = inp.x.to_f32();
+    // Row 0: huge finite values (1e5, -3e38, 65520 rounds past f16's max, 7e4); row 1: inf.
+    for (i, v) in [(0, 1e5), (5, -3e38), (9, 65520.0), (23, 7e4)] {
+        x[i] = v;
+    }
+    x[24 + 3] = f32::INFINITY;
+    // Row 12 (the second group) has a huge weight partner instead: w[1][0][*] (nk: column 0).
+    inp.x = Tensor::from_f32(&[21, 24], &x, DType::BF16).unwrap();
+    let mut w = inp.w.to_f32();
+    w[24 * 16] = 2e6;
+    inp.w = Tensor::from_f32(inp.w.shape(), &w, DType::BF16).unwrap();
+    for kernel in [GemmKernel::Simt, GemmKernel::Auto] {
+        inp.options.gemm_kernel = kernel;
+        let y = inp.run(g).to_f32();
+        let coop = inp.coop_groups(g);
+        assert_matches(
+            &y,
+            &inp.reference(&coop),
+            swiftgmm::tolerance(DType::F32),
+            "",
+        );
+        // Finite inputs give finite outputs; the inf row gives inf or NaN (inf · 0) per column.
+        for (row, r) in y.chunks(16).enumerate() {
+            if row == 1 {
+                assert!(r.iter().all(|v| !v.is_finite()), "{kernel:?} row 1: {r:?}");
+            } else {
+                assert!(
+                    r.iter().all(|v| v.is_finite()),
+                    "{kernel:?} row {row}: {r:?}"
+                );
+            }
+        }
+        let exact = inp.reference(&[]);
+        let saturated = (y[0] as f64 - exact[0]).abs() > 1.0;
+        assert_eq!(
+            saturated, coop[0],
+            "{kernel:?}: saturation only on cooperative matrices"
+        );
+    }
+}
+
+/// Against the exact reference, the cooperative-matrix path stays within the bound derived from
+/// the f16 rounding of each staged input (reference::staging_bound), plus the output tolerance:
+/// f32 inputs, where staging rounds every value.
+#[test]
+fn coop_error_is_within_the_derived_staging_bound() {
+    let g = gpu();
+    for (act, scale) in [(Activation::None, false), (Activation::SwiGlu, true)] {
+        let mut spec = Spec::new(3, 64, 48, &[19, 0, 11])
+            .dtypes(DType::F32, DType::F32, DType::F32)
+            .mode(Mode::Gemm);
+        spec.activation = act;
+        spec.scale = scale;
+        let inp = inputs(&spec, 180);
+        let y = inp.run(g).to_f32();
+        let coop = inp.coop_groups(g);
+        let exact = inp.reference(&[]);
+        let bound = reference::staging_bound(
+            &inp.x,
+            &inp.offsets,
+            &inp.w,
+            inp.options.layout,
+            act,
+            inp.scale.as_ref(),
+            &coop,
+        )
+        .unwrap();
+        let tol = swiftgmm::tolerance(DType::F32);
+        let mut worst: f64 = 0.0;
+        for (i, (&got, &want)) in y.iter().zip(&exact).enumerate() {
+            let allowed = bound[i] + tol.abs.max(tol.rel * want.abs());
+            let err = (got as f64 - want).abs();
+            assert!(
+                err <= allowed,
+                "{act:?} element {i}: {got} vs {want}, bound {}",
+                bound[i]
+            );
+            worst = worst.max(err / allowed);
+        }
+        if coop.iter().any(|&c| c) {
+            // The bound is not vacuous: staging f32 inputs moves the result.
+            assert!(bound.iter().any(|&b| b > 1e-4), "{act:?}");
+            assert!(worst > 0.0);
+        }
+    }
+}
+
+fn cli(args: &[&str], cache_dir: &std::path::Path) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_fusedops"))
+        .args(args)
+        .env("FUSEDOPS_CACHE_DIR", cache_dir)
+        .env_remove("FUSEDOPS_TILING_CACHE")
+        .output()
+        .expect("the binary runs")
+}
+
+/// Issue 13 item 7: a tiling cache that cannot be read or written, or holds an unusable entry, is
+/// a warning naming swiftgmm_tiling.json, and the run goes on (an unwritable one is found before
+/// tuning, not after).
+#[test]
+fn an_unusable_tiling_cache_is_a_warning() {
+    let g = gpu();
+    let dir = std::env::temp_dir().join(format!("swiftgmm-cli-cache-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let spec = Spec::new(2, 32, 48, &[12, 3]);
+    let inp = inputs(&spec, 190);
+    let mut named = fusedops::registry::NamedTensors::new();
+    named.insert("x".into(), inp.x.clone());
+    named.insert("w".into(), inp.w.clone());
+    named.insert("counts".into(), Tensor::u32(&[2], vec![12, 3]).unwrap());
+    let input = dir.join("in.safetensors");
+    fusedops::io::save(&input, &named).unwrap();
+    let run = |params: &str, cache: &std::path::Path, name: &str| {
+        let output = dir.join(format!("{name}.safetensors"));
+        let out = cli(
+            &[
+                "run",
+                "swiftgmm",
+                "--input",
+                input.to_str().unwrap(),
+                "--output",
+                output.to_str().unwrap(),
+                "--params",
+                params,
+                "--reference",
+            ],
+            cache,
+        );
+        let (stdout, stderr) = (
+            String::from_utf8_lossy(&out.stdout).to_string(),
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        );
+        assert!(out.status.success(), "{name}: {stdout}{stderr}");
+        assert!(stdout.contains("y: ok"), "{name}: {stdout}");
+        assert!(output.exists(), "{name}");
+        stderr
+    };
+    let params = r#"{"layout": "nk"}"#;
+
+    // The cache directory is a file: tuning warns first, then runs and keeps the result in memory.
+    let file = dir.join("a-file");
+    std::fs::write(&file, "not a directory").unwrap();
+    let stderr = run(r#"{"layout": "nk", "tiling": "tune"}"#, &file, "tune");
+    assert!(
+        stderr.contains("warning") && stderr.contains("swiftgmm_tiling.json"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("cannot be written"), "{stderr}");
+
+    // The cache file cannot be read (it is a directory).
+    let unreadable = dir.join("unreadable");
+    std::fs::create_dir_all(unreadable.join(tiling::CACHE_FILE)).unwrap();
+    let stderr = run(params, &unreadable, "unreadable");
+    assert!(
+        stderr.contains("warning") && stderr.contains("swiftgmm_tiling.json"),
+        "{stderr}"
+    );
+
+    // An entry for exactly this run whose configuration breaks a rule.
+    let cached = dir.join("cached");
+    let key = ShapeKey {
+        x_dtype: DType::BF16,
+        w_dtype: DType::BF16,
+        layout: Layout::Nk,
+        k: 32,
+        n: 48,
+        rows_bucket: tiling::rows_bucket(15, 2),
+        gemm: auto_path(g),
+    };
+    let mut config = tiling::default_config(g, &key);
+    config.threshold = config.gemv.rows + 1;
+    let mut cache = TilingCache::open(cached.join(tiling::CACHE_FILE)).unwrap();
+    cache.insert(tiling::CacheEntry {
+        adapter: tiling::adapter_id(g),
+        key,
+        config,
+        gemv_us: None,
+        gemm_us: None,
+        probes: vec![],
+        measured_utc: "2026-01-01 00:00:00".into(),
+    });
+    cache.save().unwrap();
+    let stderr = run(params, &cached, "invalid entry");
+    assert!(
+        stderr.contains("swiftgmm_tiling.json") && stderr.contains("not usable"),
+        "{stderr}"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
 }

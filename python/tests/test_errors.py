@@ -82,7 +82,7 @@ def test_limit_error():
 
 def test_format_error(amla_args):
     q, kv, table, lens = amla_args
-    with pytest.raises(fusedops.FormatError, match="amla params: unknown variant `fast`"):
+    with pytest.raises(fusedops.FormatError, match="amla params: rescale: unknown variant `fast`, expected `amla` or `multiply`"):
         fusedops.amla(q, kv, table, lens, rescale="fast")
     with pytest.raises(fusedops.FormatError, match="split"):
         reference.amla(q, kv, table, lens, split="sometimes")

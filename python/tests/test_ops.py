@@ -130,7 +130,8 @@ def test_route_deepseek_with_bias_and_padding(rng):
     bias = (rng.standard_normal(256) * 0.1).astype(np.float32)
     got = fusedops.route(logits, bias=bias, preset="deepseek-v3", block_size=16)
     want = reference.route(logits, bias=bias, preset="deepseek-v3", block_size=16)
-    assert got.layout.sorted_slots.shape == (5 * 8 + 256 * 15,)
+    # vLLM's bound: t*k slots plus block - 1 of padding for each of at most min(t*k, e) experts.
+    assert got.layout.sorted_slots.shape == (5 * 8 + min(5 * 8, 256) * 15,)
     assert (got.layout.offsets % 16 == 0).all()
     check_routing(got, want)
 

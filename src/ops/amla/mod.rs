@@ -1238,11 +1238,15 @@ pub fn amla(
     cache_seqlens: &Tensor,
     params: &AmlaParams,
 ) -> Result<AmlaOutput> {
+    // Everything the host can check, before any GPU object is made.
+    params.validate()?;
     let shape = AmlaShape::of(q, kv_cache, block_table, cache_seqlens)?;
+    shape.check_format(params.kv_format)?;
+    let table = block_table.as_i32().unwrap_or_default(); // i32: checked by AmlaShape::of
+    let lengths = shape.validate_indices(table, cache_seqlens.as_i32().unwrap_or_default())?;
+    check_values(&shape, params, q, kv_cache, table, &lengths)?;
     let plan = AmlaPlan::new(gpu, &shape, params)?;
     let schedule = plan.schedule(gpu, block_table, cache_seqlens)?;
-    let table = block_table.as_i32().unwrap_or_default(); // i32: checked by the schedule
-    check_values(&shape, params, q, kv_cache, table, schedule.lengths())?;
     let q_dev = gpu.upload(q)?;
     let kv_dev = gpu.upload(kv_cache)?;
     let out = gpu.zeros(&shape.out_shape(), shape.out_dtype)?;

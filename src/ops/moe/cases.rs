@@ -19,7 +19,7 @@ use crate::ops::merrouter::reference::{LayoutRef, RoutingRef};
 use crate::ops::merrouter::{
     self, MIN_MARGIN, RouterConfig, Selection, WEIGHT_TOLERANCE, check_router_output,
 };
-use crate::ops::swiftgmm::{ExpertWeights, Layout, Mode, Tiling};
+use crate::ops::swiftgmm::{self, ExpertWeights, Layout, Mode, Tiling};
 use crate::registry::{
     Case, CaseInfo, Checked, Coverage, HostPrepared, NamedTensors, Operator, Prepared, Scale,
     Target, check_input_names, input, params_from_json,
@@ -495,6 +495,27 @@ impl Case for MoeCase {
         weights + router + t * h * (self.act.size() + self.out.size()) as u64
     }
 
+    /// SwiftGMM's GEMM path runs on cooperative matrices here and some expert takes it (forced,
+    /// or more rows than the default GEMV threshold of 8: the shared expert, hot experts, or the
+    /// average routed expert).
+    fn uses_tensor_cores(&self, gpu: &Gpu) -> bool {
+        let (t, r) = (self.tokens, &self.config.router);
+        let gemm = match self.options.mode {
+            Mode::Gemm => true,
+            Mode::Gemv => false,
+            Mode::Auto => {
+                t > 8
+                    && (self.hot
+                        || self.config.shared_intermediate.is_some()
+                        || t * r.top_k > 8 * r.experts)
+            }
+        };
+        gemm && matches!(
+            swiftgmm::gemm_path(gpu, swiftgmm::GemmKernel::Auto),
+            Ok(swiftgmm::tiling::GemmPath::Coop(_))
+        )
+    }
+
     /// 2 per multiply-add: the gate GEMV, every token's `k` experts and the shared expert.
     fn flops(&self) -> u64 {
         let c = &self.config;
@@ -719,10 +740,14 @@ impl Operator for MoeOperator {
 
     fn paths(&self, gpu: &Gpu) -> Vec<(String, String)> {
         let mut paths = merrouter::OPERATOR.paths(gpu);
+        let gemm =
+            swiftgmm::gemm_path(gpu, swiftgmm::GemmKernel::Auto).map_or("simt", |path| path.name());
         paths.push((
             "expert matmuls".into(),
-            "SwiftGMM from the router's device offsets (GEMV or GEMM per expert, indirect dispatch)"
-                .into(),
+            format!(
+                "SwiftGMM from the router's device offsets (GEMV or GEMM per expert, indirect \
+                 dispatch; GEMM {gemm})"
+            ),
         ));
         paths.push((
             "gather / combine".into(),

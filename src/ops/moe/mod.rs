@@ -231,6 +231,7 @@ impl MoeOptions {
             mode: self.mode,
             tiling: self.tiling,
             max_workgroups: self.max_workgroups,
+            ..Options::default()
         }
     }
 }

@@ -1,10 +1,12 @@
 //! SwiftGMM in the registry: the case tables of `fusedops check` / `bench`, synthetic inputs,
 //! and the named-tensor interface of `fusedops run`.
 
-use super::tiling::CacheLocation;
+use std::cell::Cell;
+
+use super::tiling::{self, CacheLocation, GemmPath, ShapeKey};
 use super::{
-    Activation, DeviceGroups, ExpertWeights, GmmArgs, GmmPlan, Groups, Layout, Mode, Options,
-    PerExpertBaseline, Tiling, reference, tolerance,
+    Activation, DeviceGroups, ExpertWeights, GemmKernel, GmmArgs, GmmPlan, Groups, Layout, Mode,
+    Options, PerExpertBaseline, Tiling, coop_support, gemm_path, reference, tolerance,
 };
 use crate::check::{Tolerance, compare};
 use crate::error::{Error, Result};
@@ -114,7 +116,7 @@ impl GmmCase {
             out_dtype: self.out_dtype,
             mode: self.mode,
             tiling: self.tiling,
-            max_workgroups: None,
+            ..Options::default()
         }
     }
 
@@ -198,6 +200,17 @@ impl Case for GmmCase {
         2 * self.routed() as u64 * self.k as u64 * self.n as u64
     }
 
+    /// The GEMM path runs on cooperative matrices here and some group takes it (forced, or more
+    /// rows than the default GEMV threshold).
+    fn uses_tensor_cores(&self, gpu: &Gpu) -> bool {
+        let gemm_groups = match self.mode {
+            Mode::Gemm => self.routed() > 0,
+            Mode::Gemv => false,
+            Mode::Auto => self.counts.iter().any(|&c| c > 8),
+        };
+        gemm_groups && matches!(gemm_path(gpu, GemmKernel::Auto), Ok(GemmPath::Coop(_)))
+    }
+
     fn host(&self, _target: &Target) -> Result<Box<dyn HostPrepared>> {
         Ok(Box::new(GmmHost::new(self)?))
     }
@@ -224,7 +237,7 @@ impl GmmHost {
         };
         let offsets = case.offsets();
         let rows = case.checked_rows();
-        let expected = case.reference_rows(&offsets, &rows, scale.as_ref())?;
+        let expected = case.reference_rows(&offsets, &rows, scale.as_ref(), &[])?;
         Ok(GmmHost {
             case: case.clone(),
             offsets,
@@ -257,12 +270,15 @@ impl GmmCase {
         Seeded::new(seed, Seeded::shift_for_dot(self.k))
     }
 
-    /// The reference of `rows` (each group's rows on its own core, its expert made once).
+    /// The reference of `rows` (each group's rows on its own core, its expert made once), with
+    /// the operands of the groups flagged in `coop_groups` staged in f16 as the
+    /// cooperative-matrix kernel stages them (empty: none).
     fn reference_rows(
         &self,
         offsets: &[u32],
         rows: &[usize],
         scale: Option<&Tensor>,
+        coop_groups: &[bool],
     ) -> Result<Vec<f64>> {
         let (k, n_out) = (self.k, self.n_out());
         let mut by_group: Vec<(usize, Vec<usize>)> = Vec::new();
@@ -292,7 +308,8 @@ impl GmmCase {
                     })
                     .transpose()?;
                 let local: Vec<usize> = (0..picked.len()).collect();
-                reference::grouped_matmul_rows(
+                let staged = coop_groups.get(*g).copied().unwrap_or(false);
+                reference::grouped_matmul_rows_staged(
                     &x,
                     &[0, picked.len() as u32],
                     &w,
@@ -300,6 +317,7 @@ impl GmmCase {
                     self.activation,
                     s.as_ref(),
                     &local,
+                    &[staged],
                 )
             })
             .collect::<Result<_>>()?;
@@ -374,13 +392,34 @@ impl GmmHost {
         let options = c.options();
         let plan = GmmPlan::new(gpu, &args, &options)?;
         let baseline = PerExpertBaseline::new(gpu, &args, &options)?;
+        // Groups on the cooperative-matrix path are checked with their operands staged in f16
+        // as the kernel stages them; the baseline runs every group on the GEMM kernel.
+        let expected_for = |coop: &[bool]| -> Result<Vec<f64>> {
+            if coop.iter().any(|&c| c) {
+                c.reference_rows(&self.offsets, &self.rows, self.scale.as_ref(), coop)
+            } else {
+                Ok(self.expected.clone())
+            }
+        };
+        let (plan_coop, baseline_coop) = (
+            plan.coop_groups(&self.offsets),
+            baseline.coop_groups(&self.offsets),
+        );
+        let expected = expected_for(&plan_coop)?;
+        let expected_baseline = if baseline_coop == plan_coop {
+            None
+        } else {
+            Some(expected_for(&baseline_coop)?)
+        };
         Ok(GmmPrepared {
             gpu,
             plan,
             baseline,
             y,
             rows: self.rows.clone(),
-            expected: self.expected.clone(),
+            expected,
+            expected_baseline,
+            baseline_recorded: Cell::new(false),
             n_out: c.n_out(),
             tolerance: tolerance(c.out_dtype),
             _inputs: (x_dev, weights, offsets_dev, scale_dev),
@@ -395,6 +434,10 @@ struct GmmPrepared<'g> {
     y: DeviceTensor,
     rows: Vec<usize>,
     expected: Vec<f64>,
+    /// The baseline's expectation where it stages other groups than the plan.
+    expected_baseline: Option<Vec<f64>>,
+    /// Whether the last recording was the baseline's (what `verify` checks).
+    baseline_recorded: Cell<bool>,
     n_out: usize,
     tolerance: Tolerance,
     /// The inputs the plans' bind groups read.
@@ -412,6 +455,7 @@ impl Prepared for GmmPrepared<'_> {
     }
 
     fn record(&self, rec: &mut Recorder) -> Result<()> {
+        self.baseline_recorded.set(false);
         self.plan.record(rec)
     }
 
@@ -422,6 +466,10 @@ impl Prepared for GmmPrepared<'_> {
             .iter()
             .flat_map(|&r| y[r * self.n_out..(r + 1) * self.n_out].iter().copied())
             .collect();
+        let expected = match (&self.expected_baseline, self.baseline_recorded.get()) {
+            (Some(baseline), true) => baseline,
+            _ => &self.expected,
+        };
         let label = if self.rows.len() * self.n_out == y.len() {
             "y".to_string()
         } else {
@@ -430,7 +478,7 @@ impl Prepared for GmmPrepared<'_> {
         Ok(vec![Checked::new(
             label,
             &[self.rows.len(), self.n_out],
-            compare(&got, &self.expected, self.tolerance),
+            compare(&got, expected, self.tolerance),
         )])
     }
 
@@ -442,6 +490,7 @@ impl Prepared for GmmPrepared<'_> {
     }
 
     fn record_baseline(&self, rec: &mut Recorder) -> Result<()> {
+        self.baseline_recorded.set(true);
         self.baseline.record(rec)
     }
 }
@@ -693,7 +742,40 @@ impl Operator for SwiftGmmOperator {
             .collect()
     }
 
-    fn paths(&self, _gpu: &Gpu) -> Vec<(String, String)> {
+    fn paths(&self, gpu: &Gpu) -> Vec<(String, String)> {
+        let gemm = match coop_support(gpu) {
+            Ok(fragment) => {
+                // The tiles of large groups (bf16 in and out, 128 rows per group).
+                let key = ShapeKey {
+                    x_dtype: DType::BF16,
+                    w_dtype: DType::BF16,
+                    layout: Layout::Nk,
+                    k: 4096,
+                    n: 4096,
+                    rows_bucket: 128,
+                    gemm: GemmPath::Coop(fragment),
+                };
+                let config = tiling::default_config(gpu, &key).coop;
+                let limits = tiling::KernelLimits::of(gpu);
+                let geo = config.geometry(
+                    fragment,
+                    limits.subgroup_size,
+                    key.layout,
+                    key.x_dtype,
+                    key.w_dtype,
+                );
+                format!(
+                    "cooperative matrices {} (f16 operands staged in workgroup memory, f32 \
+                     accumulation; FUSEDOPS_DISABLE=coop for SIMT), default tile {}, {} B of {} B \
+                     workgroup memory",
+                    fragment.name(),
+                    config.describe(fragment),
+                    geo.workgroup_bytes,
+                    limits.max_workgroup_bytes
+                )
+            }
+            Err(why) => format!("workgroup-memory tiles, f32 register blocks (SIMT: {why})"),
+        };
         vec![
             (
                 "schedule".into(),
@@ -703,11 +785,7 @@ impl Operator for SwiftGmmOperator {
                 "gemv".into(),
                 "16-byte weight vectors, split-k reduced in workgroup memory (plain WGSL)".into(),
             ),
-            (
-                "gemm".into(),
-                "workgroup-memory tiles, f32 register blocks (plain WGSL; no cooperative matrices)"
-                    .into(),
-            ),
+            ("gemm".into(), gemm),
             (
                 "tiling cache".into(),
                 match CacheLocation::from_env() {
@@ -768,15 +846,42 @@ impl Operator for SwiftGmmOperator {
     fn tolerance(
         &self,
         _output: &str,
-        _inputs: &NamedTensors,
+        inputs: &NamedTensors,
         params: &serde_json::Value,
     ) -> Tolerance {
-        // Unparsable params never reach a comparison (run_named refuses them first).
-        let out_dtype = params_from_json::<RunParams>(OP, params)
-            .ok()
-            .and_then(|p| p.out_dtype)
-            .unwrap_or(DType::F32);
-        tolerance(out_dtype)
+        // Unparsable params or inputs never reach a comparison (run_named refuses them first).
+        let Ok(named) = NamedInputs::parse(inputs, params) else {
+            return tolerance(DType::F32);
+        };
+        let base = tolerance(named.options.out_dtype);
+        if named.options.gemm_kernel == GemmKernel::Simt {
+            return base;
+        }
+        // The reference is exact, and every group may run on cooperative matrices: widen the
+        // bound by the largest error the f16 staging can cause (reference::staging_bound).
+        let bound = super::check_host(
+            named.x,
+            &named.groups,
+            named.w,
+            named.row_scale,
+            &named.options,
+        )
+        .and_then(|(problem, offsets)| {
+            reference::staging_bound(
+                named.x,
+                &offsets,
+                named.w,
+                named.options.layout,
+                named.options.activation,
+                named.row_scale,
+                &vec![true; problem.experts],
+            )
+        })
+        .map_or(0.0, |b| b.into_iter().fold(0.0, f64::max));
+        Tolerance {
+            abs: base.abs + bound,
+            ..base
+        }
     }
 }
 
@@ -790,6 +895,8 @@ struct RunParams {
     mode: Mode,
     /// "cached" (default), "tune", "defaults" or {"fixed": TileConfig}.
     tiling: Tiling,
+    /// "auto" (default), "simt" or "coop".
+    gemm_kernel: GemmKernel,
 }
 
 /// The named inputs of `fusedops run`: `x`, `w`, `offsets` or `counts`, optional `row_scale`.
@@ -828,6 +935,7 @@ impl<'a> NamedInputs<'a> {
                 mode: p.mode,
                 tiling: p.tiling,
                 max_workgroups: None,
+                gemm_kernel: p.gemm_kernel,
             },
         })
     }

@@ -11,7 +11,9 @@
 //! Each group takes one of two paths, chosen on the GPU from its row count: groups of at most
 //! [`tiling::TileConfig::threshold`] rows take a GEMV-like kernel that streams the expert's
 //! weights exactly once for all of its rows (16-byte vector loads, split-k reduced in workgroup
-//! memory); larger groups take a tiled GEMM. A one-workgroup scheduling kernel turns the offsets
+//! memory); larger groups take a tiled GEMM, on cooperative matrices (tensor cores, f16 operands
+//! staged in workgroup memory, f32 accumulation) where the adapter has them, else on plain f32
+//! FMA ([`GemmKernel`], [`gemm_path`]). A one-workgroup scheduling kernel turns the offsets
 //! into per-path tile prefix sums and indirect dispatch sizes, and each path is one persistent
 //! dispatch over a flat tile range (per weight shard), so offsets produced on the GPU by the router
 //! are consumed without a host round trip.
@@ -54,9 +56,9 @@ pub use cases::{OPERATOR, SwiftGmmOperator};
 
 use crate::check::Tolerance;
 use crate::error::{Error, Result};
-use crate::gpu::{Gpu, Kernel, Recorder, grid};
+use crate::gpu::{Fragment, Gpu, Kernel, Recorder, grid};
 use crate::tensor::{DType, DeviceTensor, Tensor, padded_size};
-use tiling::{KernelLimits, ShapeKey, TileConfig};
+use tiling::{GemmPath, KernelLimits, ShapeKey, TileConfig};
 
 const OP: &str = "swiftgmm";
 
@@ -67,6 +69,10 @@ const SCHEDULE: Kernel = Kernel {
 const MATMUL: Kernel = Kernel {
     name: "swiftgmm_matmul",
     source: include_str!("../../../shaders/swiftgmm_matmul.wgsl"),
+};
+const COOP: Kernel = Kernel {
+    name: "swiftgmm_coop",
+    source: include_str!("../../../shaders/swiftgmm_coop.wgsl"),
 };
 
 /// Weight layout.
@@ -154,6 +160,21 @@ pub enum Tiling {
     Fixed(TileConfig),
 }
 
+/// The kernel of the GEMM path (the GEMV path for small groups is always plain WGSL: it is
+/// bound by weight bandwidth).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum GemmKernel {
+    /// Cooperative matrices where the adapter has them (and `FUSEDOPS_DISABLE` does not switch
+    /// them off), else SIMT.
+    #[default]
+    Auto,
+    /// Plain f32 FMA on every adapter (f32 products of the inputs as stored).
+    Simt,
+    /// Cooperative matrices, or [`Error::Unsupported`] on an adapter without them.
+    Coop,
+}
+
 /// What to compute and how.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Options {
@@ -166,6 +187,8 @@ pub struct Options {
     /// Cap on the workgroups of one path's dispatch (default: the device's per-dimension limit).
     /// The kernels are persistent: each workgroup loops over the tiles past the grid.
     pub max_workgroups: Option<u32>,
+    /// The GEMM path's kernel.
+    pub gemm_kernel: GemmKernel,
 }
 
 impl Default for Options {
@@ -177,7 +200,41 @@ impl Default for Options {
             mode: Mode::Auto,
             tiling: Tiling::Cached,
             max_workgroups: None,
+            gemm_kernel: GemmKernel::Auto,
         }
+    }
+}
+
+/// Why this device's GEMM path cannot run on cooperative matrices, or the fragment it uses.
+pub fn coop_support(gpu: &Gpu) -> std::result::Result<Fragment, String> {
+    let Some(fragment) = gpu.caps.coop_fragment() else {
+        return Err(if gpu.caps.disabled.contains(&"coop") {
+            "cooperative matrices switched off (FUSEDOPS_DISABLE=coop)".to_string()
+        } else {
+            "the adapter reports no f16 -> f32 cooperative-matrix fragment".to_string()
+        });
+    };
+    if KernelLimits::of(gpu).subgroup_size == 0 {
+        let (lo, hi) = gpu.caps.subgroup_size;
+        return Err(format!(
+            "the subgroup size is not fixed ({lo}..{hi}): fragments are assigned to subgroups by \
+             invocation index"
+        ));
+    }
+    Ok(fragment)
+}
+
+/// The GEMM path's kernel on this device under `kernel`: cooperative matrices with the adapter's
+/// fragment size for [`GemmKernel::Auto`] where [`coop_support`] allows, else SIMT;
+/// [`GemmKernel::Coop`] on a device without them is [`Error::Unsupported`].
+pub fn gemm_path(gpu: &Gpu, kernel: GemmKernel) -> Result<GemmPath> {
+    match (kernel, coop_support(gpu)) {
+        (GemmKernel::Simt, _) | (GemmKernel::Auto, Err(_)) => Ok(GemmPath::Simt),
+        (_, Ok(fragment)) => Ok(GemmPath::Coop(fragment)),
+        (GemmKernel::Coop, Err(why)) => Err(Error::unsupported(
+            OP,
+            format!("the cooperative-matrix GEMM kernel: {why}"),
+        )),
     }
 }
 
@@ -610,12 +667,6 @@ impl Problem {
         if !out_dtype.is_float() {
             return Err(Error::unsupported(OP, format!("output dtype {out_dtype}")));
         }
-        if out_dtype != DType::F32 && n_out % 2 != 0 {
-            return Err(Error::unsupported(
-                OP,
-                format!("{out_dtype} output with an odd row length {n_out} (use f32)"),
-            ));
-        }
         Ok(Problem {
             m_total,
             k,
@@ -630,7 +681,7 @@ impl Problem {
         })
     }
 
-    fn key(&self, host_offsets: Option<&[u32]>) -> ShapeKey {
+    fn key(&self, host_offsets: Option<&[u32]>, gemm: GemmPath) -> ShapeKey {
         let routed = match host_offsets {
             Some(o) => (o[self.experts] - o[0]) as usize,
             None => self.m_total,
@@ -642,10 +693,11 @@ impl Problem {
             k: self.k as u32,
             n: self.n as u32,
             rows_bucket: tiling::rows_bucket(routed, self.experts),
+            gemm,
         }
     }
 
-    /// Override constants shared by every matmul entry point.
+    /// Override constants shared by every matmul entry point (SIMT and cooperative-matrix).
     fn constants(&self, has_scale: bool) -> Vec<(&'static str, f64)> {
         let epv = tiling::elements_per_vector(self.w_dtype) as usize;
         let contiguous = match self.layout {
@@ -655,19 +707,21 @@ impl Problem {
         // [e, k, n] SwiGLU also starts vectors at column n_out (the up half).
         let w_aligned = contiguous.is_multiple_of(epv)
             && (self.layout == Layout::Nk || !self.swiglu || self.n_out.is_multiple_of(epv));
-        let flag = |b: bool| if b { 1.0 } else { 0.0 };
         vec![
             ("X_DTYPE", self.x_dtype.shader_code() as f64),
             ("W_DTYPE", self.w_dtype.shader_code() as f64),
             ("OUT_DTYPE", self.out_dtype.shader_code() as f64),
             ("W_EPV", epv as f64),
-            ("X_ALIGNED", flag(self.k.is_multiple_of(4))),
             ("W_ALIGNED", flag(w_aligned)),
             ("W_KN", flag(self.layout == Layout::Kn)),
             ("SWIGLU", flag(self.swiglu)),
             ("HAS_SCALE", flag(has_scale)),
         ]
     }
+}
+
+fn flag(b: bool) -> f64 {
+    if b { 1.0 } else { 0.0 }
 }
 
 /// Refuse a binding past the device limit, or too large for the kernels' 32-bit indices.
@@ -738,6 +792,9 @@ pub struct GmmPlan {
     sched: wgpu::Buffer,
     experts: usize,
     config: TileConfig,
+    gemm: GemmPath,
+    /// The mode asked for (the scheduler decides per group from it and the threshold).
+    mode: Mode,
     variant: String,
 }
 
@@ -764,6 +821,8 @@ impl std::fmt::Debug for GmmPlan {
 struct Validated<'a> {
     problem: Problem,
     config: TileConfig,
+    /// The GEMM path's kernel.
+    gemm: GemmPath,
     args: &'a GmmArgs<'a>,
 }
 
@@ -807,37 +866,88 @@ impl<'a> Validated<'a> {
         for shard in w.shards() {
             check_binding(gpu, "weight shard", shard.tensor.buffer())?;
         }
-        let key = problem.key(args.host_offsets);
-        let config = tiling::resolve(gpu, &key, &options.tiling)?;
-        config.validate(
-            problem.layout,
-            problem.w_dtype,
-            problem.swiglu,
-            &KernelLimits::of(gpu),
-        )?;
+        let gemm = gemm_path(gpu, options.gemm_kernel)?;
+        let key = problem.key(args.host_offsets, gemm);
+        let config = tiling::resolve(gpu, &key, &options.tiling, problem.swiglu)?;
         Ok(Validated {
             problem,
             config,
+            gemm,
             args,
         })
     }
 
-    fn gemm_constants(&self) -> Vec<(&'static str, f64)> {
-        let g = &self.config.gemm;
+    /// Override constants of the SIMT kernels (GEMV and GEMM).
+    fn simt_constants(&self) -> Vec<(&'static str, f64)> {
         let mut c = self.problem.constants(self.args.row_scale.is_some());
-        c.extend([
-            ("TM", g.tm as f64),
-            ("TN", g.tn as f64),
-            ("TK", g.tk as f64),
-            ("RM", g.rm as f64),
-            ("RN", g.rn as f64),
-            ("GEMM_WG", g.workgroup() as f64),
-        ]);
+        // x is read in quads of 4 elements.
+        c.push(("X_ALIGNED", flag(self.problem.k.is_multiple_of(4))));
         c
     }
 
+    /// The GEMM path's kernel, entry points (persistent, per expert) and override constants.
+    fn gemm_pipeline(&self, gpu: &Gpu, per_expert: bool) -> Result<Arc<wgpu::ComputePipeline>> {
+        let p = &self.problem;
+        match self.gemm {
+            GemmPath::Simt => {
+                let g = &self.config.gemm;
+                let mut c = self.simt_constants();
+                c.extend([
+                    ("TM", g.tm as f64),
+                    ("TN", g.tn as f64),
+                    ("TK", g.tk as f64),
+                    ("RM", g.rm as f64),
+                    ("RN", g.rn as f64),
+                    ("GEMM_WG", g.workgroup() as f64),
+                ]);
+                let entry = if per_expert { "gemm_expert" } else { "gemm" };
+                gpu.pipeline(&MATMUL, entry, &c)
+            }
+            GemmPath::Coop(fragment) => {
+                let t = &self.config.coop;
+                let subgroup = KernelLimits::of(gpu).subgroup_size;
+                let geo = t.geometry(fragment, subgroup, p.layout, p.x_dtype, p.w_dtype);
+                let x_epv = tiling::elements_per_vector(p.x_dtype) as usize;
+                let mut c = self.problem.constants(self.args.row_scale.is_some());
+                c.extend([
+                    ("X_EPV", x_epv as f64),
+                    ("X_ALIGNED", flag(p.k.is_multiple_of(x_epv))),
+                    ("SG", subgroup as f64),
+                    ("SG_M", t.sg_m as f64),
+                    ("SG_N", t.sg_n as f64),
+                    ("FM", t.frag_m as f64),
+                    ("FN", t.frag_n as f64),
+                    ("KF", t.k_frags as f64),
+                    ("COOP_WG", geo.workgroup as f64),
+                ]);
+                let entry = if per_expert {
+                    "coop_expert"
+                } else {
+                    "coop_gemm"
+                };
+                gpu.coop_pipeline(&COOP, fragment, entry, &c)
+            }
+        }
+    }
+
+    /// Rows per GEMM tile.
+    fn gemm_rows(&self) -> u32 {
+        match self.gemm {
+            GemmPath::Simt => self.config.gemm.tm,
+            GemmPath::Coop(f) => self.config.coop.sg_m * self.config.coop.frag_m * f.size(),
+        }
+    }
+
     fn gemm_n_tiles(&self) -> u32 {
-        (self.problem.n_out as u32).div_ceil(self.config.gemm.out_cols(self.problem.swiglu))
+        let swiglu = self.problem.swiglu;
+        let out_cols = match self.gemm {
+            GemmPath::Simt => self.config.gemm.out_cols(swiglu),
+            GemmPath::Coop(f) => {
+                let bn = self.config.coop.sg_n * self.config.coop.frag_n * f.size();
+                if swiglu { bn / 2 } else { bn }
+            }
+        };
+        (self.problem.n_out as u32).div_ceil(out_cols)
     }
 
     fn params(&self, lo: usize, hi: usize, n_tiles: u32) -> GmmParams {
@@ -937,7 +1047,7 @@ impl GmmPlan {
             &[
                 ("THRESHOLD", config.threshold as f64),
                 ("GEMV_ROWS", config.gemv.rows as f64),
-                ("GEMM_TM", config.gemm.tm as f64),
+                ("GEMM_TM", prep.gemm_rows() as f64),
                 ("MODE", mode.code() as f64),
             ],
         )?;
@@ -979,7 +1089,7 @@ impl GmmPlan {
         let mut paths = Vec::new();
         if use_gemv {
             let g = &config.gemv;
-            let mut constants = p.constants(args.row_scale.is_some());
+            let mut constants = prep.simt_constants();
             constants.extend([
                 ("GEMV_WG", g.workgroup as f64),
                 ("GEMV_ROWS", g.rows as f64),
@@ -1002,7 +1112,7 @@ impl GmmPlan {
             });
         }
         if use_gemm {
-            let pipeline = gpu.pipeline(&MATMUL, "gemm", &prep.gemm_constants())?;
+            let pipeline = prep.gemm_pipeline(gpu, false)?;
             let binds = bind_shards(&pipeline, gemm_n_tiles)?;
             paths.push(PathDispatch {
                 pipeline,
@@ -1018,7 +1128,7 @@ impl GmmPlan {
         let variant = format!(
             "{path_names} {} [{}]{}",
             p.layout.name(),
-            config.describe(),
+            config.describe(prep.gemm),
             if shards > 1 {
                 format!(", {shards} weight shards")
             } else {
@@ -1033,6 +1143,8 @@ impl GmmPlan {
             sched,
             experts: p.experts,
             config,
+            gemm: prep.gemm,
+            mode: options.mode,
             variant,
         })
     }
@@ -1083,6 +1195,29 @@ impl GmmPlan {
         &self.config
     }
 
+    /// The GEMM path's kernel.
+    pub fn gemm_path(&self) -> GemmPath {
+        self.gemm
+    }
+
+    /// For each group of these (valid) offsets, whether it runs on cooperative matrices, which
+    /// stage its x rows and weights in f16 ([`reference::stage_f16`]): the groups on the GEMM
+    /// path when its kernel is cooperative-matrix.
+    pub fn coop_groups(&self, offsets: &[u32]) -> Vec<bool> {
+        offsets
+            .windows(2)
+            .map(|w| {
+                let rows = w[1].saturating_sub(w[0]);
+                let gemm = match self.mode {
+                    Mode::Auto => rows > self.config.threshold,
+                    Mode::Gemv => false,
+                    Mode::Gemm => rows > 0,
+                };
+                gemm && matches!(self.gemm, GemmPath::Coop(_))
+            })
+            .collect()
+    }
+
     /// Which paths are recorded and with which tiles, for reports.
     pub fn variant(&self) -> &str {
         &self.variant
@@ -1090,10 +1225,12 @@ impl GmmPlan {
 }
 
 /// The baseline SwiftGMM is compared with: the same math as one dispatch per expert with the
-/// plain tiled GEMM kernel, rows taken from host offsets.
+/// tiled GEMM kernel of the same GEMM path (SIMT or cooperative-matrix), rows taken from host
+/// offsets.
 pub struct PerExpertBaseline {
     pipeline: Arc<wgpu::ComputePipeline>,
     dispatches: Vec<(wgpu::BindGroup, (u32, u32, u32))>,
+    gemm: GemmPath,
 }
 
 impl PerExpertBaseline {
@@ -1107,7 +1244,7 @@ impl PerExpertBaseline {
             ));
         };
         let prep = Validated::new(gpu, args, options)?;
-        let pipeline = gpu.pipeline(&MATMUL, "gemm_expert", &prep.gemm_constants())?;
+        let pipeline = prep.gemm_pipeline(gpu, true)?;
         let n_tiles = prep.gemm_n_tiles();
         let placeholder = Validated::placeholder(gpu)?;
         let scale = args
@@ -1138,13 +1275,14 @@ impl PerExpertBaseline {
                         args.y.binding(),
                     ],
                 )?;
-                let tiles = (end - start).div_ceil(prep.config.gemm.tm) * n_tiles;
+                let tiles = (end - start).div_ceil(prep.gemm_rows()) * n_tiles;
                 dispatches.push((bind, grid(tiles, gpu.caps.max_workgroups_per_dim)));
             }
         }
         Ok(PerExpertBaseline {
             pipeline,
             dispatches,
+            gemm: prep.gemm,
         })
     }
 
@@ -1162,6 +1300,13 @@ impl PerExpertBaseline {
     /// Number of dispatches (non-empty experts).
     pub fn dispatches(&self) -> usize {
         self.dispatches.len()
+    }
+
+    /// As [`GmmPlan::coop_groups`]: every non-empty group when the GEMM kernel is
+    /// cooperative-matrix.
+    pub fn coop_groups(&self, offsets: &[u32]) -> Vec<bool> {
+        let coop = matches!(self.gemm, GemmPath::Coop(_));
+        offsets.windows(2).map(|w| coop && w[1] > w[0]).collect()
     }
 }
 

@@ -1,12 +1,30 @@
 //! CPU reference of SwiGLU-capable grouped matmul: per-group products accumulated in f64 over
 //! the dtype-rounded inputs, then the epilogue. Written for clarity; it converts one expert's
 //! weights at a time so that large weight tensors are never widened as a whole.
+//!
+//! The `_staged` variants model the cooperative-matrix GEMM path: the groups it runs have their
+//! x rows and weights rounded to f16 as the kernel stages them ([`stage_f16`]) before the f64
+//! products, so the comparison tolerance stays the one of f32 accumulation.
 
 use super::{Activation, Layout};
 use crate::error::{Error, Result};
 use crate::tensor::{Tensor, TensorData};
 
 const OP: &str = "swiftgmm reference";
+
+/// `v` as the cooperative-matrix kernel stages it in f16, back as f32: finite values of magnitude
+/// 65504 and more saturated at ±65504 (never inf), NaN and ±inf unchanged, the rest rounded to
+/// the nearest f16 value (ties to even; below 2^-14 in steps of 2^-24, the f16 subnormals), as
+/// the f32 -> f16 conversion does on NVIDIA and lavapipe.
+pub fn stage_f16(v: f32) -> f32 {
+    if !v.is_finite() {
+        v
+    } else if v.abs() >= 65504.0 {
+        65504.0f32.copysign(v)
+    } else {
+        half::f16::from_f32(v).to_f32()
+    }
+}
 
 /// `silu(v) = v · sigmoid(v)`.
 pub fn silu(v: f64) -> f64 {
@@ -48,35 +66,29 @@ pub fn grouped_matmul_rows(
     row_scale: Option<&Tensor>,
     rows: &[usize],
 ) -> Result<Vec<f64>> {
-    let (m_total, k) = match *x.shape() {
-        [m, k] => (m, k),
-        _ => return Err(Error::shape(OP, "x", x.shape(), "[m_total, k]")),
-    };
-    let (experts, dims) = match *w.shape() {
-        [e, a, b] => (e, [a, b]),
-        _ => return Err(Error::shape(OP, "w", w.shape(), "[e, k, n] or [e, n, k]")),
-    };
-    let (wk, n) = layout.k_n(dims);
-    if wk != k || offsets.len() != experts + 1 {
-        return Err(Error::shape(
-            OP,
-            "w",
-            w.shape(),
-            format!("k = {k}, e + 1 = {} offsets", offsets.len()),
-        ));
-    }
-    // Monotone and within x: the group lookup below relies on it.
-    super::check_offsets(offsets, experts, m_total)?;
-    if let Some(s) = row_scale {
-        if s.shape() != [m_total] {
-            return Err(Error::shape(
-                OP,
-                "row_scale",
-                s.shape(),
-                format!("[{m_total}]"),
-            ));
-        }
-    }
+    grouped_matmul_rows_staged(x, offsets, w, layout, activation, row_scale, rows, &[])
+}
+
+/// [`grouped_matmul_rows`] with the x rows and weights of every group g with `coop_groups[g]`
+/// staged in f16 ([`stage_f16`]), as the cooperative-matrix path does
+/// ([`super::GmmPlan::coop_groups`]); an empty `coop_groups` stages nothing.
+#[allow(clippy::too_many_arguments)]
+pub fn grouped_matmul_rows_staged(
+    x: &Tensor,
+    offsets: &[u32],
+    w: &Tensor,
+    layout: Layout,
+    activation: Activation,
+    row_scale: Option<&Tensor>,
+    rows: &[usize],
+    coop_groups: &[bool],
+) -> Result<Vec<f64>> {
+    let Dims {
+        m_total,
+        k,
+        n,
+        experts,
+    } = check_inputs(x, offsets, w, layout, row_scale, coop_groups)?;
     let n_out = match activation {
         Activation::None => n,
         Activation::SwiGlu => n / 2,
@@ -101,14 +113,22 @@ pub fn grouped_matmul_rows(
         if wanted.is_empty() {
             continue;
         }
-        let wg = values_f64(w, g * k * n..(g + 1) * k * n);
+        let staged = coop_groups.get(g).copied().unwrap_or(false);
+        let stage = |v: Vec<f64>| -> Vec<f64> {
+            if staged {
+                v.into_iter().map(|x| stage_f16(x as f32) as f64).collect()
+            } else {
+                v
+            }
+        };
+        let wg = stage(values_f64(w, g * k * n..(g + 1) * k * n));
         let weight = |kk: usize, col: usize| match layout {
             Layout::Kn => wg[kk * n + col],
             Layout::Nk => wg[col * k + kk],
         };
         for &i in wanted {
             let row = rows[i];
-            let xr = values_f64(x, row * k..(row + 1) * k);
+            let xr = stage(values_f64(x, row * k..(row + 1) * k));
             let acc: Vec<f64> = (0..n)
                 .map(|col| (0..k).map(|kk| xr[kk] * weight(kk, col)).sum())
                 .collect();
@@ -125,6 +145,69 @@ pub fn grouped_matmul_rows(
     Ok(out)
 }
 
+/// Sizes of validated reference inputs.
+struct Dims {
+    m_total: usize,
+    k: usize,
+    n: usize,
+    experts: usize,
+}
+
+/// Check the shapes, the offsets (monotone, within x: the group lookup relies on it), the row
+/// scale and the per-group flags.
+fn check_inputs(
+    x: &Tensor,
+    offsets: &[u32],
+    w: &Tensor,
+    layout: Layout,
+    row_scale: Option<&Tensor>,
+    coop_groups: &[bool],
+) -> Result<Dims> {
+    let (m_total, k) = match *x.shape() {
+        [m, k] => (m, k),
+        _ => return Err(Error::shape(OP, "x", x.shape(), "[m_total, k]")),
+    };
+    let (experts, dims) = match *w.shape() {
+        [e, a, b] => (e, [a, b]),
+        _ => return Err(Error::shape(OP, "w", w.shape(), "[e, k, n] or [e, n, k]")),
+    };
+    let (wk, n) = layout.k_n(dims);
+    if wk != k || offsets.len() != experts + 1 {
+        return Err(Error::shape(
+            OP,
+            "w",
+            w.shape(),
+            format!("k = {k}, e + 1 = {} offsets", offsets.len()),
+        ));
+    }
+    // Monotone and within x: the group lookups rely on it.
+    super::check_offsets(offsets, experts, m_total)?;
+    if !coop_groups.is_empty() && coop_groups.len() != experts {
+        return Err(Error::shape(
+            OP,
+            "coop_groups",
+            [coop_groups.len()],
+            format!("[{experts}] (one flag per group) or empty"),
+        ));
+    }
+    if let Some(s) = row_scale {
+        if s.shape() != [m_total] {
+            return Err(Error::shape(
+                OP,
+                "row_scale",
+                s.shape(),
+                format!("[{m_total}]"),
+            ));
+        }
+    }
+    Ok(Dims {
+        m_total,
+        k,
+        n,
+        experts,
+    })
+}
+
 /// Every row of `y`, `[m_total, n_out]`.
 pub fn grouped_matmul(
     x: &Tensor,
@@ -134,8 +217,95 @@ pub fn grouped_matmul(
     activation: Activation,
     row_scale: Option<&Tensor>,
 ) -> Result<Vec<f64>> {
+    grouped_matmul_staged(x, offsets, w, layout, activation, row_scale, &[])
+}
+
+/// Every row of [`grouped_matmul_rows_staged`].
+pub fn grouped_matmul_staged(
+    x: &Tensor,
+    offsets: &[u32],
+    w: &Tensor,
+    layout: Layout,
+    activation: Activation,
+    row_scale: Option<&Tensor>,
+    coop_groups: &[bool],
+) -> Result<Vec<f64>> {
     let rows: Vec<usize> = (0..x.shape().first().copied().unwrap_or(0)).collect();
-    grouped_matmul_rows(x, offsets, w, layout, activation, row_scale, &rows)
+    grouped_matmul_rows_staged(
+        x,
+        offsets,
+        w,
+        layout,
+        activation,
+        row_scale,
+        &rows,
+        coop_groups,
+    )
+}
+
+/// Per element of `y [m_total, n_out]`, a bound on how far the f16 staging of the
+/// cooperative-matrix path can move it from the exact product, derived from each staged input's
+/// own rounding `δ = stage_f16(v) − v` (zero for f16 inputs, for bf16 ones from 2^-14 to 65504,
+/// at most 2^-11·|v| for other f32 values in range, 2^-25 below 2^-14; a saturated value's whole
+/// excess): `|Σ x̂ŵ − Σ xw| ≤ Σ_k |δx||w| + |x̂||δw|`. Through SwiGLU,
+/// `|silu(ĝ)û − silu(g)u| ≤ Σ|x̂||ŵ|_gate · Δu + 1.1 · Σ|x||w|_up · Δg` (|silu(v)| ≤ |v|,
+/// |silu'| < 1.1); times |row_scale|. Rows outside `coop_groups` (and padding) get 0. The f32
+/// accumulation and the output rounding ([`super::tolerance`]) come on top.
+pub fn staging_bound(
+    x: &Tensor,
+    offsets: &[u32],
+    w: &Tensor,
+    layout: Layout,
+    activation: Activation,
+    row_scale: Option<&Tensor>,
+    coop_groups: &[bool],
+) -> Result<Vec<f64>> {
+    let Dims { m_total, k, n, .. } = check_inputs(x, offsets, w, layout, row_scale, coop_groups)?;
+    let n_out = match activation {
+        Activation::None => n,
+        Activation::SwiGlu => n / 2,
+    };
+    let scale = row_scale.map(|s| s.to_f64());
+    let mut out = vec![0.0; m_total * n_out];
+    for g in (0..coop_groups.len()).filter(|&g| coop_groups[g]) {
+        let wg = values_f64(w, g * k * n..(g + 1) * k * n);
+        let at = |kk: usize, col: usize| match layout {
+            Layout::Kn => kk * n + col,
+            Layout::Nk => col * k + kk,
+        };
+        let delta = |v: f64| (stage_f16(v as f32) as f64 - v).abs();
+        for row in offsets[g] as usize..offsets[g + 1] as usize {
+            let xr = values_f64(x, row * k..(row + 1) * k);
+            // Per weight column: the bound D, Σ|x||w| and Σ|x̂||ŵ|.
+            let per_col: Vec<(f64, f64, f64)> = (0..n)
+                .map(|col| {
+                    (0..k).fold((0.0, 0.0, 0.0), |(d, s, s_hat), kk| {
+                        let (xv, wv) = (xr[kk], wg[at(kk, col)]);
+                        let (dx, dw) = (delta(xv), delta(wv));
+                        let x_hat = xv.abs() + dx;
+                        (
+                            d + dx * wv.abs() + x_hat * dw,
+                            s + (xv * wv).abs(),
+                            s_hat + x_hat * (wv.abs() + dw),
+                        )
+                    })
+                })
+                .collect();
+            let s = scale.as_ref().map_or(1.0, |s| s[row].abs());
+            for col in 0..n_out {
+                let bound = match activation {
+                    Activation::None => per_col[col].0,
+                    Activation::SwiGlu => {
+                        let (dg, _, gate_hat) = per_col[col];
+                        let (du, up, _) = per_col[n_out + col];
+                        gate_hat * du + 1.1 * up * dg
+                    }
+                };
+                out[row * n_out + col] = bound * s;
+            }
+        }
+    }
+    Ok(out)
 }
 
 /// The offsets the GPU scheduler makes of device-side offsets `raw [e + 1]` (i32 or u32 values
@@ -224,6 +394,41 @@ mod tests {
         let short = Tensor::f32(&[2], vec![1.0; 2]).unwrap();
         assert!(gmm(&[0, 1, 3], Some(&short)).is_err());
         assert!(gmm(&[0, 1, 3], None).is_ok());
+    }
+
+    #[test]
+    fn staging_rounds_to_f16_and_saturates() {
+        assert_eq!(stage_f16(1.0 + 1.0 / 2048.0), 1.0, "tie to even");
+        assert_eq!(
+            stage_f16(1.0 + 3.0 / 2048.0),
+            1.0 + 1.0 / 512.0,
+            "tie to even"
+        );
+        assert_eq!(stage_f16(65519.0), 65504.0);
+        assert_eq!(stage_f16(-1e30), -65504.0, "saturated, not -inf");
+        assert_eq!(stage_f16(f32::INFINITY), f32::INFINITY);
+        assert!(stage_f16(f32::NAN).is_nan());
+        assert_eq!(stage_f16(3e-8), 2f32.powi(-24), "f16 subnormal");
+        assert_eq!(stage_f16(2e-8), 0.0);
+        // bf16 values between 2^-14 and 65504 are exact.
+        let b = half::bf16::from_f32(0.123_456).to_f32();
+        assert_eq!(stage_f16(b), b);
+        // Staged groups only.
+        let x = Tensor::f32(&[2, 1], vec![1.0 + 1.0 / 4096.0, 1.0 + 1.0 / 4096.0]).unwrap();
+        let w = Tensor::f32(&[2, 1, 1], vec![1.0, 1.0]).unwrap();
+        let gmm = |staged: &[bool]| {
+            grouped_matmul_staged(
+                &x,
+                &[0, 1, 2],
+                &w,
+                Layout::Kn,
+                Activation::None,
+                None,
+                staged,
+            )
+        };
+        assert_eq!(gmm(&[false, true]).unwrap(), vec![1.0 + 1.0 / 4096.0, 1.0]);
+        assert!(gmm(&[true]).is_err());
     }
 
     #[test]

@@ -1,6 +1,7 @@
-//! Tile configurations of the two SwiftGMM paths, their defaults and candidate sets, and the
-//! tiling cache: the best configuration per (adapter, dtypes, layout, k, n, rows-per-group bucket),
-//! found by measuring the candidates once and kept in a JSON file between runs.
+//! Tile configurations of the two SwiftGMM paths (the GEMM path on plain f32 FMA or on
+//! cooperative matrices), their defaults and candidate sets, and the tiling cache: the best
+//! configuration per (adapter, dtypes, layout, k, n, rows-per-group bucket, GEMM kernel), found by
+//! measuring the candidates once and kept in a JSON file between runs.
 //!
 //! The cache file is `swiftgmm_tiling.json` in `$FUSEDOPS_CACHE_DIR` if set, else
 //! `$XDG_CACHE_HOME/fusedops`, else `$HOME/.cache/fusedops`. `FUSEDOPS_TILING_CACHE=off` disables
@@ -8,14 +9,17 @@
 //! [`load_cache`], [`clear_cache`], [`rebuild_cache`] and [`tune_shape`] are the entry points for
 //! a command-line tuner.
 
+use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, OnceLock};
 
 use serde::{Deserialize, Serialize};
 
-use super::{Activation, ExpertWeights, GmmArgs, GmmPlan, Layout, Mode, Options, Tiling};
+use super::{
+    Activation, ExpertWeights, GemmKernel, GmmArgs, GmmPlan, Layout, Mode, Options, Tiling,
+};
 use crate::error::{Error, Result};
-use crate::gpu::Gpu;
+use crate::gpu::{Fragment, Gpu};
 use crate::tensor::{DType, Tensor};
 use crate::util::{hashed, utc_now};
 
@@ -27,8 +31,12 @@ pub const MAX_GEMV_ROWS: u32 = 16;
 pub const MAX_GEMV_UNROLL: u32 = 4;
 /// Largest number of 16-byte vectors a GEMM invocation stages per operand and k step.
 pub const MAX_GEMM_STAGE_LOADS: u32 = 8;
+/// Largest accumulator fragments per subgroup, and weight fragments per k step, of the
+/// cooperative-matrix kernel (its function-scope fragment arrays).
+pub const MAX_COOP_ACC: u32 = 8;
+pub const MAX_COOP_FN: u32 = 4;
 /// Version of the cache file format; files of another version are ignored.
-pub const CACHE_VERSION: u32 = 1;
+pub const CACHE_VERSION: u32 = 2;
 /// File name inside the cache directory.
 pub const CACHE_FILE: &str = "swiftgmm_tiling.json";
 
@@ -64,6 +72,205 @@ pub struct GemmConfig {
     pub rn: u32,
 }
 
+/// The GEMM path on cooperative matrices (`shaders/swiftgmm_coop.wgsl`), in fragments so that one
+/// configuration serves 8x8 and 16x16: a tile is `sg_m x sg_n` subgroups, each owning
+/// `frag_m x frag_n` accumulator fragments, staged `k_frags` fragments deep.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CoopGemmConfig {
+    /// Subgroups along the rows of a tile.
+    pub sg_m: u32,
+    /// Subgroups along its columns.
+    pub sg_n: u32,
+    /// Accumulator fragments per subgroup along rows.
+    pub frag_m: u32,
+    /// Along columns (SwiGLU: half gate, half up, so even).
+    pub frag_n: u32,
+    /// Fragments along k per workgroup-memory stage.
+    pub k_frags: u32,
+}
+
+impl Default for CoopGemmConfig {
+    /// The H200 design point (docs/swiftgmm.md): 8 subgroups of 4 x 2 fragments, 128 x 128 x 32
+    /// at 16x16.
+    fn default() -> Self {
+        CoopGemmConfig {
+            sg_m: 2,
+            sg_n: 4,
+            frag_m: 4,
+            frag_n: 2,
+            k_frags: 2,
+        }
+    }
+}
+
+/// Sizes the cooperative-matrix kernel derives from a [`CoopGemmConfig`] for one fragment size,
+/// subgroup size, layout and dtypes (u64: unvalidated configurations must not overflow).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CoopGeometry {
+    /// Tile rows, weight columns, and k per stage.
+    pub bm: u64,
+    pub bn: u64,
+    pub bk: u64,
+    /// Invocations per workgroup.
+    pub workgroup: u64,
+    /// 16-byte vectors each invocation loads per stage, of x and of the weights.
+    pub x_loads: u64,
+    pub w_loads: u64,
+    /// Workgroup memory in bytes: the f16 x and weight stages (rows padded by 8) and two f32
+    /// fragments per subgroup for the epilogue.
+    pub workgroup_bytes: u64,
+}
+
+impl CoopGemmConfig {
+    /// The kernel's sizes with `fragment` and subgroups of `subgroup` invocations.
+    pub fn geometry(
+        &self,
+        fragment: Fragment,
+        subgroup: u32,
+        layout: Layout,
+        x_dtype: DType,
+        w_dtype: DType,
+    ) -> CoopGeometry {
+        let f = u64::from(fragment.size());
+        let subgroups = u64::from(self.sg_m) * u64::from(self.sg_n);
+        let bm = u64::from(self.sg_m) * u64::from(self.frag_m) * f;
+        let bn = u64::from(self.sg_n) * u64::from(self.frag_n) * f;
+        let bk = u64::from(self.k_frags) * f;
+        let workgroup = (subgroups * u64::from(subgroup)).max(1);
+        let b_halves = match layout {
+            Layout::Kn => bk * (bn + 8),
+            Layout::Nk => bn * (bk + 8),
+        };
+        let x_epv = u64::from(elements_per_vector(x_dtype));
+        let w_epv = u64::from(elements_per_vector(w_dtype));
+        CoopGeometry {
+            bm,
+            bn,
+            bk,
+            workgroup,
+            x_loads: (bm * bk / x_epv).div_ceil(workgroup),
+            w_loads: (bk * bn / w_epv).div_ceil(workgroup),
+            workgroup_bytes: 2 * (bm * (bk + 8) + b_halves) + 4 * subgroups * 2 * f * f,
+        }
+    }
+
+    /// Check the configuration against the kernel's rules and the device limits.
+    pub fn validate(
+        &self,
+        fragment: Fragment,
+        key: &ShapeKey,
+        swiglu: bool,
+        limits: &KernelLimits,
+    ) -> Result<()> {
+        let c = self;
+        if [c.sg_m, c.sg_n, c.frag_m, c.frag_n, c.k_frags].contains(&0) {
+            return Err(bad("coop", format!("every size must be >= 1, got {c:?}")));
+        }
+        if c.frag_n > MAX_COOP_FN || u64::from(c.frag_m) * u64::from(c.frag_n) > MAX_COOP_ACC.into()
+        {
+            return Err(bad(
+                "coop",
+                format!(
+                    "frag_n {} must be at most {MAX_COOP_FN} and frag_m x frag_n {} x {} at most \
+                     {MAX_COOP_ACC} accumulator fragments",
+                    c.frag_n, c.frag_m, c.frag_n
+                ),
+            ));
+        }
+        if swiglu && !c.frag_n.is_multiple_of(2) {
+            return Err(bad(
+                "coop",
+                format!(
+                    "SwiGLU needs an even frag_n (gate and up), got {}",
+                    c.frag_n
+                ),
+            ));
+        }
+        if limits.subgroup_size == 0 {
+            return Err(Error::unsupported(
+                OP,
+                "cooperative-matrix GEMM without a fixed subgroup size",
+            ));
+        }
+        let geo = c.geometry(
+            fragment,
+            limits.subgroup_size,
+            key.layout,
+            key.x_dtype,
+            key.w_dtype,
+        );
+        let max_loads = u64::from(MAX_GEMM_STAGE_LOADS);
+        if geo.x_loads > max_loads || geo.w_loads > max_loads {
+            return Err(bad(
+                "coop",
+                format!(
+                    "a stage of {}x{}x{} needs {} x and {} weight loads per invocation, at most {}",
+                    geo.bm, geo.bn, geo.bk, geo.x_loads, geo.w_loads, MAX_GEMM_STAGE_LOADS
+                ),
+            ));
+        }
+        let invocations = u32::try_from(geo.workgroup).unwrap_or(u32::MAX);
+        limits.check_workgroup("coop gemm", invocations, geo.workgroup_bytes)
+    }
+
+    /// Short description, e.g. `128x128x32 sg2x4 fr4x2` at 16x16.
+    pub fn describe(&self, fragment: Fragment) -> String {
+        let f = fragment.size();
+        format!(
+            "{}x{}x{} sg{}x{} fr{}x{}",
+            self.sg_m * self.frag_m * f,
+            self.sg_n * self.frag_n * f,
+            self.k_frags * f,
+            self.sg_m,
+            self.sg_n,
+            self.frag_m,
+            self.frag_n
+        )
+    }
+}
+
+/// The kernel the GEMM path runs on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub enum GemmPath {
+    /// Plain f32 FMA (`gemm` in `shaders/swiftgmm_matmul.wgsl`).
+    Simt,
+    /// Cooperative matrices of this fragment size (`shaders/swiftgmm_coop.wgsl`).
+    Coop(Fragment),
+}
+
+impl GemmPath {
+    /// `simt`, `coop8x8` or `coop16x16`, as reports and the cache file name it.
+    pub fn name(self) -> &'static str {
+        match self {
+            GemmPath::Simt => "simt",
+            GemmPath::Coop(Fragment::Size8) => "coop8x8",
+            GemmPath::Coop(Fragment::Size16) => "coop16x16",
+        }
+    }
+}
+
+impl From<GemmPath> for String {
+    fn from(path: GemmPath) -> String {
+        path.name().to_string()
+    }
+}
+
+impl TryFrom<String> for GemmPath {
+    type Error = String;
+    fn try_from(name: String) -> std::result::Result<Self, String> {
+        [
+            GemmPath::Simt,
+            GemmPath::Coop(Fragment::Size8),
+            GemmPath::Coop(Fragment::Size16),
+        ]
+        .into_iter()
+        .find(|p| p.name() == name)
+        .ok_or_else(|| format!("unknown GEMM path {name:?} (simt, coop8x8 or coop16x16)"))
+    }
+}
+
 /// A complete tiling: both paths and the row count at which groups switch path.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -71,7 +278,11 @@ pub struct TileConfig {
     /// Groups of at most this many rows take the GEMV path in [`Mode::Auto`] (0: none do).
     pub threshold: u32,
     pub gemv: GemvConfig,
+    /// The GEMM path's tiles on the SIMT kernel.
     pub gemm: GemmConfig,
+    /// The GEMM path's tiles on cooperative matrices (the default when not given).
+    #[serde(default)]
+    pub coop: CoopGemmConfig,
 }
 
 /// Sizes the GEMV kernel derives from a [`GemvConfig`] for one layout and weight dtype.
@@ -100,14 +311,23 @@ pub struct KernelLimits {
     pub max_invocations: u32,
     pub max_workgroup_size_x: u32,
     pub max_workgroup_bytes: u64,
+    /// The adapter's subgroup size when it has exactly one (0 otherwise): the cooperative-matrix
+    /// kernel assigns fragments to subgroups by invocation index.
+    pub subgroup_size: u32,
 }
 
 impl KernelLimits {
     pub fn of(gpu: &Gpu) -> Self {
+        let (lo, hi) = gpu.caps.subgroup_size;
         KernelLimits {
             max_invocations: gpu.caps.max_invocations_per_workgroup,
             max_workgroup_size_x: gpu.device.limits().max_compute_workgroup_size_x,
             max_workgroup_bytes: gpu.caps.max_workgroup_storage as u64,
+            subgroup_size: if lo == hi && lo.is_power_of_two() {
+                lo
+            } else {
+                0
+            },
         }
     }
 
@@ -295,14 +515,8 @@ impl GemmConfig {
 }
 
 impl TileConfig {
-    /// Check both paths and the threshold.
-    pub fn validate(
-        &self,
-        layout: Layout,
-        w_dtype: DType,
-        swiglu: bool,
-        limits: &KernelLimits,
-    ) -> Result<()> {
+    /// Check the threshold, the GEMV path and the GEMM tiles of `key.gemm`'s kernel.
+    pub fn validate(&self, key: &ShapeKey, swiglu: bool, limits: &KernelLimits) -> Result<()> {
         if self.threshold > self.gemv.rows {
             return Err(bad(
                 "threshold",
@@ -312,17 +526,26 @@ impl TileConfig {
                 ),
             ));
         }
-        self.gemv.validate(layout, w_dtype, swiglu, limits)?;
-        self.gemm.validate(swiglu, limits)
+        self.gemv
+            .validate(key.layout, key.w_dtype, swiglu, limits)?;
+        match key.gemm {
+            GemmPath::Simt => self.gemm.validate(swiglu, limits),
+            GemmPath::Coop(fragment) => self.coop.validate(fragment, key, swiglu, limits),
+        }
     }
 
-    /// Short description for reports, e.g. `gemv<=8 r8/256/sk16/u2, gemm 64x128x16/4x8`.
-    pub fn describe(&self) -> String {
+    /// Short description for reports, e.g. `gemv<=8 r8/256/sk16/u2, gemm simt 64x128x16/4x8` or
+    /// `gemv<=8 r8/256/sk16/u2, gemm coop16x16 128x128x32 sg2x4 fr4x2`.
+    pub fn describe(&self, gemm: GemmPath) -> String {
         let v = &self.gemv;
         let m = &self.gemm;
+        let gemm_tiles = match gemm {
+            GemmPath::Simt => format!("simt {}x{}x{}/{}x{}", m.tm, m.tn, m.tk, m.rm, m.rn),
+            GemmPath::Coop(f) => format!("{} {}", gemm.name(), self.coop.describe(f)),
+        };
         format!(
-            "gemv<={} r{}/{}/sk{}/u{}, gemm {}x{}x{}/{}x{}",
-            self.threshold, v.rows, v.workgroup, v.split_k, v.unroll, m.tm, m.tn, m.tk, m.rm, m.rn
+            "gemv<={} r{}/{}/sk{}/u{}, gemm {gemm_tiles}",
+            self.threshold, v.rows, v.workgroup, v.split_k, v.unroll
         )
     }
 }
@@ -337,6 +560,24 @@ pub struct ShapeKey {
     pub n: u32,
     /// Average rows per group, rounded up to a power of two (see [`rows_bucket`]).
     pub rows_bucket: u32,
+    /// The kernel of the GEMM path.
+    pub gemm: GemmPath,
+}
+
+impl ShapeKey {
+    /// For messages, e.g. `bf16 x, bf16 w, nk, k 5120, n 2688, ~512 rows per group, coop16x16`.
+    pub fn describe(&self) -> String {
+        format!(
+            "{} x, {} w, {}, k {}, n {}, ~{} rows per group, {}",
+            self.x_dtype,
+            self.w_dtype,
+            self.layout.name(),
+            self.k,
+            self.n,
+            self.rows_bucket,
+            self.gemm.name()
+        )
+    }
 }
 
 /// The bucket of `routed_rows / experts`: the next power of two, at least 1, at most 65536.
@@ -364,6 +605,7 @@ pub fn default_config(gpu: &Gpu, key: &ShapeKey) -> TileConfig {
                 rm: 4,
                 rn: 8,
             },
+            coop: default_coop(gpu, key),
         };
     }
     let gemv = match key.layout {
@@ -412,12 +654,54 @@ pub fn default_config(gpu: &Gpu, key: &ShapeKey) -> TileConfig {
         threshold: 8,
         gemv,
         gemm,
+        coop: default_coop(gpu, key),
     }
 }
 
-/// The candidates the tuner measures for each path (the row block of the GEMV candidates is set
-/// by the tuner).
-pub fn candidates(gpu: &Gpu) -> (Vec<GemvConfig>, Vec<GemmConfig>) {
+/// The default cooperative-matrix tiles: the first of a list, largest first, that fits this
+/// adapter's workgroup memory and invocation limits for `key` (with SwiGLU): 128-row tiles for
+/// large groups (the H200 design in docs/swiftgmm.md), 64 rows below, 32 x 32 x 16 at 8x8 on CPU
+/// drivers (each workgroup runs as a loop there).
+fn default_coop(gpu: &Gpu, key: &ShapeKey) -> CoopGemmConfig {
+    let c = |sg_m, sg_n, frag_m, frag_n, k_frags| CoopGemmConfig {
+        sg_m,
+        sg_n,
+        frag_m,
+        frag_n,
+        k_frags,
+    };
+    let smallest = c(1, 2, 2, 2, 1);
+    let list = if gpu.is_cpu() {
+        vec![c(2, 2, 2, 2, 2), smallest]
+    } else if key.rows_bucket >= 128 {
+        vec![
+            c(2, 4, 4, 2, 2),
+            c(2, 4, 2, 2, 2),
+            c(2, 2, 2, 2, 2),
+            smallest,
+        ]
+    } else {
+        vec![c(2, 4, 2, 2, 2), c(2, 2, 2, 2, 2), smallest]
+    };
+    let GemmPath::Coop(fragment) = key.gemm else {
+        return list[0];
+    };
+    let limits = KernelLimits::of(gpu);
+    list.into_iter()
+        .find(|c| c.validate(fragment, key, true, &limits).is_ok())
+        .unwrap_or(smallest)
+}
+
+/// The candidates the tuner measures for each path and GEMM kernel (the row block of the GEMV
+/// candidates is set by the tuner).
+pub struct Candidates {
+    pub gemv: Vec<GemvConfig>,
+    pub gemm: Vec<GemmConfig>,
+    pub coop: Vec<CoopGemmConfig>,
+}
+
+/// The candidate lists for this adapter, best-first guesses.
+pub fn candidates(gpu: &Gpu) -> Candidates {
     let gemv = |workgroup, split_k, unroll| GemvConfig {
         rows: 8,
         workgroup,
@@ -425,13 +709,21 @@ pub fn candidates(gpu: &Gpu) -> (Vec<GemvConfig>, Vec<GemmConfig>) {
         unroll,
     };
     let gemm = |tm, tn, tk, rm, rn| GemmConfig { tm, tn, tk, rm, rn };
+    let coop = |sg_m, sg_n, frag_m, frag_n, k_frags| CoopGemmConfig {
+        sg_m,
+        sg_n,
+        frag_m,
+        frag_n,
+        k_frags,
+    };
     if gpu.is_cpu() {
-        return (
-            vec![gemv(64, 8, 2), gemv(128, 16, 2)],
-            vec![gemm(32, 32, 16, 4, 8), gemm(32, 64, 16, 4, 8)],
-        );
+        return Candidates {
+            gemv: vec![gemv(64, 8, 2), gemv(128, 16, 2)],
+            gemm: vec![gemm(32, 32, 16, 4, 8), gemm(32, 64, 16, 4, 8)],
+            coop: vec![coop(2, 2, 2, 2, 2), coop(1, 2, 2, 2, 2)],
+        };
     }
-    (
+    let (gemv_list, gemm_list) = (
         vec![
             gemv(256, 16, 2),
             gemv(256, 32, 2),
@@ -445,7 +737,20 @@ pub fn candidates(gpu: &Gpu) -> (Vec<GemvConfig>, Vec<GemmConfig>) {
             gemm(128, 64, 16, 8, 8),
             gemm(128, 128, 16, 8, 8),
         ],
-    )
+    );
+    Candidates {
+        gemv: gemv_list,
+        gemm: gemm_list,
+        // In fragments; at 16x16: 128x128x32, 64x128x32, 128x128x32 with 2x4 fragments,
+        // 64x128x64, 64x128x32 on 4 subgroups.
+        coop: vec![
+            coop(2, 4, 4, 2, 2),
+            coop(2, 4, 2, 2, 2),
+            coop(4, 2, 2, 4, 2),
+            coop(2, 4, 2, 2, 4),
+            coop(1, 4, 4, 2, 2),
+        ],
+    }
 }
 
 /// Identity of the adapter in cache entries: name, backend and driver.
@@ -550,17 +855,20 @@ impl TilingCache {
     }
 
     /// The cache stored at `path`; a missing file is an empty cache, an unreadable or malformed
-    /// one an error. Entries of another format version are dropped.
+    /// one an error. A file of another format version is an empty cache (tuning replaces it).
     pub fn open(path: impl Into<PathBuf>) -> Result<Self> {
         let path = path.into();
+        let malformed = |e: serde_json::Error| Error::Format {
+            what: path.display().to_string(),
+            why: format!("tiling cache: {e}"),
+        };
         let entries = match std::fs::read_to_string(&path) {
             Ok(text) => {
-                let file: CacheFile = serde_json::from_str(&text).map_err(|e| Error::Format {
-                    what: path.display().to_string(),
-                    why: format!("tiling cache: {e}"),
-                })?;
-                if file.version == CACHE_VERSION {
-                    file.entries
+                let file: serde_json::Value = serde_json::from_str(&text).map_err(malformed)?;
+                if file.get("version") == Some(&CACHE_VERSION.into()) {
+                    serde_json::from_value::<CacheFile>(file)
+                        .map_err(malformed)?
+                        .entries
                 } else {
                     Vec::new()
                 }
@@ -641,21 +949,78 @@ impl TilingCache {
     }
 
     /// The cached configuration for this shape, or the result of tuning it now (then stored
-    /// and saved).
+    /// and saved). A file that cannot be written is a warning, checked before tuning: the tuned
+    /// configuration is used and kept in memory.
     pub fn lookup_or_tune(
         &mut self,
         gpu: &Gpu,
         key: &ShapeKey,
         settings: &TuneSettings,
     ) -> Result<TileConfig> {
+        self.lookup_or_tune_valid(gpu, key, settings, |_| Ok(()))
+    }
+
+    /// As [`TilingCache::lookup_or_tune`]; an entry that `valid` refuses (a hand-edited file, a
+    /// changed device limit) is a warning naming the file, and the shape is tuned again.
+    fn lookup_or_tune_valid(
+        &mut self,
+        gpu: &Gpu,
+        key: &ShapeKey,
+        settings: &TuneSettings,
+        valid: impl Fn(&TileConfig) -> Result<()>,
+    ) -> Result<TileConfig> {
         if let Some(e) = self.get(&adapter_id(gpu), key) {
-            return Ok(e.config);
+            match valid(&e.config) {
+                Ok(()) => return Ok(e.config),
+                Err(why) => warn(format!(
+                    "{}: the entry for {} is not usable ({why}); tuning it again",
+                    self.describe(),
+                    key.describe()
+                )),
+            }
         }
+        let writable = match self.check_writable() {
+            Ok(()) => true,
+            Err(e) => {
+                warn(format!(
+                    "{} cannot be written ({e}): tuning {} for this process only",
+                    self.describe(),
+                    key.describe()
+                ));
+                false
+            }
+        };
         let entry = tune(gpu, key, settings)?;
         let config = entry.config;
         self.insert(entry);
-        self.save()?;
+        if writable {
+            if let Err(e) = self.save() {
+                warn(format!("{} not saved: {e}", self.describe()));
+            }
+        }
         Ok(config)
+    }
+
+    /// Whether [`TilingCache::save`] can write the file: its directory can be made and a file
+    /// created there (checked before tuning, which takes seconds).
+    fn check_writable(&self) -> Result<()> {
+        let Some(path) = &self.path else {
+            return Ok(());
+        };
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(|e| io_error(dir, e))?;
+        }
+        let probe = path.with_extension(format!("json.probe{}", std::process::id()));
+        std::fs::write(&probe, b"").map_err(|e| io_error(path, e))?;
+        std::fs::remove_file(&probe).map_err(|e| io_error(&probe, e))
+    }
+
+    /// The file for messages, or "the in-memory tiling cache".
+    fn describe(&self) -> String {
+        match &self.path {
+            Some(p) => format!("tiling cache {}", p.display()),
+            None => "the in-memory tiling cache".to_string(),
+        }
     }
 
     /// Measure every shape this adapter has an entry for again, and save. Returns how many.
@@ -676,15 +1041,28 @@ impl TilingCache {
     }
 }
 
-/// The process-wide cache at the environment's location, loaded on first use. A malformed file
-/// counts as empty here (so running never fails because of it); tuning then replaces it.
+/// Print a warning on stderr, once per distinct message in this process.
+fn warn(message: String) {
+    static SEEN: OnceLock<Mutex<HashSet<String>>> = OnceLock::new();
+    let mut seen = SEEN.get_or_init(Default::default).lock().unwrap();
+    if seen.insert(message.clone()) {
+        eprintln!("warning: swiftgmm: {message}");
+    }
+}
+
+/// The process-wide cache at the environment's location, loaded on first use. A file that cannot
+/// be read or parsed is a warning naming it and counts as empty here (so running never fails
+/// because of it); tuning then replaces it.
 fn process_cache() -> &'static Mutex<TilingCache> {
     static CACHE: OnceLock<Mutex<TilingCache>> = OnceLock::new();
     CACHE.get_or_init(|| {
         let cache = match CacheLocation::from_env() {
-            CacheLocation::File(path) => TilingCache::open(&path).unwrap_or_else(|_| TilingCache {
-                path: Some(path),
-                entries: Vec::new(),
+            CacheLocation::File(path) => TilingCache::open(&path).unwrap_or_else(|e| {
+                warn(format!("tiling cache ignored, starting empty: {e}"));
+                TilingCache {
+                    path: Some(path),
+                    entries: Vec::new(),
+                }
             }),
             _ => TilingCache::in_memory(),
         };
@@ -728,24 +1106,42 @@ pub fn tune_shape(gpu: &Gpu, key: &ShapeKey, settings: &TuneSettings) -> Result<
     Ok(entry)
 }
 
-/// The configuration a plan uses under `tiling`.
-pub fn resolve(gpu: &Gpu, key: &ShapeKey, tiling: &Tiling) -> Result<TileConfig> {
-    match tiling {
-        Tiling::Fixed(config) => Ok(*config),
-        Tiling::Defaults => Ok(default_config(gpu, key)),
-        Tiling::Cached => Ok(process_cache()
-            .lock()
-            .unwrap()
-            .get(&adapter_id(gpu), key)
-            .map(|e| e.config)
-            .unwrap_or_else(|| default_config(gpu, key))),
-        Tiling::Tune => {
-            process_cache()
-                .lock()
-                .unwrap()
-                .lookup_or_tune(gpu, key, &TuneSettings::for_gpu(gpu))
+/// The configuration a plan uses under `tiling`, validated for `key` (with SwiGLU when
+/// `swiglu`). A fixed configuration that breaks a rule is an error; a cached one is a warning
+/// naming the cache file, and the defaults are used (`Cached`) or the shape is tuned again
+/// (`Tune`).
+pub fn resolve(gpu: &Gpu, key: &ShapeKey, tiling: &Tiling, swiglu: bool) -> Result<TileConfig> {
+    let limits = KernelLimits::of(gpu);
+    let valid = |c: &TileConfig| c.validate(key, swiglu, &limits);
+    let config = match tiling {
+        Tiling::Fixed(config) => *config,
+        Tiling::Defaults => default_config(gpu, key),
+        Tiling::Cached => {
+            let cache = process_cache().lock().unwrap();
+            match cache.get(&adapter_id(gpu), key) {
+                Some(e) => match valid(&e.config) {
+                    Ok(()) => e.config,
+                    Err(why) => {
+                        warn(format!(
+                            "{}: the entry for {} is not usable ({why}); using the defaults",
+                            cache.describe(),
+                            key.describe()
+                        ));
+                        default_config(gpu, key)
+                    }
+                },
+                None => default_config(gpu, key),
+            }
         }
-    }
+        Tiling::Tune => process_cache().lock().unwrap().lookup_or_tune_valid(
+            gpu,
+            key,
+            &TuneSettings::for_gpu(gpu),
+            valid,
+        )?,
+    };
+    valid(&config)?;
+    Ok(config)
 }
 
 /// How much the tuner measures.
@@ -799,6 +1195,7 @@ struct TuneProblem {
     offsets: crate::tensor::DeviceTensor,
     experts: usize,
     layout: Layout,
+    gemm: GemmPath,
 }
 
 impl TuneProblem {
@@ -818,6 +1215,7 @@ impl TuneProblem {
             offsets: gpu.zeros(&[experts + 1], DType::U32)?,
             experts,
             layout: key.layout,
+            gemm: key.gemm,
         })
     }
 
@@ -848,6 +1246,10 @@ impl TuneProblem {
             activation: Activation::None,
             mode,
             tiling: Tiling::Fixed(config),
+            gemm_kernel: match self.gemm {
+                GemmPath::Simt => GemmKernel::Simt,
+                GemmPath::Coop(_) => GemmKernel::Coop,
+            },
             ..Options::default()
         };
         let plan = GmmPlan::new(gpu, &args, &options)?;
@@ -865,7 +1267,7 @@ impl TuneProblem {
 pub fn tune(gpu: &Gpu, key: &ShapeKey, settings: &TuneSettings) -> Result<CacheEntry> {
     let limits = KernelLimits::of(gpu);
     let base = default_config(gpu, key);
-    let (gemv_all, gemm_all) = candidates(gpu);
+    let all = candidates(gpu);
     let gemv_rows = key.rows_bucket.min(MAX_GEMV_ROWS);
     let gemm_rows = key.rows_bucket.min(settings.max_rows).max(1);
     let probe_rows = settings
@@ -877,17 +1279,18 @@ pub fn tune(gpu: &Gpu, key: &ShapeKey, settings: &TuneSettings) -> Result<CacheE
         .unwrap_or(1);
     let problem = TuneProblem::new(gpu, key, settings, gemm_rows.max(gemv_rows).max(probe_rows))?;
     // Every stored configuration must also hold for SwiGLU (the key does not name the epilogue).
-    let valid = |c: &TileConfig| c.validate(key.layout, key.w_dtype, true, &limits).is_ok();
+    let valid = |c: &TileConfig| c.validate(key, true, &limits).is_ok();
+    let take = settings.max_candidates.max(1);
 
     let mut best_gemv: Option<(GemvConfig, f64)> = None;
-    for cand in gemv_all.into_iter().take(settings.max_candidates.max(1)) {
+    for cand in all.gemv.into_iter().take(take) {
         let config = TileConfig {
             threshold: 0,
             gemv: GemvConfig {
                 rows: gemv_rows,
                 ..cand
             },
-            gemm: base.gemm,
+            ..base
         };
         if !valid(&config) {
             continue;
@@ -897,12 +1300,26 @@ pub fn tune(gpu: &Gpu, key: &ShapeKey, settings: &TuneSettings) -> Result<CacheE
             best_gemv = Some((cand, us));
         }
     }
-    let mut best_gemm: Option<(GemmConfig, f64)> = None;
-    for cand in gemm_all.into_iter().take(settings.max_candidates.max(1)) {
+    // The GEMM candidates of the key's kernel; the other kernel's tiles stay the defaults.
+    let gemm_candidates: Vec<TileConfig> = match key.gemm {
+        GemmPath::Simt => all
+            .gemm
+            .into_iter()
+            .take(take)
+            .map(|gemm| TileConfig { gemm, ..base })
+            .collect(),
+        GemmPath::Coop(_) => all
+            .coop
+            .into_iter()
+            .take(take)
+            .map(|coop| TileConfig { coop, ..base })
+            .collect(),
+    };
+    let mut best_gemm: Option<(TileConfig, f64)> = None;
+    for cand in gemm_candidates {
         let config = TileConfig {
             threshold: 0,
-            gemv: base.gemv,
-            gemm: cand,
+            ..cand
         };
         if !valid(&config) {
             continue;
@@ -913,7 +1330,8 @@ pub fn tune(gpu: &Gpu, key: &ShapeKey, settings: &TuneSettings) -> Result<CacheE
         }
     }
     let (gemv, gemv_us) = best_gemv.map_or((base.gemv, None), |(c, t)| (c, Some(t)));
-    let (gemm, gemm_us) = best_gemm.map_or((base.gemm, None), |(c, t)| (c, Some(t)));
+    let (gemm_tiles, gemm_us) = best_gemm.map_or((base, None), |(c, t)| (c, Some(t)));
+    let (gemm, coop) = (gemm_tiles.gemm, gemm_tiles.coop);
 
     let mut probes = Vec::new();
     let mut threshold = 0;
@@ -927,6 +1345,7 @@ pub fn tune(gpu: &Gpu, key: &ShapeKey, settings: &TuneSettings) -> Result<CacheE
             threshold: rows,
             gemv: GemvConfig { rows, ..gemv },
             gemm,
+            coop,
         };
         if !valid(&config) {
             continue;
@@ -955,6 +1374,7 @@ pub fn tune(gpu: &Gpu, key: &ShapeKey, settings: &TuneSettings) -> Result<CacheE
             ..gemv
         },
         gemm,
+        coop,
     };
     Ok(CacheEntry {
         adapter: adapter_id(gpu),
@@ -1020,6 +1440,7 @@ mod tests {
             max_invocations: 256,
             max_workgroup_size_x: 256,
             max_workgroup_bytes: 32 << 10,
+            subgroup_size: 32,
         }
     }
 
@@ -1084,6 +1505,171 @@ mod tests {
         );
     }
 
+    fn coop_key(layout: Layout, x_dtype: DType) -> ShapeKey {
+        ShapeKey {
+            x_dtype,
+            w_dtype: DType::BF16,
+            layout,
+            k: 4096,
+            n: 4096,
+            rows_bucket: 128,
+            gemm: GemmPath::Coop(Fragment::Size16),
+        }
+    }
+
+    #[test]
+    fn coop_geometry_is_the_documented_design() {
+        // docs/swiftgmm.md: 128 x 128 x 32 at 16x16 with 8 subgroups of 32, 36 KiB for [e, n, k].
+        let c = CoopGemmConfig::default();
+        let nk = c.geometry(Fragment::Size16, 32, Layout::Nk, DType::BF16, DType::BF16);
+        assert_eq!((nk.bm, nk.bn, nk.bk, nk.workgroup), (128, 128, 32, 256));
+        assert_eq!((nk.x_loads, nk.w_loads), (2, 2));
+        assert_eq!(nk.workgroup_bytes, 10240 + 10240 + 16384);
+        let kn = c.geometry(Fragment::Size16, 32, Layout::Kn, DType::BF16, DType::BF16);
+        assert_eq!(kn.workgroup_bytes, 10240 + 8704 + 16384);
+        let lavapipe = c.geometry(Fragment::Size8, 8, Layout::Nk, DType::F32, DType::BF16);
+        assert_eq!((lavapipe.bm, lavapipe.bn, lavapipe.bk), (64, 64, 16));
+        assert_eq!(lavapipe.workgroup_bytes, 3072 + 3072 + 4096);
+        assert_eq!(lavapipe.x_loads, 4, "f32 x: 4 elements per vector");
+        assert_eq!(c.describe(Fragment::Size16), "128x128x32 sg2x4 fr4x2");
+    }
+
+    #[test]
+    fn coop_rules_are_enforced() {
+        let limits = KernelLimits {
+            max_invocations: 1024,
+            max_workgroup_size_x: 1024,
+            max_workgroup_bytes: 48 << 10,
+            subgroup_size: 32,
+        };
+        let key = coop_key(Layout::Nk, DType::BF16);
+        let ok = CoopGemmConfig::default();
+        assert!(ok.validate(Fragment::Size16, &key, true, &limits).is_ok());
+        let odd = CoopGemmConfig { frag_n: 1, ..ok };
+        assert!(odd.validate(Fragment::Size16, &key, false, &limits).is_ok());
+        assert!(
+            matches!(
+                odd.validate(Fragment::Size16, &key, true, &limits),
+                Err(Error::Invalid { .. })
+            ),
+            "SwiGLU needs gate and up fragments"
+        );
+        let many = CoopGemmConfig { frag_m: 8, ..ok };
+        assert!(matches!(
+            many.validate(Fragment::Size16, &key, false, &limits),
+            Err(Error::Invalid { .. })
+        ));
+        let zero = CoopGemmConfig { k_frags: 0, ..ok };
+        assert!(
+            zero.validate(Fragment::Size16, &key, false, &limits)
+                .is_err()
+        );
+        // 128 x 128 x 64 needs 53 KiB: past NVIDIA's 48 KiB.
+        let deep = CoopGemmConfig { k_frags: 4, ..ok };
+        assert!(matches!(
+            deep.validate(Fragment::Size16, &key, false, &limits),
+            Err(Error::Limit { .. })
+        ));
+        // The same at 8x8 fits lavapipe's 32 KiB.
+        let lavapipe = KernelLimits {
+            max_workgroup_bytes: 32 << 10,
+            subgroup_size: 8,
+            ..limits
+        };
+        assert!(
+            deep.validate(Fragment::Size8, &key, true, &lavapipe)
+                .is_ok()
+        );
+        let wide = CoopGemmConfig {
+            sg_m: 1 << 20,
+            ..ok
+        };
+        assert!(matches!(
+            wide.validate(Fragment::Size16, &key, false, &limits),
+            Err(Error::Limit { .. })
+        ));
+        let unfixed = KernelLimits {
+            subgroup_size: 0,
+            ..limits
+        };
+        assert!(matches!(
+            ok.validate(Fragment::Size16, &key, false, &unfixed),
+            Err(Error::Unsupported { .. })
+        ));
+        // A config naming the SIMT tiles is checked on those only.
+        let simt = ShapeKey {
+            gemm: GemmPath::Simt,
+            ..key
+        };
+        let config = TileConfig {
+            threshold: 8,
+            gemv: GemvConfig {
+                rows: 8,
+                workgroup: 256,
+                split_k: 16,
+                unroll: 2,
+            },
+            gemm: GemmConfig {
+                tm: 64,
+                tn: 64,
+                tk: 16,
+                rm: 4,
+                rn: 8,
+            },
+            coop: many,
+        };
+        assert!(config.validate(&simt, true, &limits).is_ok());
+        assert!(config.validate(&key, true, &limits).is_err());
+    }
+
+    #[test]
+    fn gemm_paths_round_trip_by_name() {
+        for path in [
+            GemmPath::Simt,
+            GemmPath::Coop(Fragment::Size8),
+            GemmPath::Coop(Fragment::Size16),
+        ] {
+            let json = serde_json::to_string(&path).unwrap();
+            assert_eq!(json, format!("\"{}\"", path.name()));
+            assert_eq!(serde_json::from_str::<GemmPath>(&json).unwrap(), path);
+        }
+        assert!(serde_json::from_str::<GemmPath>("\"coop32x32\"").is_err());
+        // Fixed tilings written before the coop field existed still parse.
+        let old = r#"{"threshold": 8, "gemv": {"rows": 8, "workgroup": 64, "split_k": 8,
+            "unroll": 2}, "gemm": {"tm": 32, "tn": 32, "tk": 16, "rm": 4, "rn": 8}}"#;
+        let config: TileConfig = serde_json::from_str(old).unwrap();
+        assert_eq!(config.coop, CoopGemmConfig::default());
+    }
+
+    #[test]
+    fn an_unwritable_cache_is_detected_before_tuning() {
+        let dir = std::env::temp_dir().join(format!("swiftgmm-unwritable-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        // The cache directory is a file.
+        let file = dir.join("not-a-dir");
+        std::fs::write(&file, "x").unwrap();
+        let cache = TilingCache {
+            path: Some(file.join(CACHE_FILE)),
+            entries: Vec::new(),
+        };
+        let err = cache.check_writable().unwrap_err();
+        assert!(err.to_string().contains(CACHE_FILE) || err.to_string().contains("not-a-dir"));
+        assert!(matches!(
+            TilingCache::open(file.join(CACHE_FILE)),
+            Err(Error::Io { .. })
+        ));
+        let fine = TilingCache {
+            path: Some(dir.join(CACHE_FILE)),
+            entries: Vec::new(),
+        };
+        fine.check_writable().unwrap();
+        assert!(
+            std::fs::read_dir(&dir).unwrap().count() == 1,
+            "the probe file is removed"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
     #[test]
     fn huge_sizes_are_refused_without_overflow() {
         // Fixed tilings come from users (`--params`): sizes whose products pass u32 must be a
@@ -1143,6 +1729,7 @@ mod tests {
             k: 64,
             n: 32,
             rows_bucket: 2,
+            gemm: GemmPath::Coop(Fragment::Size16),
         };
         let entry = CacheEntry {
             adapter: "test adapter".into(),
@@ -1162,6 +1749,7 @@ mod tests {
                     rm: 4,
                     rn: 8,
                 },
+                coop: CoopGemmConfig::default(),
             },
             gemv_us: Some(1.0),
             gemm_us: None,
@@ -1180,6 +1768,9 @@ mod tests {
             TilingCache::open(&path),
             Err(Error::Format { .. })
         ));
+        // A file of an older format (version 1 had no GEMM kernel in its keys) is empty.
+        std::fs::write(&path, r#"{"version": 1, "entries": [{"key": {}}]}"#).unwrap();
+        assert!(TilingCache::open(&path).unwrap().entries().is_empty());
         let mut stale = back.clone();
         stale.clear().unwrap();
         assert!(!path.exists() && stale.entries().is_empty());
