@@ -7,6 +7,7 @@
 const DTYPE_F32: u32 = 0u;
 const DTYPE_F16: u32 = 1u;
 const DTYPE_BF16: u32 = 2u;
+const DTYPE_I8: u32 = 6u;
 
 // The two 16-bit elements of `word` as f32 (f16 or bf16 by `dtype`).
 fn unpack_pair(word: u32, dtype: u32) -> vec2<f32> {

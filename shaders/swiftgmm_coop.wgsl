@@ -21,6 +21,10 @@
 // and lavapipe; WGSL leaves the direction to the driver). f16 inputs are exact; bf16 inputs are
 // exact from 2^-14 to 65504; f32 inputs keep 11 significant bits. reference::stage_f16 is the
 // same on the CPU.
+//
+// int8 weights (W8A16, W_DTYPE = DTYPE_I8, 16 per vector; WGSL has no int8 fragments) are staged
+// as q + w_offset[col] in f16, exact for integer offsets, and the per-channel w_scale multiplies
+// the sums in the epilogue (swiftgmm::quant). Other weights leave bindings 6 and 7 unused.
 enable f16;
 enable wgpu_cooperative_matrix;
 
@@ -49,6 +53,7 @@ override W_ALIGNED: bool = true;  // weight vectors start on 16-byte boundaries
 override W_KN: bool = false;      // weights are [e, k, n] (else [e, n, k])
 override SWIGLU: bool = false;    // y = silu(gate) * up, gate = columns [0, n_out), up = [n_out, n)
 override HAS_SCALE: bool = false; // y[row] *= row_scale[row]
+override HAS_OFFSET: bool = false; // int8 weights: q + w_offset[col]
 
 override SG: u32 = 32u;           // the adapter's (fixed) subgroup size
 override SG_M: u32 = 2u;          // subgroups along the rows of a tile
@@ -73,6 +78,8 @@ override B_ROWS: u32 = select(BN, BK, W_KN);
 @group(0) @binding(3) var<storage, read> sched: array<u32>;
 @group(0) @binding(4) var<storage, read> row_scale: array<f32>;
 @group(0) @binding(5) var<storage, read_write> y: array<atomic<u32>>;
+@group(0) @binding(6) var<storage, read> w_scale: array<f32>;   // [e, n], int8 weights
+@group(0) @binding(7) var<storage, read> w_offset: array<f32>;  // [e, n], int8 weights
 
 var<workgroup> a_s: array<vec4<f16>, BM * A_LD / 4u>;
 var<workgroup> b_s: array<vec4<f16>, B_ROWS * B_LD / 4u>;
@@ -149,6 +156,16 @@ fn w_load(i: u32, avail: u32) -> vec4<u32> {
         return w[i / W_EPV];
     }
     var v = vec4<u32>(0u);
+    if (W_DTYPE == DTYPE_I8) {
+        // int8 rows hold whole words (checked on the host): four word loads.
+        for (var j = 0u; j < 4u; j++) {
+            if (4u * j < avail) {
+                let word = (i >> 2u) + j;
+                v[j] = w[word >> 2u][word & 3u];
+            }
+        }
+        return v;
+    }
     for (var j = 0u; j < W_EPV; j++) {
         if (j < avail) {
             let e = i + j;
@@ -236,22 +253,62 @@ fn load_w(shard_g: u32, o0: u32, k0: u32, tid: u32) -> array<vec4<u32>, 8> {
     return v;
 }
 
+// The offset of weight column col of group g (int8 weights; 0 without offsets or past n).
+fn offset_at(g: u32, col: u32) -> f32 {
+    if (HAS_OFFSET && col < p.n) {
+        return w_offset[g * p.n + col];
+    }
+    return 0.0;
+}
+
+// 16 int8 weights as f16 q + offset at b_s index `at` (four vec4<f16>). [e, k, n]: 16 columns
+// from weight column col; [e, n, k]: 16 k values of column col.
+fn stage_int8(v: vec4<u32>, g: u32, col: u32, at: u32) {
+    for (var j = 0u; j < 4u; j++) {
+        var o = vec4<f32>(offset_at(g, col));
+        if (W_KN) {
+            let c = col + 4u * j;
+            o = vec4<f32>(offset_at(g, c), offset_at(g, c + 1u), offset_at(g, c + 2u), offset_at(g, c + 3u));
+        }
+        b_s[at + j] = to_half4(vec4<f32>(unpack4xI8(v[j])) + o, DTYPE_F32);
+    }
+}
+
 // b_s is [BK][B_LD] for [e, k, n] weights (rows of n), [BN][B_LD] for [e, n, k] (rows of k).
-fn store_w(v: array<vec4<u32>, 8>, tid: u32) {
+// Group g and the tile's first output column o0 place int8 weights' offsets.
+fn store_w(g: u32, o0: u32, v: array<vec4<u32>, 8>, tid: u32) {
     for (var i = 0u; i < MAX_LOADS; i++) {
         let idx = tid + i * COOP_WG;
         if (idx < w_vectors()) {
             var at: u32;
+            var c: u32;
             if (W_KN) {
                 let vn = BN / W_EPV;
-                at = ((idx / vn) * B_LD + (idx % vn) * W_EPV) / 4u;
+                c = (idx % vn) * W_EPV;
+                at = ((idx / vn) * B_LD + c) / 4u;
             } else {
                 let vk = BK / W_EPV;
+                c = idx / vk;
                 at = ((idx / vk) * B_LD + (idx % vk) * W_EPV) / 4u;
             }
-            stage_vector(v[i], W_DTYPE, false, at);
+            if (W_DTYPE == DTYPE_I8) {
+                stage_int8(v[i], g, weight_col(o0, c).x, at);
+            } else {
+                stage_vector(v[i], W_DTYPE, false, at);
+            }
         }
     }
+}
+
+// int8 weights: the scales of weight columns col and col + 1 of group g (0 past n).
+fn scale_pair(g: u32, col: u32) -> vec2<f32> {
+    var s = vec2<f32>(0.0);
+    for (var j = 0u; j < 2u; j++) {
+        if (col + j < p.n) {
+            s[j] = w_scale[g * p.n + col + j];
+        }
+    }
+    return s;
 }
 
 // ---- fragments --------------------------------------------------------------------------------
@@ -343,7 +400,7 @@ fn coop_tile(g: u32, row0: u32, row_end: u32, nt: u32, tid: u32) {
     for (var k0 = 0u; k0 < p.k; k0 += BK) {
         workgroupBarrier();
         store_x(xa, tid);
-        store_w(wb, tid);
+        store_w(g, o0, wb, tid);
         workgroupBarrier();
         // The next stage's loads go out before this stage's multiply-adds.
         if (k0 + BK < p.k) {
@@ -389,9 +446,16 @@ fn coop_tile(g: u32, row0: u32, row_end: u32, nt: u32, tid: u32) {
                 let col = out_col + c;
                 if (row < row_end && col < p.n_out) {
                     var v = vec2<f32>(c_s[base + r * FRAG + c], c_s[base + r * FRAG + c + 1u]);
+                    if (W_DTYPE == DTYPE_I8) {
+                        v *= scale_pair(g, col);
+                    }
                     if (SWIGLU) {
                         let u = base + FRAG * FRAG + r * FRAG + c;
-                        v = vec2<f32>(silu(v.x) * c_s[u], silu(v.y) * c_s[u + 1u]);
+                        var up = vec2<f32>(c_s[u], c_s[u + 1u]);
+                        if (W_DTYPE == DTYPE_I8) {
+                            up *= scale_pair(g, p.n_out + col);
+                        }
+                        v = vec2<f32>(silu(v.x) * up.x, silu(v.y) * up.y);
                     }
                     store_pair(row, col, v, col + 1u < p.n_out);
                 }

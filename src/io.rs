@@ -1,7 +1,7 @@
 //! Safetensors files in and out of `fusedops run`: tensors a user saved elsewhere (for example
 //! with PyTorch's `safetensors.torch.save_file`) become named host tensors.
 //!
-//! f32, f16, bf16, i32 and u32 load as they are; i64 and f64 (PyTorch's defaults for index and
+//! f32, f16, bf16, i32, u32 and i8 load as they are; i64 and f64 (PyTorch's defaults for index and
 //! double tensors) are narrowed to i32 and f32, with an error naming the tensor if an integer does
 //! not fit. u8 and float8_e4m3fn load as raw bytes (u8: AMLA's packed 8-bit cache is saved by
 //! PyTorch as one or the other). Other dtypes are refused with the tensor's name.
@@ -57,6 +57,7 @@ fn convert(name: &str, view: &TensorView<'_>) -> std::result::Result<Tensor, Str
         Dtype::I32 => direct(DType::I32),
         Dtype::U32 => direct(DType::U32),
         Dtype::U8 | Dtype::F8_E4M3 => direct(DType::U8),
+        Dtype::I8 => direct(DType::I8),
         Dtype::I64 => {
             let values: std::result::Result<Vec<i32>, String> = data
                 .chunks_exact(8)
@@ -75,7 +76,7 @@ fn convert(name: &str, view: &TensorView<'_>) -> std::result::Result<Tensor, Str
             Tensor::f32(&shape, values).map_err(|e| e.to_string())
         }
         other => Err(format!(
-            "dtype {other:?} is not supported for {name:?} (use f32, f16, bf16, i32, u32, i64, f64, u8 or f8_e4m3)"
+            "dtype {other:?} is not supported for {name:?} (use f32, f16, bf16, i32, u32, i8, i64, f64, u8 or f8_e4m3)"
         )),
     }
 }
@@ -88,6 +89,7 @@ fn safetensors_dtype(dtype: DType) -> Dtype {
         DType::I32 => Dtype::I32,
         DType::U32 => Dtype::U32,
         DType::U8 => Dtype::U8,
+        DType::I8 => Dtype::I8,
     }
 }
 

@@ -9,7 +9,9 @@
 //! Element `i` of slab `s` is `level(s, i) / 256 · 2^-shift`, with `level` a signed integer in
 //! [-256, 255] from a 32-bit hash of (seed, s, i): uniform in [-2^-shift, 2^-shift), and exact in
 //! f32, f16 and bf16 (at most 8 significant bits, a power-of-two scale), so the GPU's values and
-//! the CPU's are the same bits with no rounding to agree on.
+//! the CPU's are the same bits with no rounding to agree on. int8 tensors (quantized weights)
+//! take the top 8 bits of the same hash instead, `max(h / 2^24 − 128, −127)`: uniform in ±127
+//! (the shift does not apply).
 
 use half::{bf16, f16};
 
@@ -90,6 +92,11 @@ impl Seeded {
         ((lowbias32(i ^ slab_key) >> 23) as i32 - 256) as f32 * self.scale()
     }
 
+    /// Element `i` of an int8 slab with key `slab_key`, as the kernel computes it.
+    fn int8(slab_key: u32, i: u32) -> i8 {
+        ((lowbias32(i ^ slab_key) >> 24) as i32 - 128).max(-127) as i8
+    }
+
     /// Slab `slab` on the host: `dims` (whose product is the slab length) in `dtype`, made on
     /// every core.
     pub fn slab(&self, slab: usize, dims: &[usize], dtype: DType) -> Result<Tensor> {
@@ -112,6 +119,11 @@ impl Seeded {
                 let mut v = vec![bf16::ZERO; len];
                 fill_parallel(&mut v, |i| bf16::from_f32(value(i)));
                 TensorData::BF16(v)
+            }
+            DType::I8 => {
+                let mut v = vec![0i8; len];
+                fill_parallel(&mut v, |i| Self::int8(key, i as u32));
+                TensorData::I8(v)
             }
             other => return Err(Error::unsupported("seeded inputs", format!("{other}"))),
         };
@@ -153,7 +165,7 @@ impl Seeded {
         slab_len: usize,
     ) -> Result<()> {
         let dtype = tensor.dtype();
-        if !dtype.is_float() {
+        if !dtype.is_float() && dtype != DType::I8 {
             return Err(Error::unsupported("seeded inputs", format!("{dtype}")));
         }
         let elements = tensor.numel();

@@ -13,6 +13,7 @@ pub fn operators() -> Vec<&'static dyn Operator> {
         &crate::ops::amla::OPERATOR,
         &crate::ops::merrouter::OPERATOR,
         &crate::ops::moe::OPERATOR,
+        &crate::ops::quantize::OPERATOR,
         &crate::ops::swiftgmm::OPERATOR,
     ]
 }

@@ -1,9 +1,10 @@
 //! Host and device tensors: a shape, a dtype and the data.
 //!
 //! 16-bit floats are stored packed, two per 32-bit word, little-endian (element 2i in the low
-//! half), which is how the shaders read them (`array<u32>`, widened in the shader). `u8` is raw
-//! 8-bit storage, four bytes per word (byte 4i + j in bits 8j..8j+7): an operator gives the bytes
-//! their meaning (AMLA's packed 8-bit latent cache).
+//! half), which is how the shaders read them (`array<u32>`, widened in the shader). int8 is packed
+//! the same way, four per word (element 4i in the low byte), the operand format of WGSL's
+//! `dot4I8Packed` and `unpack4xI8`. `u8` is raw 8-bit storage, four bytes per word (byte 4i + j
+//! in bits 8j..8j+7): an operator gives the bytes their meaning (AMLA's packed 8-bit latent cache).
 
 use half::{bf16, f16};
 
@@ -20,6 +21,8 @@ pub enum DType {
     U32,
     /// Raw bytes (8-bit storage whose meaning the operator defines).
     U8,
+    /// Signed 8-bit integers (quantized weights and activations; see `ops::quantize`).
+    I8,
 }
 
 impl DType {
@@ -27,6 +30,7 @@ impl DType {
     pub fn size(self) -> usize {
         match self {
             DType::U8 => 1,
+            DType::I8 => 1,
             DType::F16 | DType::BF16 => 2,
             DType::F32 | DType::I32 | DType::U32 => 4,
         }
@@ -46,6 +50,7 @@ impl DType {
             DType::I32 => 3,
             DType::U32 => 4,
             DType::U8 => 5,
+            DType::I8 => 6,
         }
     }
 
@@ -58,6 +63,7 @@ impl DType {
             DType::I32 => "i32",
             DType::U32 => "u32",
             DType::U8 => "u8",
+            DType::I8 => "i8",
         }
     }
 
@@ -70,6 +76,7 @@ impl DType {
             DType::I32 => x.round(),
             DType::U32 => x.round().max(0.0),
             DType::U8 => x.round().clamp(0.0, 255.0),
+            DType::I8 => x.round_ties_even().clamp(-128.0, 127.0),
         }
     }
 }
@@ -84,9 +91,10 @@ impl std::str::FromStr for DType {
             "i32" | "int32" => Ok(DType::I32),
             "u32" | "uint32" => Ok(DType::U32),
             "u8" | "uint8" => Ok(DType::U8),
+            "i8" | "int8" => Ok(DType::I8),
             _ => Err(Error::Format {
                 what: "dtype".into(),
-                why: format!("unknown dtype {s:?} (expected f32, f16, bf16, i32, u32 or u8)"),
+                why: format!("unknown dtype {s:?} (expected f32, f16, bf16, i32, u32, u8 or i8)"),
             }),
         }
     }
@@ -107,6 +115,7 @@ pub enum TensorData {
     I32(Vec<i32>),
     U32(Vec<u32>),
     U8(Vec<u8>),
+    I8(Vec<i8>),
 }
 
 impl TensorData {
@@ -118,6 +127,7 @@ impl TensorData {
             TensorData::I32(v) => v.len(),
             TensorData::U32(v) => v.len(),
             TensorData::U8(v) => v.len(),
+            TensorData::I8(v) => v.len(),
         }
     }
 
@@ -133,6 +143,7 @@ impl TensorData {
             TensorData::I32(_) => DType::I32,
             TensorData::U32(_) => DType::U32,
             TensorData::U8(_) => DType::U8,
+            TensorData::I8(_) => DType::I8,
         }
     }
 }
@@ -168,10 +179,12 @@ impl Tensor {
             DType::F32 => TensorData::F32(values.to_vec()),
             DType::F16 => TensorData::F16(values.iter().map(|&x| f16::from_f32(x)).collect()),
             DType::BF16 => TensorData::BF16(values.iter().map(|&x| bf16::from_f32(x)).collect()),
-            DType::I32 | DType::U32 | DType::U8 => {
+            DType::I32 | DType::U32 | DType::U8 | DType::I8 => {
                 return Err(Error::unsupported(
                     "tensor",
-                    format!("from_f32 into {dtype}: build integer tensors with Tensor::i32/u32/u8"),
+                    format!(
+                        "from_f32 into {dtype}: build integer tensors with Tensor::i32/u32/u8/i8"
+                    ),
                 ));
             }
         };
@@ -198,6 +211,11 @@ impl Tensor {
         Tensor::new(shape, TensorData::U8(values))
     }
 
+    /// An i8 tensor.
+    pub fn i8(shape: &[usize], values: Vec<i8>) -> Result<Self> {
+        Tensor::new(shape, TensorData::I8(values))
+    }
+
     /// A zero-filled tensor.
     pub fn zeros(shape: &[usize], dtype: DType) -> Result<Self> {
         let n = checked_numel("tensor", shape)?;
@@ -208,6 +226,7 @@ impl Tensor {
             DType::I32 => TensorData::I32(vec![0; n]),
             DType::U32 => TensorData::U32(vec![0; n]),
             DType::U8 => TensorData::U8(vec![0; n]),
+            DType::I8 => TensorData::I8(vec![0; n]),
         };
         Ok(Tensor {
             shape: shape.to_vec(),
@@ -245,6 +264,7 @@ impl Tensor {
             TensorData::I32(v) => v.iter().map(|&x| x as f32).collect(),
             TensorData::U32(v) => v.iter().map(|&x| x as f32).collect(),
             TensorData::U8(v) => v.iter().map(|&x| x as f32).collect(),
+            TensorData::I8(v) => v.iter().map(|&x| x as f32).collect(),
         }
     }
 
@@ -257,6 +277,7 @@ impl Tensor {
             TensorData::I32(v) => v.iter().map(|&x| x as f64).collect(),
             TensorData::U32(v) => v.iter().map(|&x| x as f64).collect(),
             TensorData::U8(v) => v.iter().map(|&x| x as f64).collect(),
+            TensorData::I8(v) => v.iter().map(|&x| x as f64).collect(),
         }
     }
 
@@ -284,6 +305,14 @@ impl Tensor {
         }
     }
 
+    /// The i8 elements, if this is an i8 tensor.
+    pub fn as_i8(&self) -> Option<&[i8]> {
+        match &self.data {
+            TensorData::I8(v) => Some(v),
+            _ => None,
+        }
+    }
+
     /// The f32 elements, if this is an f32 tensor.
     pub fn as_f32(&self) -> Option<&[f32]> {
         match &self.data {
@@ -301,6 +330,7 @@ impl Tensor {
             TensorData::I32(v) => bytemuck::cast_slice(v),
             TensorData::U32(v) => bytemuck::cast_slice(v),
             TensorData::U8(v) => v,
+            TensorData::I8(v) => bytemuck::cast_slice(v),
         }
     }
 
@@ -352,6 +382,7 @@ impl Tensor {
                     .collect(),
             ),
             DType::U8 => TensorData::U8(bytes.to_vec()),
+            DType::I8 => TensorData::I8(bytes.iter().map(|&b| b as i8).collect()),
         };
         Tensor::new(shape, data)
     }
@@ -488,6 +519,23 @@ mod tests {
         assert!(!DType::U8.is_float());
         assert_eq!("uint8".parse::<DType>().unwrap(), DType::U8);
         assert!(Tensor::from_f32(&[1], &[1.0], DType::U8).is_err());
+    }
+
+    #[test]
+    fn int8_is_one_byte_per_element_packed_four_per_word() {
+        let t = Tensor::i8(&[5], vec![-128, -1, 0, 1, 127]).unwrap();
+        assert_eq!(t.size_bytes(), 5);
+        // Element 4i is the low byte of word i, as WGSL's unpack4xI8 reads it.
+        assert_eq!(t.bytes(), &[0x80, 0xff, 0x00, 0x01, 0x7f]);
+        let back = Tensor::from_bytes(&[5], DType::I8, t.bytes()).unwrap();
+        assert_eq!(back, t);
+        assert_eq!(back.to_f32(), vec![-128.0, -1.0, 0.0, 1.0, 127.0]);
+        assert_eq!(back.as_i8(), Some(&[-128i8, -1, 0, 1, 127][..]));
+        assert_eq!("int8".parse::<DType>().unwrap(), DType::I8);
+        assert!(!DType::I8.is_float());
+        assert_eq!(DType::I8.round(2.5), 2.0, "ties to even");
+        assert_eq!(DType::I8.round(-300.0), -128.0);
+        assert_eq!(Tensor::zeros(&[3], DType::I8).unwrap().bytes(), &[0, 0, 0]);
     }
 
     #[test]

@@ -272,9 +272,9 @@ fn compare_gives_the_ratio_to_a_saved_run() {
 #[test]
 fn inputs_seeded_on_the_device_are_the_values_the_host_makes() {
     let g = gpu();
-    for dtype in [DType::F32, DType::F16, DType::BF16] {
+    for dtype in [DType::F32, DType::F16, DType::BF16, DType::I8] {
         let seeded = Seeded::new(42, 3);
-        // 3 slabs of 7 elements: odd lengths straddle the 16-bit pairs.
+        // 3 slabs of 7 elements: odd lengths straddle the 16-bit pairs and the int8 words.
         let t = seeded.device_tensor(&g, &[3, 7], dtype, 5).unwrap();
         let got = g.download(&t).unwrap();
         for slab in 0..3 {
@@ -287,6 +287,11 @@ fn inputs_seeded_on_the_device_are_the_values_the_host_makes() {
             );
         }
     }
+    // int8 values cover ±127 and never -128.
+    let ints = Seeded::new(3, 0).slab(0, &[4096], DType::I8).unwrap();
+    let ints = ints.as_i8().unwrap();
+    assert_eq!(ints.iter().min(), Some(&-127));
+    assert_eq!(ints.iter().max(), Some(&127));
     // Shards of whole slabs, each within one binding.
     let shards = Seeded::new(1, 0)
         .device_shards(&g, 3, &[4, 8], DType::BF16)

@@ -556,7 +556,17 @@ fn fallback_device_gives_the_same_result() {
 #[test]
 fn registry_cases_and_their_baseline_pass() {
     let g = gpu();
-    let cases = OPERATOR.cases(Scale::Ci, g);
+    // The 16-bit cases (the W8A8 ones, without a baseline, are in tests/moe_quant.rs).
+    let cases: Vec<_> = OPERATOR
+        .cases(Scale::Ci, g)
+        .into_iter()
+        .filter(|c| {
+            c.info()
+                .params
+                .iter()
+                .any(|(k, v)| k == "quant" && v == "none")
+        })
+        .collect();
     assert!(cases.len() >= 5);
     for case in cases {
         let info = case.info();

@@ -145,3 +145,49 @@ fn fragment_instantiations_differ_only_in_the_prelude() {
         validate(f.name(), &source).unwrap();
     }
 }
+
+/// The int8 kernels translate both ways wgpu's Vulkan backend writes `dot4I8Packed`: as `OpSDot`
+/// where the device has integer dot products (the capabilities above allow everything), and as
+/// naga's polyfill where it has not (here: shader capabilities only), and the two differ.
+#[test]
+fn int8_dot_products_translate_with_and_without_the_dot_product_capability() {
+    use naga::back::spv::Capability;
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("shaders");
+    let raw = std::fs::read_to_string(dir.join("swiftgmm_quant.wgsl")).unwrap();
+    let source = compose_shader(&raw);
+    let module = naga::front::wgsl::parse_str(&source).unwrap();
+    let info = naga::valid::Validator::new(
+        naga::valid::ValidationFlags::all(),
+        naga::valid::Capabilities::all(),
+    )
+    .validate(&module)
+    .unwrap();
+    let entry = (naga::ShaderStage::Compute, "gemv_nk_w8a8");
+    let (resolved, resolved_info) = naga::back::pipeline_constants::process_overrides(
+        &module,
+        &info,
+        Some(entry),
+        &Default::default(),
+    )
+    .unwrap();
+    let pipeline = naga::back::spv::PipelineOptions {
+        shader_stage: entry.0,
+        entry_point: entry.1.to_string(),
+    };
+    let spirv = |capabilities: Option<Vec<Capability>>| {
+        let options = naga::back::spv::Options {
+            capabilities: capabilities.map(|c| c.into_iter().collect()),
+            ..Default::default()
+        };
+        naga::back::spv::write_vec(&resolved, &resolved_info, &options, Some(&pipeline))
+    };
+    let native = spirv(None).unwrap();
+    let polyfill = spirv(Some(vec![Capability::Shader])).unwrap();
+    // OpSDot is opcode 4450.
+    let has_sdot = |words: &[u32]| words.iter().any(|&w| w & 0xffff == 4450 && w >> 16 == 6);
+    assert!(
+        has_sdot(&native),
+        "OpSDot with the dot-product capabilities"
+    );
+    assert!(!has_sdot(&polyfill), "the polyfill without them");
+}

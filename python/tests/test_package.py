@@ -35,7 +35,7 @@ def test_stub_matches_the_compiled_module():
 
 
 def test_operators_and_info():
-    assert fusedops.operators() == ["amla", "merrouter", "moe", "swiftgmm"]
+    assert fusedops.operators() == ["amla", "merrouter", "moe", "quantize", "swiftgmm"]
     info = fusedops.info()
     assert info["environment"]["adapter"]["name"]
     ops = {p["op"] for p in info["paths"]}

@@ -4,4 +4,5 @@
 pub mod amla;
 pub mod merrouter;
 pub mod moe;
+pub mod quantize;
 pub mod swiftgmm;

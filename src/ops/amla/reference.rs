@@ -48,6 +48,7 @@ fn values_f64(t: &Tensor, start: usize, len: usize) -> Vec<f64> {
         TensorData::I32(v) => v[r].iter().map(|&x| x as f64).collect(),
         TensorData::U32(v) => v[r].iter().map(|&x| x as f64).collect(),
         TensorData::U8(v) => v[r].iter().map(|&x| x as f64).collect(),
+        TensorData::I8(v) => v[r].iter().map(|&x| x as f64).collect(),
     }
 }
 

@@ -7,6 +7,10 @@ use std::sync::Arc;
 
 use rayon::prelude::*;
 
+use super::quant::{
+    self, QuantHostWeights, QuantMoeWeights, QuantSharedWeights, QuantTensor,
+    reference::QuantExperts,
+};
 use super::reference::{self, ExpertSource, Experts};
 use super::{
     HostWeights, MoeConfig, MoeLayer, MoeOptions, MoeWeights, OP, PerExpertChain, SharedWeights,
@@ -19,6 +23,7 @@ use crate::ops::merrouter::reference::{LayoutRef, RoutingRef};
 use crate::ops::merrouter::{
     self, MIN_MARGIN, RouterConfig, Selection, WEIGHT_TOLERANCE, check_router_output,
 };
+use crate::ops::swiftgmm::quant::QuantWeights;
 use crate::ops::swiftgmm::{self, ExpertWeights, Layout, Mode, Tiling};
 use crate::registry::{
     Case, CaseInfo, Checked, Coverage, HostPrepared, NamedTensors, Operator, Prepared, Scale,
@@ -73,6 +78,37 @@ impl ExpertSource for SeededExperts {
 impl SeededExperts {
     fn expert_bytes(&self) -> u64 {
         (self.dims[0] * self.dims[1] * self.dtype.size()) as u64
+    }
+
+    /// int8 experts' per-output-channel scales `[e, n]` (n: the output columns of `layout`),
+    /// which keep the products O(1) like the 16-bit weights' size; with `idle`, the experts no
+    /// token chooses get NaN scales, so a read of one would show.
+    fn scales(&self, layout: Layout, idle: Option<&[bool]>) -> Result<Tensor> {
+        let (k, n) = layout.k_n(self.dims);
+        let unit_scale = 1.0 / (73.0 * (k as f32).sqrt());
+        let seed = self.seeded.seed as u64 ^ 0x5ca1e;
+        synthetic(&[self.experts, n], DType::F32, |i| match idle {
+            Some(active) if !active[i / n] => f32::NAN,
+            _ => unit_scale * (1.0 + 0.5 * unit(seed, i as u64)),
+        })
+    }
+
+    /// The device weights of a W8A8 layer: int8 made on the device, scales from the host.
+    fn upload_int8(
+        &self,
+        gpu: &Gpu,
+        layout: Layout,
+        active: &[bool],
+        poison: bool,
+    ) -> Result<QuantWeights> {
+        let weights = ExpertWeights::from_shards(self.seeded.device_shards(
+            gpu,
+            self.experts,
+            &self.dims,
+            DType::I8,
+        )?)?;
+        let scale = self.scales(layout, poison.then_some(active))?;
+        QuantWeights::from_device(weights, gpu.upload(&scale)?, None)
     }
 
     fn bytes(&self) -> u64 {
@@ -249,6 +285,8 @@ struct MoeCase {
     /// Every token chooses the same `k` experts (a bias of +1 on them; needs `bias`): the other
     /// experts get no token, the chosen ones all of them.
     hot: bool,
+    /// A W8A8 layer (a `-w8a8` preset): int8 expert weights with per-channel scales.
+    w8a8: bool,
     options: MoeOptions,
     seed: u64,
     data: OnceCell<Arc<CaseData>>,
@@ -268,6 +306,7 @@ impl MoeCase {
             bias: deepseek,
             router_scale: !deepseek,
             hot: false,
+            w8a8: quant::is_w8a8_preset(preset),
             options: MoeOptions {
                 tiling: Tiling::Defaults,
                 ..MoeOptions::default()
@@ -379,10 +418,11 @@ impl MoeCase {
         Option<(SeededExperts, SeededExperts)>,
     ) {
         let c = &self.config;
+        let dtype = if self.w8a8 { DType::I8 } else { self.weights };
         let source = |experts, dims, seed: u64, k: usize| SeededExperts {
             experts,
             dims,
-            dtype: self.weights,
+            dtype,
             seeded: Seeded::new((self.seed ^ seed) as u32, Seeded::shift_for_dot(k)),
         };
         let e = c.router.experts;
@@ -449,7 +489,7 @@ impl Case for MoeCase {
     fn info(&self) -> CaseInfo {
         let c = &self.config;
         let r = &c.router;
-        let base = self.preset.trim_end_matches("-small");
+        let base = self.preset.replace("-small", "");
         let shared = c
             .shared_intermediate
             .map_or("none".to_string(), |is| is.to_string());
@@ -473,13 +513,18 @@ impl Case for MoeCase {
                 ("out".into(), self.out.name().into()),
                 ("layout".into(), c.layout.name().into()),
                 ("block".into(), r.block_size.to_string()),
+                (
+                    "quant".into(),
+                    if self.w8a8 { "w8a8" } else { "none" }.into(),
+                ),
             ],
         }
     }
 
-    /// The weights streamed (the gate, the shared expert, and only the experts that receive a
-    /// token: the grouped matmuls never read the others) plus hidden in and out once. The
-    /// intermediates are the implementation's own traffic and are not counted.
+    /// The weights streamed as stored (the gate, the shared expert, and only the experts that
+    /// receive a token: the grouped matmuls never read the others; int8 weights at a byte each
+    /// plus their f32 scales) plus hidden in and out once. The intermediates are the
+    /// implementation's own traffic and are not counted.
     fn bytes(&self) -> u64 {
         let Ok(data) = self.data() else {
             return 0;
@@ -488,8 +533,22 @@ impl Case for MoeCase {
         let active = data.layout.counts.iter().filter(|&&c| c > 0).count() as u64;
         let c = &self.config;
         let (t, h, e) = (self.tokens as u64, c.hidden as u64, c.router.experts as u64);
-        let weights = active * (gate_up.expert_bytes() + down.expert_bytes())
-            + shared.map_or(0, |(g, d)| g.bytes() + d.bytes())
+        // Scales: one f32 per output column, [e, 2i] and [e, h] (shared: 2·is and h).
+        let scale_bytes = |src: &SeededExperts| {
+            if self.w8a8 {
+                4 * c.layout.k_n(src.dims).1 as u64
+            } else {
+                0
+            }
+        };
+        let weights = active
+            * (gate_up.expert_bytes()
+                + down.expert_bytes()
+                + scale_bytes(&gate_up)
+                + scale_bytes(&down))
+            + shared.map_or(0, |(g, d)| {
+                g.bytes() + d.bytes() + scale_bytes(&g) + scale_bytes(&d)
+            })
             + h * e * self.weights.size() as u64;
         let router = 4 * e * (self.bias as u64 + self.router_scale as u64);
         weights + router + t * h * (self.act.size() + self.out.size()) as u64
@@ -528,6 +587,21 @@ impl Case for MoeCase {
         let (gate_up, down, shared) = self.sources();
         let (config, hidden, routing, out) = (&self.config, &data.hidden, &data.routing, self.out);
         let tokens = self.checked_tokens();
+        let layout = config.layout;
+        let scales = if self.w8a8 {
+            Some((
+                gate_up.scales(layout, None)?,
+                down.scales(layout, None)?,
+                shared
+                    .as_ref()
+                    .map(|(g, d)| {
+                        Ok::<_, Error>((g.scales(layout, None)?, d.scales(layout, None)?))
+                    })
+                    .transpose()?,
+            ))
+        } else {
+            None
+        };
         // One token per core: each makes its own experts (few tokens share one).
         let per_token: Vec<Vec<f64>> = tokens
             .par_iter()
@@ -539,7 +613,29 @@ impl Case for MoeCase {
                         .as_ref()
                         .map(|(g, d)| (g as &dyn ExpertSource, d as &dyn ExpertSource)),
                 };
-                reference::token_outputs(config, hidden, routing, &experts, &[token], out)
+                match &scales {
+                    Some((g_s, d_s, shared_s)) => {
+                        let experts = QuantExperts {
+                            gate_up: (experts.gate_up, g_s),
+                            down: (experts.down, d_s),
+                            shared: experts
+                                .shared
+                                .zip(shared_s.as_ref())
+                                .map(|((g, d), (gs, ds))| ((g, gs), (d, ds))),
+                        };
+                        quant::reference::token_outputs(
+                            config,
+                            hidden,
+                            routing,
+                            &experts,
+                            &[token],
+                            out,
+                        )
+                    }
+                    None => {
+                        reference::token_outputs(config, hidden, routing, &experts, &[token], out)
+                    }
+                }
             })
             .collect::<Result<_>>()?;
         Ok(Box::new(MoeHost {
@@ -561,6 +657,9 @@ struct MoeHost {
 
 impl HostPrepared for MoeHost {
     fn upload<'g>(&self, gpu: &'g Gpu) -> Result<Box<dyn Prepared + 'g>> {
+        if self.case.w8a8 {
+            return self.upload_w8a8(gpu);
+        }
         let (c, data) = (&self.case, &self.data);
         let (gate_up_src, down_src, shared_src) = c.sources();
         let active: Vec<bool> = data.layout.counts.iter().map(|&c| c > 0).collect();
@@ -596,14 +695,14 @@ impl HostPrepared for MoeHost {
         Ok(Box::new(MoePrepared {
             gpu,
             layer,
-            baseline,
+            baseline: Some(baseline),
             out,
             tokens: self.tokens.clone(),
             expected: self.expected.clone(),
             routing: data.routing.clone(),
             layout: data.layout.clone(),
             tolerance: tolerance(c.act, c.out),
-            _inputs: (hidden, gate, bias, router_scale, gate_up, down, shared),
+            _inputs: Box::new((hidden, gate, bias, router_scale, gate_up, down, shared)),
         }))
     }
 
@@ -612,28 +711,69 @@ impl HostPrepared for MoeHost {
     }
 }
 
-/// The device inputs the layer's bind groups read.
-type DeviceInputs = (
-    DeviceTensor,
-    DeviceTensor,
-    Option<DeviceTensor>,
-    Option<DeviceTensor>,
-    ExpertWeights,
-    ExpertWeights,
-    Option<(ExpertWeights, ExpertWeights)>,
-);
+impl MoeHost {
+    /// A W8A8 case on the device: int8 experts made there with their scales (NaN scales for
+    /// the idle experts of small cases), the W8A8 layer; no per-expert baseline.
+    fn upload_w8a8<'g>(&self, gpu: &'g Gpu) -> Result<Box<dyn Prepared + 'g>> {
+        let (c, data) = (&self.case, &self.data);
+        let layout = c.config.layout;
+        let (gate_up_src, down_src, shared_src) = c.sources();
+        let active: Vec<bool> = data.layout.counts.iter().map(|&c| c > 0).collect();
+        let poison = gate_up_src.bytes() + down_src.bytes() <= POISON_BYTES;
+        let gate_up = gate_up_src.upload_int8(gpu, layout, &active, poison)?;
+        let down = down_src.upload_int8(gpu, layout, &active, poison)?;
+        let shared = match &shared_src {
+            Some((g, d)) => Some((
+                g.upload_int8(gpu, layout, &[true], false)?,
+                d.upload_int8(gpu, layout, &[true], false)?,
+            )),
+            None => None,
+        };
+        let upload = |t: Option<&Tensor>| t.map(|t| gpu.upload(t)).transpose();
+        let hidden = gpu.upload(&data.hidden)?;
+        let gate = gpu.upload(&data.gate)?;
+        let bias = upload(data.bias.as_ref())?;
+        let router_scale = upload(data.router_scale.as_ref())?;
+        let out = gpu.zeros(&[c.tokens, c.config.hidden], c.out)?;
+        let weights = QuantMoeWeights {
+            gate: &gate,
+            bias: bias.as_ref(),
+            router_scale: router_scale.as_ref(),
+            gate_up: &gate_up,
+            down: &down,
+            shared: shared
+                .as_ref()
+                .map(|(gate_up, down)| QuantSharedWeights { gate_up, down }),
+        };
+        let layer = MoeLayer::new_w8a8(gpu, &c.config, &hidden, &weights, &out, &c.options)?;
+        Ok(Box::new(MoePrepared {
+            gpu,
+            layer,
+            baseline: None,
+            out,
+            tokens: self.tokens.clone(),
+            expected: self.expected.clone(),
+            routing: data.routing.clone(),
+            layout: data.layout.clone(),
+            tolerance: tolerance(c.act, c.out),
+            _inputs: Box::new((hidden, gate, bias, router_scale, gate_up, down, shared)),
+        }))
+    }
+}
 
 struct MoePrepared<'g> {
     gpu: &'g Gpu,
     layer: MoeLayer,
-    baseline: PerExpertChain,
+    /// The per-expert baseline (16-bit layers only).
+    baseline: Option<PerExpertChain>,
     out: DeviceTensor,
     tokens: Vec<usize>,
     expected: Vec<f64>,
     routing: RoutingRef,
     layout: LayoutRef,
     tolerance: Tolerance,
-    _inputs: DeviceInputs,
+    /// The device inputs the layer's bind groups read.
+    _inputs: Box<dyn std::any::Any>,
 }
 
 impl Prepared for MoePrepared<'_> {
@@ -670,14 +810,19 @@ impl Prepared for MoePrepared<'_> {
     }
 
     fn baseline(&self) -> Option<String> {
-        Some(format!(
-            "per-expert matmuls ({} dispatches)",
-            self.baseline.dispatches()
-        ))
+        self.baseline
+            .as_ref()
+            .map(|b| format!("per-expert matmuls ({} dispatches)", b.dispatches()))
     }
 
     fn record_baseline(&self, rec: &mut Recorder) -> Result<()> {
-        self.layer.record_baseline(rec, &self.baseline)
+        match &self.baseline {
+            Some(b) => self.layer.record_baseline(rec, b),
+            None => Err(Error::unsupported(
+                OP,
+                "a per-expert baseline for a W8A8 layer",
+            )),
+        }
     }
 }
 
@@ -696,6 +841,15 @@ fn ci_cases() -> Vec<MoeCase> {
         MoeCase::new("deepseek-v3-small", 40)
             .dtypes(BF16, BF16, F32)
             .hot(),
+        MoeCase::new("pangu-pro-moe-small-w8a8", 7),
+        MoeCase::new("deepseek-v3-small-w8a8", 5),
+        MoeCase::new("pangu-pro-moe-small-w8a8", 1)
+            .dtypes(F32, F32, F32)
+            .layout(Layout::Kn)
+            .without_shared(),
+        MoeCase::new("deepseek-v3-small-w8a8", 33)
+            .dtypes(F16, F16, F16)
+            .block(16),
     ]
 }
 
@@ -710,7 +864,9 @@ impl Operator for MoeOperator {
             Scale::Full => vec![
                 MoeCase::new("pangu-pro-moe", 1).tiling(Tiling::Cached),
                 MoeCase::new("pangu-pro-moe", 16).tiling(Tiling::Cached),
+                MoeCase::new("pangu-pro-moe-w8a8", 16).tiling(Tiling::Cached),
                 MoeCase::new("deepseek-v3", 16).tiling(Tiling::Cached),
+                MoeCase::new("deepseek-v3-w8a8", 16).tiling(Tiling::Cached),
             ],
             Scale::Bench => return self.headline(!gpu.is_cpu()),
         };
@@ -728,13 +884,24 @@ impl Operator for MoeOperator {
         } else {
             ("pangu-pro-moe-small", "deepseek-v3-small", [16, 256])
         };
+        // Each case is followed by its W8A8 twin (the same shapes; the tuner measures the 16-bit
+        // kernels only, so the twin takes the cached or default tiles).
         [
             (pangu, tokens[0]),
             (pangu, tokens[1]),
             (deepseek, tokens[0]),
         ]
         .into_iter()
-        .map(|(preset, t)| Box::new(MoeCase::new(preset, t).tiling(Tiling::Tune)) as Box<dyn Case>)
+        .flat_map(|(preset, t)| {
+            let twin = format!("{preset}{}", quant::PRESET_SUFFIX);
+            let twin = super::PRESETS.iter().find(|p| **p == twin).copied();
+            [
+                Some(MoeCase::new(preset, t).tiling(Tiling::Tune)),
+                twin.map(|p| MoeCase::new(p, t).tiling(Tiling::Cached)),
+            ]
+        })
+        .flatten()
+        .map(|c| Box::new(c) as Box<dyn Case>)
         .collect()
     }
 
@@ -753,6 +920,14 @@ impl Operator for MoeOperator {
             "gather / combine".into(),
             "one invocation per 32-bit word (plain WGSL)".into(),
         ));
+        paths.push((
+            "w8a8".into(),
+            format!(
+                "int8 quantization fused into the gather (one workgroup per row), SwiGLU \
+                 intermediates re-quantized, SwiftGMM W8A8 matmuls: {}",
+                crate::ops::swiftgmm::quant::dot_product_path(gpu)
+            ),
+        ));
         paths
     }
 
@@ -763,14 +938,24 @@ impl Operator for MoeOperator {
         params: &serde_json::Value,
     ) -> Result<NamedTensors> {
         let named = NamedInputs::parse(inputs, params)?;
-        let out = super::run(
-            gpu,
-            &named.config,
-            named.hidden,
-            &named.weights,
-            named.out_dtype,
-            &named.options,
-        )?;
+        let out = match named.quantized(inputs)? {
+            Some(w) => quant::run_w8a8(
+                gpu,
+                &named.config,
+                named.hidden,
+                &w,
+                named.out_dtype,
+                &named.options,
+            )?,
+            None => super::run(
+                gpu,
+                &named.config,
+                named.hidden,
+                &named.weights,
+                named.out_dtype,
+                &named.options,
+            )?,
+        };
         Ok(NamedTensors::from([
             ("out".to_string(), out.out),
             ("topk_ids".to_string(), out.router.topk_ids),
@@ -784,8 +969,10 @@ impl Operator for MoeOperator {
         params: &serde_json::Value,
     ) -> Result<NamedTensors> {
         let named = NamedInputs::parse(inputs, params)?;
-        let w = &named.weights;
-        let r = reference::layer(&named.config, named.hidden, w, named.out_dtype)?;
+        let r = match named.quantized(inputs)? {
+            Some(w) => quant::reference::layer(&named.config, named.hidden, &w, named.out_dtype)?,
+            None => reference::layer(&named.config, named.hidden, &named.weights, named.out_dtype)?,
+        };
         // `layer` validated hidden as [t, h].
         let (t, k) = (named.hidden.shape()[0], named.config.router.top_k);
         let out: Vec<f32> = r.out.iter().map(|&v| v as f32).collect();
@@ -838,8 +1025,8 @@ struct RunParams {
     tiling: Tiling,
 }
 
-/// The tensors `fusedops run moe` takes.
-const INPUT_NAMES: [&str; 8] = [
+/// The tensors `fusedops run moe` takes (the scales with int8 expert weights, W8A8).
+const INPUT_NAMES: [&str; 12] = [
     "hidden",
     "gate_weight",
     "gate_up",
@@ -848,11 +1035,17 @@ const INPUT_NAMES: [&str; 8] = [
     "router_scale",
     "shared_gate_up",
     "shared_down",
+    "gate_up_scale",
+    "down_scale",
+    "shared_gate_up_scale",
+    "shared_down_scale",
 ];
 
 /// The named inputs of `fusedops run` and the config they describe.
 struct NamedInputs<'a> {
     config: MoeConfig,
+    /// A `-w8a8` preset was named.
+    w8a8_preset: bool,
     hidden: &'a Tensor,
     weights: HostWeights<'a>,
     out_dtype: DType,
@@ -863,7 +1056,8 @@ impl<'a> NamedInputs<'a> {
     fn parse(inputs: &'a NamedTensors, params: &serde_json::Value) -> Result<Self> {
         let p: RunParams = params_from_json(OP, params)?;
         check_input_names(OP, inputs, &INPUT_NAMES)?;
-        let mut config = MoeConfig::preset(p.preset.as_deref().unwrap_or("pangu-pro-moe"))?;
+        let preset = p.preset.as_deref().unwrap_or("pangu-pro-moe");
+        let mut config = MoeConfig::preset(preset)?;
         if let Some(router) = &p.router {
             config.router = router.clone();
         }
@@ -899,6 +1093,7 @@ impl<'a> NamedInputs<'a> {
             .transpose()?;
         Ok(NamedInputs {
             out_dtype: p.out_dtype.unwrap_or(hidden.dtype()),
+            w8a8_preset: quant::is_w8a8_preset(preset),
             hidden,
             weights: HostWeights {
                 gate: input(OP, inputs, "gate_weight")?,
@@ -915,6 +1110,56 @@ impl<'a> NamedInputs<'a> {
                 max_workgroups: None,
             },
         })
+    }
+
+    /// The W8A8 weights, when the expert weights are int8 or a scale is given: every expert
+    /// weight then needs its `<name>_scale` `[e, n]` f32. A `-w8a8` preset with float weights is
+    /// an error.
+    fn quantized(&self, inputs: &'a NamedTensors) -> Result<Option<QuantHostWeights<'a>>> {
+        let w = &self.weights;
+        let scale_names = [
+            "gate_up_scale",
+            "down_scale",
+            "shared_gate_up_scale",
+            "shared_down_scale",
+        ];
+        let int8 = w.gate_up.dtype() == DType::I8
+            || w.down.dtype() == DType::I8
+            || scale_names.iter().any(|n| inputs.contains_key(*n));
+        if !int8 {
+            if self.w8a8_preset {
+                return Err(Error::invalid(
+                    OP,
+                    "expert weights",
+                    format!(
+                        "a {} preset takes int8 expert weights with their scales, got {}",
+                        quant::PRESET_SUFFIX,
+                        w.gate_up.dtype()
+                    ),
+                ));
+            }
+            return Ok(None);
+        }
+        let with_scale = |q: &'a Tensor, name: &str| -> Result<QuantTensor<'a>> {
+            Ok(QuantTensor {
+                q,
+                scale: input(OP, inputs, &format!("{name}_scale"))?,
+            })
+        };
+        Ok(Some(QuantHostWeights {
+            gate: w.gate,
+            bias: w.bias,
+            router_scale: w.router_scale,
+            gate_up: with_scale(w.gate_up, "gate_up")?,
+            down: with_scale(w.down, "down")?,
+            shared: match w.shared {
+                Some((g, d)) => Some((
+                    with_scale(g, "shared_gate_up")?,
+                    with_scale(d, "shared_down")?,
+                )),
+                None => None,
+            },
+        }))
     }
 }
 

@@ -1,6 +1,7 @@
 //! The layer's own two kernels, around the router and the grouped matmuls: the gather of the
 //! expert inputs into dispatch-row order (with the per-row routing weight) and the combine back to
-//! token order (with the shared expert's output).
+//! token order (with the shared expert's output). W8A8 layers gather with the int8 quantization
+//! fused in (`gather_quantize` of shaders/quantize.wgsl).
 
 use std::sync::Arc;
 
@@ -116,6 +117,72 @@ pub(crate) fn gather(
         pipeline,
         bind,
         groups: grid(invocations.div_ceil(WG), gpu.caps.max_workgroups_per_dim),
+        _params: params,
+    })
+}
+
+/// The gather fused with the dynamic int8 quantization (W8A8): row r of `x_q [rows, h]` int8 and
+/// `x_scale [rows]` is the quantization of `hidden[sorted_slots[r] / k]` (zero for sentinel
+/// rows), `row_weights` as [`gather`]; with `tokens`, the row of each token's first slot also
+/// writes the token-order copy `(q [t, h], scale [t])` the shared expert reads. One workgroup
+/// per row; `h` is a multiple of 4 (checked by the caller); `unused` stands in for absent
+/// token outputs.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn gather_quantize(
+    gpu: &Gpu,
+    hidden: &DeviceTensor,
+    sorted_slots: &DeviceTensor,
+    topk_weights: &DeviceTensor,
+    (x_q, x_scale): (&DeviceTensor, &DeviceTensor),
+    row_weights: &DeviceTensor,
+    tokens: Option<(&DeviceTensor, &DeviceTensor)>,
+    unused: &wgpu::Buffer,
+) -> Result<Step> {
+    use crate::ops::quantize;
+    let (t, h) = (hidden.shape()[0], hidden.shape()[1]);
+    let k = topk_weights.shape()[1];
+    let rows = x_q.shape()[0];
+    quantize::check_elements(gpu, "gathered int8 rows", rows as u64 * h as u64, DType::I8)?;
+    let params = gpu.uniform(&quantize::QuantParams {
+        rows: rows as u32,
+        k: h as u32,
+        row_words: (h / 4) as u32,
+        tokens: t as u32,
+    })?;
+    let pipeline = gpu.pipeline(
+        &quantize::KERNEL,
+        "gather_quantize",
+        &[
+            ("WG", quantize::workgroup(gpu) as f64),
+            ("X_DTYPE", hidden.dtype().shader_code() as f64),
+            ("K", k as f64),
+            ("TOKEN_ROWS", if tokens.is_some() { 1.0 } else { 0.0 }),
+        ],
+    )?;
+    let token_binding = |i: usize| {
+        tokens.map_or_else(
+            || unused.as_entire_binding(),
+            |pair| [pair.0, pair.1][i].binding(),
+        )
+    };
+    let bind = gpu.bind_group(
+        &pipeline,
+        &[
+            params.as_entire_binding(),
+            hidden.binding(),
+            x_q.binding(),
+            x_scale.binding(),
+            token_binding(0),
+            token_binding(1),
+            sorted_slots.binding(),
+            topk_weights.binding(),
+            row_weights.binding(),
+        ],
+    )?;
+    Ok(Step {
+        pipeline,
+        bind,
+        groups: grid(rows as u32, gpu.caps.max_workgroups_per_dim),
         _params: params,
     })
 }

@@ -66,6 +66,7 @@
 
 mod cases;
 mod kernels;
+pub mod quant;
 pub mod reference;
 
 use serde::{Deserialize, Serialize};
@@ -98,12 +99,21 @@ pub const STEPS: [&str; 7] = [
     "moe combine",
 ];
 
-/// Preset names accepted by [`MoeConfig::preset`].
-pub const PRESETS: [&str; 4] = [
+/// The passes a W8A8 layer ([`MoeLayer::new_w8a8`]) adds after each SwiGLU: the dynamic int8
+/// re-quantization of the intermediate for the down projection (the gather quantizes the inputs).
+pub const QUANT_STEPS: [&str; 2] = ["moe quantize", "moe shared quantize"];
+
+/// Preset names accepted by [`MoeConfig::preset`]. The `-w8a8` presets have the shapes of their
+/// 16-bit twins; they name the deployments' int8 format (W8A8 weights, see [`quant`]).
+pub const PRESETS: [&str; 8] = [
     "pangu-pro-moe",
     "deepseek-v3",
     "pangu-pro-moe-small",
     "deepseek-v3-small",
+    "pangu-pro-moe-w8a8",
+    "deepseek-v3-w8a8",
+    "pangu-pro-moe-small-w8a8",
+    "deepseek-v3-small-w8a8",
 ];
 
 /// Hidden size of the small presets.
@@ -156,6 +166,9 @@ impl MoeConfig {
     /// A preset by name: `pangu-pro-moe`, `deepseek-v3`, or their `-small` variants for CI (the
     /// same routing, hidden 96, expert intermediate 48, shared intermediate 4 × 48 and 48).
     pub fn preset(name: &str) -> Result<Self> {
+        if let Some(base) = name.strip_suffix(quant::PRESET_SUFFIX) {
+            return Self::preset(base);
+        }
         let small = |mut c: MoeConfig, shared_experts: usize| {
             c.hidden = SMALL_HIDDEN;
             c.intermediate = SMALL_INTERMEDIATE;
@@ -301,8 +314,15 @@ impl ExpertShape {
         }
     }
 
-    /// Check against the expected experts and inner dimensions.
-    fn check(&self, what: &str, experts: usize, dims: [usize; 2], layout: Layout) -> Result<()> {
+    /// Check against the expected experts and inner dimensions, and the dtype: float, or int8
+    /// for a quantized layer.
+    fn check(
+        &self,
+        what: &str,
+        (experts, dims): (usize, [usize; 2]),
+        layout: Layout,
+        int8: bool,
+    ) -> Result<()> {
         if self.experts != experts || self.dims != dims {
             return Err(Error::shape(
                 OP,
@@ -316,7 +336,14 @@ impl ExpertShape {
                 ),
             ));
         }
-        float(what, self.dtype)
+        match (int8, self.dtype) {
+            (true, DType::I8) => Ok(()),
+            (true, dtype) => Err(Error::unsupported(
+                OP,
+                format!("{what} of dtype {dtype} in a W8A8 layer (expected i8)"),
+            )),
+            (false, dtype) => float(what, dtype),
+        }
     }
 }
 
@@ -324,9 +351,14 @@ fn float(what: &str, dtype: DType) -> Result<()> {
     if dtype.is_float() {
         Ok(())
     } else {
+        let hint = if dtype == DType::I8 {
+            " (int8 weights with scales: moe::quant, W8A8)"
+        } else {
+            ""
+        };
         Err(Error::unsupported(
             OP,
-            format!("{what} of dtype {dtype} (expected f32, f16 or bf16)"),
+            format!("{what} of dtype {dtype} (expected f32, f16 or bf16){hint}"),
         ))
     }
 }
@@ -336,6 +368,8 @@ struct WeightShapes {
     gate_up: ExpertShape,
     down: ExpertShape,
     shared: Option<(ExpertShape, ExpertShape)>,
+    /// int8 weights (a W8A8 layer).
+    int8: bool,
 }
 
 impl WeightShapes {
@@ -350,6 +384,7 @@ impl WeightShapes {
                 )),
                 None => None,
             },
+            int8: false,
         })
     }
 }
@@ -413,16 +448,18 @@ fn check_layer<T: Shaped>(
         }
     }
     let (e, i, layout) = (config.router.experts, config.intermediate, config.layout);
+    let int8 = weights.int8;
     weights
         .gate_up
-        .check("gate_up weights", e, config.gate_up_dims(i), layout)?;
+        .check("gate_up weights", (e, config.gate_up_dims(i)), layout, int8)?;
     weights
         .down
-        .check("down weights", e, config.down_dims(i), layout)?;
+        .check("down weights", (e, config.down_dims(i)), layout, int8)?;
     match (config.shared_intermediate, &weights.shared) {
         (Some(is), Some((gate_up, down))) => {
-            gate_up.check("shared gate_up weights", 1, config.gate_up_dims(is), layout)?;
-            down.check("shared down weights", 1, config.down_dims(is), layout)?;
+            let (gate_up_dims, down_dims) = (config.gate_up_dims(is), config.down_dims(is));
+            gate_up.check("shared gate_up weights", (1, gate_up_dims), layout, int8)?;
+            down.check("shared down weights", (1, down_dims), layout, int8)?;
         }
         (None, None) => {}
         (Some(is), None) => {
@@ -488,11 +525,15 @@ pub struct Intermediates {
     pub expert_out: DeviceTensor,
     /// `[t, is]` and `[t, h]`: the shared expert's intermediate and output.
     pub shared: Option<(DeviceTensor, DeviceTensor)>,
+    /// A W8A8 layer's int8 tensors (`x_sorted` is then int8 itself).
+    pub quantized: Option<quant::QuantIntermediates>,
 }
 
-/// The shared expert's plans and its one-group offsets `[0, t]`.
+/// The shared expert's plans and its one-group offsets `[0, t]`; a W8A8 layer re-quantizes its
+/// intermediate between the two.
 struct SharedPlans {
     gate_up: GmmPlan,
+    requantize: Option<crate::ops::quantize::QuantizePlan>,
     down: GmmPlan,
     _offsets: DeviceTensor,
 }
@@ -510,10 +551,12 @@ pub struct MoeLayer {
     intermediates: Intermediates,
 }
 
-/// The layer's steps after the routing.
+/// The layer's steps after the routing (a W8A8 layer's gather quantizes, and it re-quantizes
+/// the intermediate before the down projection).
 struct LayerSteps {
     gather: kernels::Step,
     gate_up: GmmPlan,
+    requantize: Option<crate::ops::quantize::QuantizePlan>,
     down: GmmPlan,
     shared: Option<SharedPlans>,
     combine: kernels::Step,
@@ -559,6 +602,7 @@ impl MoeLayer {
                     ExpertShape::of_device(s.down),
                 )
             }),
+            int8: false,
         };
         let t = check_layer(config, hidden, &router_inputs, &shapes, out.dtype())?;
         if out.shape() != [t, config.hidden] {
@@ -583,6 +627,7 @@ impl MoeLayer {
                 Some(is) => Some((gpu.zeros(&[t, is], act)?, gpu.zeros(&[t, h], act)?)),
                 None => None,
             },
+            quantized: None,
         };
         let steps = if t == 0 {
             None
@@ -605,8 +650,8 @@ impl MoeLayer {
         })
     }
 
-    /// Record the whole layer: one compute pass per step, named as in [`STEPS`] (nothing for an
-    /// empty batch).
+    /// Record the whole layer: one compute pass per step, named as in [`STEPS`] (and
+    /// [`QUANT_STEPS`] for a W8A8 layer); nothing for an empty batch.
     pub fn record(&self, rec: &mut Recorder) -> Result<()> {
         self.record_steps(rec, |rec, steps, step, label| match step {
             RoutedStep::GateUp => steps.gate_up.record_as(rec, label),
@@ -626,9 +671,15 @@ impl MoeLayer {
         self.router.record_as(rec, STEPS[0])?;
         steps.gather.record(rec, STEPS[1]);
         routed(rec, steps, RoutedStep::GateUp, STEPS[2])?;
+        if let Some(q) = &steps.requantize {
+            q.record_as(rec, QUANT_STEPS[0])?;
+        }
         routed(rec, steps, RoutedStep::Down, STEPS[3])?;
         if let Some(shared) = &steps.shared {
             shared.gate_up.record_as(rec, STEPS[4])?;
+            if let Some(q) = &shared.requantize {
+                q.record_as(rec, QUANT_STEPS[1])?;
+            }
             shared.down.record_as(rec, STEPS[5])?;
         }
         steps.combine.record(rec, STEPS[6]);
@@ -641,11 +692,17 @@ impl MoeLayer {
         let Some(steps) = &self.steps else {
             return Vec::new();
         };
-        STEPS
-            .iter()
-            .copied()
-            .filter(|s| steps.shared.is_some() || !s.starts_with("moe shared"))
-            .collect()
+        let quantized = steps.requantize.is_some();
+        let mut labels = vec![STEPS[0], STEPS[1], STEPS[2]];
+        labels.extend(quantized.then_some(QUANT_STEPS[0]));
+        labels.push(STEPS[3]);
+        if steps.shared.is_some() {
+            labels.push(STEPS[4]);
+            labels.extend(quantized.then_some(QUANT_STEPS[1]));
+            labels.push(STEPS[5]);
+        }
+        labels.push(STEPS[6]);
+        labels
     }
 
     /// The router (its routing outputs and dispatch layout live on the device).
@@ -670,8 +727,13 @@ impl MoeLayer {
         let Some(steps) = &self.steps else {
             return "empty batch: nothing recorded".to_string();
         };
+        let quantized = if steps.requantize.is_some() {
+            "gather: int8 quantization fused; "
+        } else {
+            ""
+        };
         let mut v = format!(
-            "route: {}; gate_up: {}; down: {}",
+            "route: {}; {quantized}gate_up: {}; down: {}",
             self.router.variant(),
             steps.gate_up.variant(),
             steps.down.variant()
@@ -699,6 +761,12 @@ impl MoeLayer {
     ) -> Result<PerExpertChain> {
         if self.steps.is_none() {
             return Ok(PerExpertChain { routed: None });
+        }
+        if self.intermediates.quantized.is_some() {
+            return Err(Error::unsupported(
+                OP,
+                "a per-expert baseline for a W8A8 layer (the baseline kernel is 16-bit)",
+            ));
         }
         let offsets = DeviceGroups::Offsets(&self.router.layout().offsets);
         let m = &self.intermediates;
@@ -822,6 +890,7 @@ impl LayerSteps {
                 )?;
                 Some(SharedPlans {
                     gate_up,
+                    requantize: None,
                     down,
                     _offsets: offsets,
                 })
@@ -840,6 +909,7 @@ impl LayerSteps {
         Ok(LayerSteps {
             gather,
             gate_up,
+            requantize: None,
             down,
             shared,
             combine,

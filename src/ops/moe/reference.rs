@@ -110,12 +110,12 @@ pub fn routing(
 
 /// `x` rounded as the GPU stores a value of `dtype`: to f32 (the GPU's accumulator), then to
 /// `dtype`.
-fn stored(x: f64, dtype: DType) -> f64 {
+pub(crate) fn stored(x: f64, dtype: DType) -> f64 {
     dtype.round(x as f32) as f64
 }
 
 /// Rows `rows` of a 2-D tensor, in that order.
-fn select_rows(t: &Tensor, rows: &[usize]) -> Result<Tensor> {
+pub(crate) fn select_rows(t: &Tensor, rows: &[usize]) -> Result<Tensor> {
     let &[n, cols] = t.shape() else {
         return Err(Error::shape(OP, "tensor", t.shape(), "[rows, cols]"));
     };
@@ -167,7 +167,7 @@ fn expert_mlp(
 
 /// The checks of [`token_outputs`]: the config, `hidden [t, h]`, a routing of exactly those `t`
 /// tokens with ids in `0..e`, and experts that match the config.
-fn check_token_inputs(
+pub(crate) fn check_token_inputs(
     config: &MoeConfig,
     hidden: &Tensor,
     routing: &RoutingRef,
@@ -244,6 +244,43 @@ pub fn token_outputs(
     out_dtype: DType,
 ) -> Result<Vec<f64>> {
     check_token_inputs(config, hidden, routing, experts, out_dtype)?;
+    let shared = experts.shared.is_some();
+    sum_token_outputs(
+        config,
+        hidden,
+        routing,
+        tokens,
+        out_dtype,
+        shared,
+        |x, expert, scale| match (expert, experts.shared) {
+            (Some(e), _) => expert_mlp(
+                config,
+                x,
+                &experts.gate_up.expert(e)?,
+                &experts.down.expert(e)?,
+                scale,
+            ),
+            (None, Some((gate_up, down))) => {
+                expert_mlp(config, x, &gate_up.expert(0)?, &down.expert(0)?, None)
+            }
+            (None, None) => Err(Error::invalid(OP, "shared expert", "none")),
+        },
+    )
+}
+
+/// The token loop of [`token_outputs`] (inputs checked): every routed expert's MLP over the
+/// rows routed to it with their routing weights, `mlp(rows, Some(expert), weights)`, summed per
+/// token in slot order, then the shared expert's `mlp(rows, None, None)` when `shared`, then
+/// the output dtype.
+pub(crate) fn sum_token_outputs(
+    config: &MoeConfig,
+    hidden: &Tensor,
+    routing: &RoutingRef,
+    tokens: &[usize],
+    out_dtype: DType,
+    shared: bool,
+    mlp: impl Fn(&Tensor, Option<usize>, Option<Vec<f32>>) -> Result<Vec<f64>>,
+) -> Result<Vec<f64>> {
     let (h, k, e) = (config.hidden, config.router.top_k, config.router.experts);
     let x = select_rows(hidden, tokens)?;
     if tokens.is_empty() {
@@ -268,27 +305,15 @@ pub fn token_outputs(
             .iter()
             .map(|&(_, slot)| routing.weights[slot] as f32)
             .collect();
-        let y = expert_mlp(
-            config,
-            &select_rows(&x, &rows)?,
-            &experts.gate_up.expert(expert)?,
-            &experts.down.expert(expert)?,
-            Some(weights),
-        )?;
+        let y = mlp(&select_rows(&x, &rows)?, Some(expert), Some(weights))?;
         for (r, &s) in rows.iter().enumerate() {
             for c in 0..h {
                 out[s * h + c] += y[r * h + c];
             }
         }
     }
-    if let Some((shared_gate_up, shared_down)) = experts.shared {
-        let y = expert_mlp(
-            config,
-            &x,
-            &shared_gate_up.expert(0)?,
-            &shared_down.expert(0)?,
-            None,
-        )?;
+    if shared {
+        let y = mlp(&x, None, None)?;
         for (o, v) in out.iter_mut().zip(&y) {
             *o += v;
         }

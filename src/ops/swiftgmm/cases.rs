@@ -3,6 +3,7 @@
 
 use std::cell::Cell;
 
+use super::quant::{self, Quant, QuantGmmArgs, QuantInputs, QuantWeights, QuantX};
 use super::tiling::{self, CacheLocation, GemmPath, ShapeKey};
 use super::{
     Activation, DeviceGroups, ExpertWeights, GemmKernel, GmmArgs, GmmPlan, Groups, Layout, Mode,
@@ -80,6 +81,9 @@ struct GmmCase {
     tokens: Option<usize>,
     mode: Mode,
     tiling: Tiling,
+    /// int8 weights with per-channel scales (and for W8A8 int8 x with per-row scales, the
+    /// quantization of an f32 x).
+    quant: Option<Quant>,
 }
 
 /// Above this many multiply-adds the reference checks sampled rows only.
@@ -107,6 +111,30 @@ impl GmmCase {
             offsets.push(offsets.last().unwrap() + c);
         }
         offsets
+    }
+
+    /// The same case with int8 weights (its twin in the bench). The tuner measures the 16-bit
+    /// kernels only, so a tuned case's twin takes the cached or default tiles.
+    fn quantized(mut self, quant: Quant) -> Self {
+        self.name = format!("{} {}", self.name, quant.name());
+        self.quant = Some(quant);
+        self.w_dtype = DType::I8;
+        if quant == Quant::W8A8 {
+            self.x_dtype = DType::I8;
+        }
+        if self.tiling == Tiling::Tune {
+            self.tiling = Tiling::Cached;
+        }
+        self
+    }
+
+    /// The float dtype x is made in: x's own, or f32 for W8A8 (quantized on the device).
+    fn x_source(&self) -> DType {
+        if self.quant == Some(Quant::W8A8) {
+            DType::F32
+        } else {
+            self.x_dtype
+        }
     }
 
     fn options(&self) -> Options {
@@ -173,6 +201,10 @@ impl Case for GmmCase {
                 "mode".to_string(),
                 format!("{:?}", self.mode).to_lowercase(),
             ),
+            (
+                "quant".to_string(),
+                self.quant.map_or("none", Quant::name).to_string(),
+            ),
         ];
         if let Some(t) = self.tokens {
             params.push(("t".to_string(), t.to_string()));
@@ -185,12 +217,21 @@ impl Case for GmmCase {
         }
     }
 
+    /// As stored: the weights of the experts that receive rows (int8: one byte each, plus their
+    /// f32 scales), the routed x rows (int8 rows plus their f32 scales for W8A8), y, the row
+    /// scale and the offsets.
     fn bytes(&self) -> u64 {
         let active = self.counts.iter().filter(|&&c| c > 0).count() as u64;
         let routed = self.routed() as u64;
         let (k, n) = (self.k as u64, self.n as u64);
+        let scales = match self.quant {
+            None => 0,
+            Some(Quant::W8A16) => active * n * 4 * (1 + self.has_offset() as u64),
+            Some(Quant::W8A8) => active * n * 4 + routed * 4,
+        };
         active * k * n * self.w_dtype.size() as u64
             + routed * k * self.x_dtype.size() as u64
+            + scales
             + routed * self.n_out() as u64 * self.out_dtype.size() as u64
             + if self.scale { routed * 4 } else { 0 }
             + (self.experts as u64 + 1) * 4
@@ -220,7 +261,7 @@ impl GmmHost {
     /// Generate the host inputs (row scale) and the reference of the checked rows.
     fn new(case: &GmmCase) -> Result<Self> {
         let m_total = case.m_total();
-        if (case.pad.0 > 0 || case.pad.1 > 0) && case.x_dtype != DType::F32 {
+        if (case.pad.0 > 0 || case.pad.1 > 0) && case.x_source() != DType::F32 {
             // NaN padding rows are written over the seeded x in whole 32-bit words.
             return Err(Error::invalid(
                 OP,
@@ -237,15 +278,26 @@ impl GmmHost {
         };
         let offsets = case.offsets();
         let rows = case.checked_rows();
-        let expected = case.reference_rows(&offsets, &rows, scale.as_ref(), &[])?;
+        let quant = case.quant_scales()?;
+        let expected = match &quant {
+            Some(q) => case.quant_reference_rows(&offsets, &rows, scale.as_ref(), q, &[])?,
+            None => case.reference_rows(&offsets, &rows, scale.as_ref(), &[])?,
+        };
         Ok(GmmHost {
             case: case.clone(),
             offsets,
             scale,
+            quant,
             rows,
             expected,
         })
     }
+}
+
+/// The weight scales (and offsets) of a quantized case, made on the host (`[e, n]` f32).
+struct QuantScales {
+    w_scale: Tensor,
+    w_offset: Option<Tensor>,
 }
 
 impl GmmCase {
@@ -261,8 +313,113 @@ impl GmmCase {
         Seeded::new(self.seed() as u32, 0)
     }
 
+    /// W8A16 cases on `[e, k, n]` weights carry an offset.
+    fn has_offset(&self) -> bool {
+        self.quant == Some(Quant::W8A16) && self.layout == Layout::Kn
+    }
+
+    /// Scales that keep outputs O(1) (int8 weights are uniform in ±127, x in ±1), and small
+    /// integer offsets.
+    fn quant_scales(&self) -> Result<Option<QuantScales>> {
+        let Some(_) = self.quant else {
+            return Ok(None);
+        };
+        let (e, n) = (self.experts, self.n);
+        let seed = self.w_seeded().seed as u64;
+        let unit_scale = 1.0 / (73.0 * (self.k as f32).sqrt());
+        let w_scale = synthetic(&[e, n], DType::F32, |i| {
+            unit_scale * (1.0 + 0.5 * unit(seed ^ 3, i as u64))
+        })?;
+        let w_offset = self
+            .has_offset()
+            .then(|| {
+                synthetic(&[e, n], DType::F32, |i| {
+                    (unit(seed ^ 4, i as u64) * 4.0).round()
+                })
+            })
+            .transpose()?;
+        Ok(Some(QuantScales { w_scale, w_offset }))
+    }
+
+    /// The reference of `rows` of a quantized case: x rows from the seed (quantized by the
+    /// reference quantizer for W8A8, which the GPU's matches bit for bit), each group's int8
+    /// expert from the seed; the groups flagged in `coop_groups` staged in f16 as the
+    /// cooperative-matrix kernel stages them (W8A16).
+    fn quant_reference_rows(
+        &self,
+        offsets: &[u32],
+        rows: &[usize],
+        scale: Option<&Tensor>,
+        q: &QuantScales,
+        coop_groups: &[bool],
+    ) -> Result<Vec<f64>> {
+        let (k, n, n_out) = (self.k, self.n, self.n_out());
+        let mut by_group: Vec<(usize, Vec<usize>)> = Vec::new();
+        for (i, &row) in rows.iter().enumerate() {
+            if let Some(g) = reference::group_of_row(offsets, row) {
+                match by_group.last_mut() {
+                    Some((last, members)) if *last == g => members.push(i),
+                    _ => by_group.push((g, vec![i])),
+                }
+            }
+        }
+        let (x_seed, w_seed) = (self.x_seeded(), self.w_seeded());
+        let [a, b] = self.layout.weight_shape(1, k, n)[1..] else {
+            unreachable!("weight shapes have three dimensions")
+        };
+        let options = Options {
+            out_dtype: DType::F32,
+            tiling: Tiling::Defaults,
+            ..self.options()
+        };
+        let pick = |t: &Tensor, g: usize| -> Result<Tensor> {
+            let all = t.to_f32();
+            Tensor::f32(&[1, n], all[g * n..(g + 1) * n].to_vec())
+        };
+        let parts: Vec<Vec<f64>> = by_group
+            .par_iter()
+            .map(|(g, members)| {
+                let picked: Vec<usize> = members.iter().map(|&i| rows[i]).collect();
+                let x = x_seed.rows(&picked, k, self.x_source())?;
+                let quantized = (self.quant == Some(Quant::W8A8))
+                    .then(|| crate::ops::quantize::reference::quantize(&x))
+                    .transpose()?;
+                let w = w_seed.slab(*g, &[1, a, b], DType::I8)?;
+                let w_scale = pick(&q.w_scale, *g)?;
+                let w_offset = q.w_offset.as_ref().map(|o| pick(o, *g)).transpose()?;
+                let s = scale
+                    .map(|s| {
+                        let all = s.to_f32();
+                        Tensor::f32(&[picked.len()], picked.iter().map(|&r| all[r]).collect())
+                    })
+                    .transpose()?;
+                let groups = Groups::Counts(vec![picked.len() as u32]);
+                let inputs = QuantInputs {
+                    x: quantized.as_ref().map_or(&x, |q| &q.q),
+                    x_scale: quantized.as_ref().map(|q| &q.scale),
+                    groups: &groups,
+                    w: &w,
+                    w_scale: &w_scale,
+                    w_offset: w_offset.as_ref(),
+                    row_scale: s.as_ref(),
+                };
+                let local: Vec<usize> = (0..picked.len()).collect();
+                let staged = coop_groups.get(*g).copied().unwrap_or(false);
+                quant::reference::grouped_matmul_rows_staged(&inputs, &options, &local, &[staged])
+            })
+            .collect::<Result<_>>()?;
+        let mut expected = vec![0.0; rows.len() * n_out];
+        for ((_, members), part) in by_group.iter().zip(parts) {
+            for (j, &i) in members.iter().enumerate() {
+                expected[i * n_out..(i + 1) * n_out]
+                    .copy_from_slice(&part[j * n_out..(j + 1) * n_out]);
+            }
+        }
+        Ok(expected)
+    }
+
     /// The weights `[e, a, b]`, made on the device; slab g is expert g. The same for every token
-    /// count of a preset's projection, about 1/sqrt(k) in size.
+    /// count of a preset's projection, about 1/sqrt(k) in size (int8: uniform in ±127).
     fn w_seeded(&self) -> Seeded {
         let seed = format!("{} {} {} {}", self.preset, self.experts, self.k, self.n)
             .bytes()
@@ -332,11 +489,13 @@ impl GmmCase {
     }
 }
 
-/// A case's host half: the offsets, the row scale, the checked rows and their reference.
+/// A case's host half: the offsets, the row scale, the weight scales of a quantized case, the
+/// checked rows and their reference.
 struct GmmHost {
     case: GmmCase,
     offsets: Vec<u32>,
     scale: Option<Tensor>,
+    quant: Option<QuantScales>,
     rows: Vec<usize>,
     expected: Vec<f64>,
 }
@@ -357,7 +516,7 @@ impl GmmHost {
         let (m_total, k) = (c.m_total(), c.k);
         let x_dev = c
             .x_seeded()
-            .device_tensor(gpu, &[m_total, k], c.x_dtype, 0)?;
+            .device_tensor(gpu, &[m_total, k], c.x_source(), 0)?;
         // Padding rows (f32 x) hold NaN: a read of one would poison its output row.
         for rows in [0..c.pad.0, m_total - c.pad.1..m_total] {
             if !rows.is_empty() {
@@ -381,6 +540,9 @@ impl GmmHost {
         let scale_dev = self.scale.as_ref().map(|s| gpu.upload(s)).transpose()?;
         let offsets_dev = gpu.upload(&Tensor::u32(&[self.offsets.len()], self.offsets.clone())?)?;
         let y = gpu.zeros(&[m_total, c.n_out()], c.out_dtype)?;
+        if let Some(q) = &self.quant {
+            return self.upload_quantized(gpu, q, x_dev, weights, scale_dev, offsets_dev, y);
+        }
         let args = GmmArgs {
             x: &x_dev,
             groups: DeviceGroups::Offsets(&offsets_dev),
@@ -414,7 +576,7 @@ impl GmmHost {
         Ok(GmmPrepared {
             gpu,
             plan,
-            baseline,
+            baseline: Some(baseline),
             y,
             rows: self.rows.clone(),
             expected,
@@ -422,7 +584,74 @@ impl GmmHost {
             baseline_recorded: Cell::new(false),
             n_out: c.n_out(),
             tolerance: tolerance(c.out_dtype),
-            _inputs: (x_dev, weights, offsets_dev, scale_dev),
+            _inputs: Box::new((x_dev, weights, offsets_dev, scale_dev)),
+        })
+    }
+
+    /// The quantized plan over the seeded inputs: W8A8 quantizes the f32 x on the device first
+    /// (bit-exact, so the reference's quantization of the same rows agrees).
+    #[allow(clippy::too_many_arguments)]
+    fn upload_quantized<'g>(
+        &self,
+        gpu: &'g Gpu,
+        q: &QuantScales,
+        x_dev: DeviceTensor,
+        weights: ExpertWeights,
+        scale_dev: Option<DeviceTensor>,
+        offsets_dev: DeviceTensor,
+        y: DeviceTensor,
+    ) -> Result<GmmPrepared<'g>> {
+        let c = &self.case;
+        let (m_total, k) = (c.m_total(), c.k);
+        let weights = QuantWeights::from_device(
+            weights,
+            gpu.upload(&q.w_scale)?,
+            q.w_offset.as_ref().map(|o| gpu.upload(o)).transpose()?,
+        )?;
+        let int8 = match c.quant {
+            Some(Quant::W8A8) => {
+                let qx = gpu.zeros(&[m_total, k], DType::I8)?;
+                let sx = gpu.zeros(&[m_total], DType::F32)?;
+                let plan = crate::ops::quantize::QuantizePlan::new(gpu, &x_dev, &qx, &sx)?;
+                gpu.run(|rec| plan.record(rec))?;
+                Some((qx, sx))
+            }
+            _ => None,
+        };
+        let plan = GmmPlan::new_quantized(
+            gpu,
+            &QuantGmmArgs {
+                x: match &int8 {
+                    Some((q, scale)) => QuantX::Int8 { q, scale },
+                    None => QuantX::Float(&x_dev),
+                },
+                groups: DeviceGroups::Offsets(&offsets_dev),
+                weights: &weights,
+                row_scale: scale_dev.as_ref(),
+                y: &y,
+                host_offsets: Some(&self.offsets),
+            },
+            &c.options(),
+        )?;
+        // W8A16 groups on the cooperative-matrix path are checked with f16 staging.
+        let coop = plan.coop_groups(&self.offsets);
+        let expected = if coop.iter().any(|&c| c) {
+            c.quant_reference_rows(&self.offsets, &self.rows, self.scale.as_ref(), q, &coop)?
+        } else {
+            self.expected.clone()
+        };
+        Ok(GmmPrepared {
+            gpu,
+            plan,
+            baseline: None,
+            y,
+            rows: self.rows.clone(),
+            expected,
+            expected_baseline: None,
+            baseline_recorded: Cell::new(false),
+            n_out: c.n_out(),
+            tolerance: tolerance(c.out_dtype),
+            _inputs: Box::new((x_dev, int8, weights, offsets_dev, scale_dev)),
         })
     }
 }
@@ -430,7 +659,8 @@ impl GmmHost {
 struct GmmPrepared<'g> {
     gpu: &'g Gpu,
     plan: GmmPlan,
-    baseline: PerExpertBaseline,
+    /// The per-expert baseline (16-bit and f32 weights only).
+    baseline: Option<PerExpertBaseline>,
     y: DeviceTensor,
     rows: Vec<usize>,
     expected: Vec<f64>,
@@ -441,12 +671,7 @@ struct GmmPrepared<'g> {
     n_out: usize,
     tolerance: Tolerance,
     /// The inputs the plans' bind groups read.
-    _inputs: (
-        DeviceTensor,
-        ExpertWeights,
-        DeviceTensor,
-        Option<DeviceTensor>,
-    ),
+    _inputs: Box<dyn std::any::Any>,
 }
 
 impl Prepared for GmmPrepared<'_> {
@@ -483,15 +708,22 @@ impl Prepared for GmmPrepared<'_> {
     }
 
     fn baseline(&self) -> Option<String> {
-        Some(format!(
-            "per-expert gemm ({} dispatches)",
-            self.baseline.dispatches()
-        ))
+        self.baseline
+            .as_ref()
+            .map(|b| format!("per-expert gemm ({} dispatches)", b.dispatches()))
     }
 
     fn record_baseline(&self, rec: &mut Recorder) -> Result<()> {
-        self.baseline_recorded.set(true);
-        self.baseline.record(rec)
+        match &self.baseline {
+            Some(b) => {
+                self.baseline_recorded.set(true);
+                b.record(rec)
+            }
+            None => Err(Error::unsupported(
+                OP,
+                "a per-expert baseline for int8 weights",
+            )),
+        }
     }
 }
 
@@ -580,6 +812,7 @@ fn preset_case(
         tokens: Some(tokens),
         mode: Mode::Auto,
         tiling,
+        quant: None,
     }
 }
 
@@ -592,31 +825,48 @@ fn headline(full: bool) -> Vec<GmmCase> {
     } else {
         (8, &[4, 16, 64], &[4, 64])
     };
-    // Tuned once per adapter and shape, then read from the tiling cache.
+    // Tuned once per adapter and shape, then read from the tiling cache. Each case is followed
+    // by its W8A16 and W8A8 twins (the same shape, bytes as stored).
     let t = Tiling::Tune;
-    let mut cases: Vec<GmmCase> = pangu
-        .iter()
-        .map(|&tok| preset_case(&PANGU, Proj::GateUp, tok, Layout::Nk, shrink, t))
-        .collect();
+    let mut cases: Vec<GmmCase> = Vec::new();
+    for &tok in pangu {
+        cases.extend(with_twins(preset_case(
+            &PANGU,
+            Proj::GateUp,
+            tok,
+            Layout::Nk,
+            shrink,
+            t,
+        )));
+    }
     for &tok in deepseek {
-        cases.push(preset_case(
+        cases.extend(with_twins(preset_case(
             &DEEPSEEK,
             Proj::GateUp,
             tok,
             Layout::Nk,
             shrink,
             t,
-        ));
-        cases.push(preset_case(
+        )));
+        cases.extend(with_twins(preset_case(
             &DEEPSEEK,
             Proj::Down,
             tok,
             Layout::Nk,
             shrink,
             t,
-        ));
+        )));
     }
     cases
+}
+
+/// A case followed by its W8A16 and W8A8 twins.
+fn with_twins(case: GmmCase) -> [GmmCase; 3] {
+    [
+        case.clone(),
+        case.clone().quantized(Quant::W8A16),
+        case.quantized(Quant::W8A8),
+    ]
 }
 
 /// A small case for CI.
@@ -649,6 +899,7 @@ fn ci_case(
         tokens: None,
         mode: Mode::Auto,
         tiling: Tiling::Defaults,
+        quant: None,
     }
 }
 
@@ -706,6 +957,50 @@ fn ci_cases() -> Vec<GmmCase> {
             vec![0, 9, 2, 0],
             (1, 0),
         ),
+        ci_case(
+            "decode nk swiglu",
+            (8, 64, 48),
+            Layout::Nk,
+            SwiGlu,
+            (BF16, BF16, BF16),
+            false,
+            vec![2, 0, 1, 3, 0, 1, 2, 1],
+            (0, 0),
+        )
+        .quantized(Quant::W8A8),
+        ci_case(
+            "prefill kn f16 scale offset",
+            (3, 72, 40),
+            Layout::Kn,
+            Plain,
+            (F16, F16, F16),
+            true,
+            vec![40, 0, 33],
+            (0, 0),
+        )
+        .quantized(Quant::W8A16),
+        ci_case(
+            "kn unaligned k ragged padded",
+            (5, 36, 28),
+            Layout::Kn,
+            Plain,
+            (F32, F32, F32),
+            true,
+            vec![1, 12, 0, 5, 20],
+            (3, 2),
+        )
+        .quantized(Quant::W8A8),
+        ci_case(
+            "nk unaligned k swiglu scale",
+            (4, 44, 64),
+            Layout::Nk,
+            SwiGlu,
+            (F32, BF16, F32),
+            true,
+            vec![3, 17, 1, 9],
+            (1, 0),
+        )
+        .quantized(Quant::W8A16),
     ]
 }
 
@@ -719,13 +1014,27 @@ impl Operator for SwiftGmmOperator {
             Scale::Ci => ci_cases(),
             Scale::Full => {
                 let t = Tiling::Cached;
-                vec![
-                    preset_case(&PANGU, Proj::GateUp, 16, Layout::Nk, 1, t),
-                    preset_case(&PANGU, Proj::GateUp, 256, Layout::Nk, 1, t),
-                    preset_case(&PANGU, Proj::Down, 16, Layout::Nk, 1, t),
-                    preset_case(&DEEPSEEK, Proj::GateUp, 16, Layout::Nk, 1, t),
-                    preset_case(&DEEPSEEK, Proj::Down, 16, Layout::Nk, 1, t),
-                ]
+                let mut cases = vec![];
+                cases.extend(with_twins(preset_case(
+                    &PANGU,
+                    Proj::GateUp,
+                    16,
+                    Layout::Nk,
+                    1,
+                    t,
+                )));
+                cases.push(preset_case(&PANGU, Proj::GateUp, 256, Layout::Nk, 1, t));
+                cases.push(preset_case(&PANGU, Proj::Down, 16, Layout::Nk, 1, t));
+                cases.push(preset_case(&DEEPSEEK, Proj::GateUp, 16, Layout::Nk, 1, t));
+                cases.extend(with_twins(preset_case(
+                    &DEEPSEEK,
+                    Proj::Down,
+                    16,
+                    Layout::Nk,
+                    1,
+                    t,
+                )));
+                cases
             }
             Scale::Bench => return self.headline(!gpu.is_cpu()),
         };
@@ -787,6 +1096,18 @@ impl Operator for SwiftGmmOperator {
             ),
             ("gemm".into(), gemm),
             (
+                "w8a16".into(),
+                format!(
+                    "int8 weights become q + offset in registers (gemv, f32) or while staging \
+                     (gemm: {}), the per-channel scale in the epilogue",
+                    match coop_support(gpu) {
+                        Ok(f) => format!("f16 on cooperative matrices {}", f.name()),
+                        Err(_) => "f32, SIMT".to_string(),
+                    }
+                ),
+            ),
+            ("w8a8".into(), quant::dot_product_path(gpu)),
+            (
                 "tiling cache".into(),
                 match CacheLocation::from_env() {
                     CacheLocation::File(path) => path.display().to_string(),
@@ -804,14 +1125,17 @@ impl Operator for SwiftGmmOperator {
         params: &serde_json::Value,
     ) -> Result<NamedTensors> {
         let named = NamedInputs::parse(inputs, params)?;
-        let y = super::run(
-            gpu,
-            named.x,
-            &named.groups,
-            named.w,
-            named.row_scale,
-            &named.options,
-        )?;
+        let y = match named.quantized()? {
+            Some(q) => quant::run(gpu, &q, &named.options)?,
+            None => super::run(
+                gpu,
+                named.x,
+                &named.groups,
+                named.w,
+                named.row_scale,
+                &named.options,
+            )?,
+        };
         Ok(NamedTensors::from([("y".to_string(), y)]))
     }
 
@@ -821,6 +1145,12 @@ impl Operator for SwiftGmmOperator {
         params: &serde_json::Value,
     ) -> Result<NamedTensors> {
         let named = NamedInputs::parse(inputs, params)?;
+        if let Some(q) = named.quantized()? {
+            let (_, shape) = quant::output_shape(&q, &named.options)?;
+            let y = quant::reference::grouped_matmul(&q, &named.options)?;
+            let y = Tensor::f32(&shape, y.iter().map(|&v| v as f32).collect())?;
+            return Ok(NamedTensors::from([("y".to_string(), y)]));
+        }
         let (problem, offsets) = super::check_host(
             named.x,
             &named.groups,
@@ -856,6 +1186,28 @@ impl Operator for SwiftGmmOperator {
         let base = tolerance(named.options.out_dtype);
         if named.options.gemm_kernel == GemmKernel::Simt {
             return base;
+        }
+        if let Ok(Some(q)) = named.quantized() {
+            // W8A16 may stage x and q + offset in f16 on cooperative matrices: widen by what
+            // that staging changes for these inputs (W8A8 never runs there).
+            let rows: Vec<usize> = (0..q.x.shape().first().copied().unwrap_or(0)).collect();
+            let staged = |all: bool| {
+                let groups = vec![all; q.groups.experts()];
+                quant::reference::grouped_matmul_rows_staged(&q, &named.options, &rows, &groups)
+            };
+            let bound = match (q.x.dtype().is_float(), staged(false), staged(true)) {
+                (true, Ok(exact), Ok(staged)) => exact
+                    .iter()
+                    .zip(&staged)
+                    .map(|(a, b)| (a - b).abs())
+                    .filter(|d| d.is_finite())
+                    .fold(0.0, f64::max),
+                _ => 0.0,
+            };
+            return Tolerance {
+                abs: base.abs + bound,
+                ..base
+            };
         }
         // The reference is exact, and every group may run on cooperative matrices: widen the
         // bound by the largest error the f16 staging can cause (reference::staging_bound).
@@ -899,19 +1251,36 @@ struct RunParams {
     gemm_kernel: GemmKernel,
 }
 
-/// The named inputs of `fusedops run`: `x`, `w`, `offsets` or `counts`, optional `row_scale`.
+/// The named inputs of `fusedops run`: `x`, `w`, `offsets` or `counts`, optional `row_scale`;
+/// quantized: int8 `w` with `w_scale` (and `w_offset`), and for int8 `x` its `x_scale`.
 struct NamedInputs<'a> {
     x: &'a Tensor,
     w: &'a Tensor,
     groups: Groups,
     row_scale: Option<&'a Tensor>,
+    x_scale: Option<&'a Tensor>,
+    w_scale: Option<&'a Tensor>,
+    w_offset: Option<&'a Tensor>,
     options: Options,
 }
 
 impl<'a> NamedInputs<'a> {
     fn parse(inputs: &'a NamedTensors, params: &serde_json::Value) -> Result<Self> {
         let p: RunParams = params_from_json(OP, params)?;
-        check_input_names(OP, inputs, &["x", "w", "offsets", "counts", "row_scale"])?;
+        check_input_names(
+            OP,
+            inputs,
+            &[
+                "x",
+                "w",
+                "offsets",
+                "counts",
+                "row_scale",
+                "x_scale",
+                "w_scale",
+                "w_offset",
+            ],
+        )?;
         let groups = match (inputs.get("offsets"), inputs.get("counts")) {
             (Some(o), None) => Groups::from_tensor(o, false)?,
             (None, Some(c)) => Groups::from_tensor(c, true)?,
@@ -928,6 +1297,9 @@ impl<'a> NamedInputs<'a> {
             w: input(OP, inputs, "w")?,
             groups,
             row_scale: inputs.get("row_scale"),
+            x_scale: inputs.get("x_scale"),
+            w_scale: inputs.get("w_scale"),
+            w_offset: inputs.get("w_offset"),
             options: Options {
                 layout: p.layout,
                 activation: p.activation,
@@ -938,6 +1310,34 @@ impl<'a> NamedInputs<'a> {
                 gemm_kernel: p.gemm_kernel,
             },
         })
+    }
+
+    /// The quantized inputs, when int8 weights or any scale of them is given (int8 x with
+    /// float weights goes to the float path, which names the mismatch).
+    fn quantized(&self) -> Result<Option<QuantInputs<'_>>> {
+        let quantized = self.w.dtype() == DType::I8
+            || self.w_scale.is_some()
+            || self.w_offset.is_some()
+            || self.x_scale.is_some();
+        if !quantized {
+            return Ok(None);
+        }
+        let Some(w_scale) = self.w_scale else {
+            return Err(Error::invalid(
+                OP,
+                "input tensor \"w_scale\"",
+                "missing: int8 w needs its per-output-channel scale [e, n] f32",
+            ));
+        };
+        Ok(Some(QuantInputs {
+            x: self.x,
+            x_scale: self.x_scale,
+            groups: &self.groups,
+            w: self.w,
+            w_scale,
+            w_offset: self.w_offset,
+            row_scale: self.row_scale,
+        }))
     }
 }
 

@@ -45,6 +45,7 @@
 //! never an access outside x, y or the weights. Offsets given on the host are validated.
 
 mod cases;
+pub mod quant;
 pub mod reference;
 pub mod tiling;
 
@@ -141,6 +142,15 @@ impl Mode {
             Mode::Auto => 0,
             Mode::Gemv => 1,
             Mode::Gemm => 2,
+        }
+    }
+
+    /// Whether the GEMV and the GEMM path are recorded.
+    fn paths(self) -> (bool, bool) {
+        match self {
+            Mode::Auto => (true, true),
+            Mode::Gemv => (true, false),
+            Mode::Gemm => (false, true),
         }
     }
 }
@@ -416,7 +426,7 @@ impl ExpertWeights {
     /// Upload with shards of at most `max_shard_bytes` (padded) each.
     pub fn upload_split(gpu: &Gpu, w: &Tensor, max_shard_bytes: u64) -> Result<Self> {
         let (experts, dims) = weight_dims(w.shape())?;
-        check_weight_dtype(w.dtype())?;
+        check_stored_weight_dtype(w.dtype())?;
         let expert_bytes = (dims[0] * dims[1] * w.dtype().size()) as u64;
         let per_shard = experts_per_shard(expert_bytes, experts, max_shard_bytes)?;
         let bytes = w.bytes();
@@ -452,7 +462,7 @@ impl ExpertWeights {
         };
         let (_, dims) = weight_dims(first.shape())?;
         let dtype = first.dtype();
-        check_weight_dtype(dtype)?;
+        check_stored_weight_dtype(dtype)?;
         let mut shards = Vec::new();
         let mut experts = 0;
         for tensor in tensors {
@@ -516,8 +526,22 @@ fn weight_dims(shape: &[usize]) -> Result<(usize, [usize; 2])> {
     }
 }
 
+/// The 16-bit and f32 kernels take float weights; int8 weights need their scales
+/// ([`quant`]).
 fn check_weight_dtype(dtype: DType) -> Result<()> {
-    if dtype.is_float() {
+    match dtype {
+        _ if dtype.is_float() => Ok(()),
+        DType::I8 => Err(Error::unsupported(
+            OP,
+            "weights of dtype i8 without scales (int8 weights: swiftgmm::quant, W8A16 or W8A8)",
+        )),
+        _ => Err(Error::unsupported(OP, format!("weight dtype {dtype}"))),
+    }
+}
+
+/// What [`ExpertWeights`] holds: float weights, or int8 ones for [`quant`].
+fn check_stored_weight_dtype(dtype: DType) -> Result<()> {
+    if dtype.is_float() || dtype == DType::I8 {
         Ok(())
     } else {
         Err(Error::unsupported(OP, format!("weight dtype {dtype}")))
@@ -589,15 +613,34 @@ impl Problem {
         y: Option<Desc>,
         options: &Options,
     ) -> Result<Self> {
+        if !x.dtype.is_float() {
+            return Err(Error::unsupported(
+                OP,
+                format!(
+                    "x dtype {} (int8 x with int8 weights: swiftgmm::quant)",
+                    x.dtype
+                ),
+            ));
+        }
+        check_weight_dtype(weights.2)?;
+        Self::check_shapes(x, weights, groups, row_scale, y, options)
+    }
+
+    /// The shape checks of [`Problem::check`], whatever the dtypes of x and the weights (the
+    /// int8 plans check those themselves).
+    fn check_shapes(
+        x: Desc,
+        weights: (usize, [usize; 2], DType),
+        groups: (Desc, bool),
+        row_scale: Option<Desc>,
+        y: Option<Desc>,
+        options: &Options,
+    ) -> Result<Self> {
         let (m_total, k) = match *x.shape {
             [m, k] if k > 0 => (m, k),
             _ => return Err(Error::shape(OP, "x", x.shape, "[m_total, k] with k >= 1")),
         };
-        if !x.dtype.is_float() {
-            return Err(Error::unsupported(OP, format!("x dtype {}", x.dtype)));
-        }
         let (experts, dims, w_dtype) = weights;
-        check_weight_dtype(w_dtype)?;
         let (wk, n) = options.layout.k_n(dims);
         if wk != k {
             let expected = match options.layout {
@@ -722,6 +765,43 @@ impl Problem {
 
 fn flag(b: bool) -> f64 {
     if b { 1.0 } else { 0.0 }
+}
+
+impl Problem {
+    /// The cooperative-matrix GEMM kernel (`coop_gemm`, or `coop_expert` for the per-expert
+    /// baseline) with tiles `coop` at `fragment`, plus `extra` override constants (int8 weights'
+    /// `HAS_OFFSET`).
+    fn coop_pipeline(
+        &self,
+        gpu: &Gpu,
+        (coop, fragment): (&tiling::CoopGemmConfig, Fragment),
+        has_scale: bool,
+        extra: &[(&'static str, f64)],
+        per_expert: bool,
+    ) -> Result<Arc<wgpu::ComputePipeline>> {
+        let subgroup = KernelLimits::of(gpu).subgroup_size;
+        let geo = coop.geometry(fragment, subgroup, self.layout, self.x_dtype, self.w_dtype);
+        let x_epv = tiling::elements_per_vector(self.x_dtype) as usize;
+        let mut c = self.constants(has_scale);
+        c.extend([
+            ("X_EPV", x_epv as f64),
+            ("X_ALIGNED", flag(self.k.is_multiple_of(x_epv))),
+            ("SG", subgroup as f64),
+            ("SG_M", coop.sg_m as f64),
+            ("SG_N", coop.sg_n as f64),
+            ("FM", coop.frag_m as f64),
+            ("FN", coop.frag_n as f64),
+            ("KF", coop.k_frags as f64),
+            ("COOP_WG", geo.workgroup as f64),
+        ]);
+        c.extend_from_slice(extra);
+        let entry = if per_expert {
+            "coop_expert"
+        } else {
+            "coop_gemm"
+        };
+        gpu.coop_pipeline(&COOP, fragment, entry, &c)
+    }
 }
 
 /// Refuse a binding past the device limit, or too large for the kernels' 32-bit indices.
@@ -903,30 +983,13 @@ impl<'a> Validated<'a> {
                 let entry = if per_expert { "gemm_expert" } else { "gemm" };
                 gpu.pipeline(&MATMUL, entry, &c)
             }
-            GemmPath::Coop(fragment) => {
-                let t = &self.config.coop;
-                let subgroup = KernelLimits::of(gpu).subgroup_size;
-                let geo = t.geometry(fragment, subgroup, p.layout, p.x_dtype, p.w_dtype);
-                let x_epv = tiling::elements_per_vector(p.x_dtype) as usize;
-                let mut c = self.problem.constants(self.args.row_scale.is_some());
-                c.extend([
-                    ("X_EPV", x_epv as f64),
-                    ("X_ALIGNED", flag(p.k.is_multiple_of(x_epv))),
-                    ("SG", subgroup as f64),
-                    ("SG_M", t.sg_m as f64),
-                    ("SG_N", t.sg_n as f64),
-                    ("FM", t.frag_m as f64),
-                    ("FN", t.frag_n as f64),
-                    ("KF", t.k_frags as f64),
-                    ("COOP_WG", geo.workgroup as f64),
-                ]);
-                let entry = if per_expert {
-                    "coop_expert"
-                } else {
-                    "coop_gemm"
-                };
-                gpu.coop_pipeline(&COOP, fragment, entry, &c)
-            }
+            GemmPath::Coop(fragment) => p.coop_pipeline(
+                gpu,
+                (&self.config.coop, fragment),
+                self.args.row_scale.is_some(),
+                &[],
+                per_expert,
+            ),
         }
     }
 
@@ -969,6 +1032,139 @@ impl<'a> Validated<'a> {
     fn placeholder(gpu: &Gpu) -> Result<wgpu::Buffer> {
         gpu.storage_buffer("swiftgmm placeholder", 16)
     }
+
+    /// The cooperative-matrix kernel's int8-weight bindings (scales, offsets; see
+    /// [`quant`]), unused with float weights.
+    fn int8_placeholders(placeholder: &wgpu::Buffer) -> [wgpu::BindingResource<'_>; 2] {
+        [
+            placeholder.as_entire_binding(),
+            placeholder.as_entire_binding(),
+        ]
+    }
+}
+
+/// The mode a plan records: with the offsets on the host, the path no group takes is left out
+/// (and the scheduler made to agree); with a threshold of 0 no group takes the GEMV path.
+fn effective_mode(mode: Mode, host_offsets: Option<&[u32]>, threshold: u32) -> Mode {
+    match (mode, host_offsets) {
+        (Mode::Auto, Some(offsets)) => {
+            let rows = offsets.windows(2).map(|w| w[1] - w[0]).filter(|&r| r > 0);
+            let (mut small, mut large) = (false, false);
+            for r in rows {
+                if r <= threshold {
+                    small = true;
+                } else {
+                    large = true;
+                }
+            }
+            match (small, large) {
+                (true, false) => Mode::Gemv,
+                (false, true) => Mode::Gemm,
+                _ => Mode::Auto,
+            }
+        }
+        (Mode::Auto, None) if threshold == 0 => Mode::Gemm,
+        (mode, _) => mode,
+    }
+}
+
+/// What a plan reports and keeps besides its dispatches.
+struct PlanInfo<'a> {
+    /// Prefixes the variant (e.g. `w8a8 `).
+    kind: &'a str,
+    layout: Layout,
+    config: TileConfig,
+    gemm: GemmPath,
+    /// The mode asked for (the scheduler decides per group from it and the threshold).
+    asked: Mode,
+    /// The paths recorded.
+    recorded: Mode,
+    shards: usize,
+}
+
+/// Byte offsets of the GEMV and GEMM paths' (x, y, z) within a shard's dispatch arguments.
+const GEMV_ARGS: u64 = 0;
+const GEMM_ARGS: u64 = 12;
+
+/// The scheduling kernel of a plan (swiftgmm_schedule.wgsl) with the schedule and the indirect
+/// dispatch arguments it writes; shared by the 16-bit and the int8 plans.
+struct Scheduler {
+    pipeline: Arc<wgpu::ComputePipeline>,
+    bind: wgpu::BindGroup,
+    sched: wgpu::Buffer,
+    args: wgpu::Buffer,
+    experts: usize,
+}
+
+impl Scheduler {
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        gpu: &Gpu,
+        weights: &ExpertWeights,
+        groups: DeviceGroups,
+        (experts, m_total): (usize, usize),
+        config: &TileConfig,
+        (mode, gemm_rows): (Mode, u32),
+        (gemv_n_tiles, gemm_n_tiles): (u32, u32),
+        max_workgroups: Option<u32>,
+    ) -> Result<Self> {
+        let shards = weights.shards().len();
+        let sched_bytes = 3 * (experts as u64 + 1) * 4;
+        gpu.check_binding("swiftgmm schedule", sched_bytes)?;
+        let sched = gpu.storage_buffer("swiftgmm schedule", sched_bytes)?;
+        let args = gpu.checked(|| {
+            gpu.device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some("swiftgmm dispatch args"),
+                size: padded_size(ARGS_PER_SHARD * shards as u64),
+                usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::INDIRECT,
+                mapped_at_creation: false,
+            })
+        })?;
+        let mut bounds: Vec<u32> = weights.ranges().map(|(lo, _, _)| lo as u32).collect();
+        bounds.push(experts as u32);
+        let shard_bounds =
+            gpu.storage_buffer_with("swiftgmm shard bounds", bytemuck::cast_slice(&bounds))?;
+        let input = groups.tensor();
+        let params = gpu.uniform(&ScheduleParams {
+            experts: experts as u32,
+            m_total: m_total as u32,
+            counts: matches!(groups, DeviceGroups::Counts(_)) as u32,
+            signed_input: (input.dtype() == DType::I32) as u32,
+            gemv_n_tiles,
+            gemm_n_tiles,
+            shards: shards as u32,
+            max_workgroups: max_workgroups
+                .unwrap_or(u32::MAX)
+                .clamp(1, gpu.caps.max_workgroups_per_dim.min(65535)),
+        })?;
+        let pipeline = gpu.pipeline(
+            &SCHEDULE,
+            "schedule",
+            &[
+                ("THRESHOLD", config.threshold as f64),
+                ("GEMV_ROWS", config.gemv.rows as f64),
+                ("GEMM_TM", gemm_rows as f64),
+                ("MODE", mode.code() as f64),
+            ],
+        )?;
+        let bind = gpu.bind_group(
+            &pipeline,
+            &[
+                params.as_entire_binding(),
+                input.binding(),
+                shard_bounds.as_entire_binding(),
+                sched.as_entire_binding(),
+                args.as_entire_binding(),
+            ],
+        )?;
+        Ok(Scheduler {
+            pipeline,
+            bind,
+            sched,
+            args,
+            experts,
+        })
+    }
 }
 
 impl GmmPlan {
@@ -982,110 +1178,45 @@ impl GmmPlan {
         let gemv_n_tiles = (p.n_out as u32).div_ceil(gemv_geo.out_cols);
         let gemm_n_tiles = prep.gemm_n_tiles();
 
-        // With the offsets on the host, leave out the path no group takes (and make the
-        // scheduler agree).
-        let mode = match (options.mode, args.host_offsets) {
-            (Mode::Auto, Some(offsets)) => {
-                let rows = offsets.windows(2).map(|w| w[1] - w[0]).filter(|&r| r > 0);
-                let (mut small, mut large) = (false, false);
-                for r in rows {
-                    if r <= config.threshold {
-                        small = true;
-                    } else {
-                        large = true;
-                    }
-                }
-                match (small, large) {
-                    (true, false) => Mode::Gemv,
-                    (false, true) => Mode::Gemm,
-                    _ => Mode::Auto,
-                }
-            }
-            (Mode::Auto, None) if config.threshold == 0 => Mode::Gemm,
-            (mode, _) => mode,
-        };
-        let (use_gemv, use_gemm) = match mode {
-            Mode::Auto => (true, true),
-            Mode::Gemv => (true, false),
-            Mode::Gemm => (false, true),
-        };
+        let mode = effective_mode(options.mode, args.host_offsets, config.threshold);
+        let scheduler = Scheduler::new(
+            gpu,
+            args.weights,
+            args.groups,
+            (p.experts, p.m_total),
+            &config,
+            (mode, prep.gemm_rows()),
+            (gemv_n_tiles, gemm_n_tiles),
+            options.max_workgroups,
+        )?;
 
         let weights = args.weights;
-        let shards = weights.shards().len();
-        let sched_bytes = 3 * (p.experts as u64 + 1) * 4;
-        gpu.check_binding("swiftgmm schedule", sched_bytes)?;
-        let sched = gpu.storage_buffer("swiftgmm schedule", sched_bytes)?;
-        let dispatch_args = gpu.checked(|| {
-            gpu.device.create_buffer(&wgpu::BufferDescriptor {
-                label: Some("swiftgmm dispatch args"),
-                size: padded_size(ARGS_PER_SHARD * shards as u64),
-                usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::INDIRECT,
-                mapped_at_creation: false,
-            })
-        })?;
-        let mut bounds: Vec<u32> = weights.ranges().map(|(lo, _, _)| lo as u32).collect();
-        bounds.push(p.experts as u32);
-        let shard_bounds =
-            gpu.storage_buffer_with("swiftgmm shard bounds", bytemuck::cast_slice(&bounds))?;
-        let groups = args.groups.tensor();
-        let schedule_params = gpu.uniform(&ScheduleParams {
-            experts: p.experts as u32,
-            m_total: p.m_total as u32,
-            counts: matches!(args.groups, DeviceGroups::Counts(_)) as u32,
-            signed_input: (groups.dtype() == DType::I32) as u32,
-            gemv_n_tiles,
-            gemm_n_tiles,
-            shards: shards as u32,
-            max_workgroups: options
-                .max_workgroups
-                .unwrap_or(u32::MAX)
-                .clamp(1, gpu.caps.max_workgroups_per_dim.min(65535)),
-        })?;
-        let schedule = gpu.pipeline(
-            &SCHEDULE,
-            "schedule",
-            &[
-                ("THRESHOLD", config.threshold as f64),
-                ("GEMV_ROWS", config.gemv.rows as f64),
-                ("GEMM_TM", prep.gemm_rows() as f64),
-                ("MODE", mode.code() as f64),
-            ],
-        )?;
-        let schedule_bind = gpu.bind_group(
-            &schedule,
-            &[
-                schedule_params.as_entire_binding(),
-                groups.binding(),
-                shard_bounds.as_entire_binding(),
-                sched.as_entire_binding(),
-                dispatch_args.as_entire_binding(),
-            ],
-        )?;
-
         let placeholder = Validated::placeholder(gpu)?;
         let scale = args
             .row_scale
             .map(|s| s.binding())
             .unwrap_or_else(|| placeholder.as_entire_binding());
-        let bind_shards = |pipeline: &wgpu::ComputePipeline, n_tiles: u32| {
+        let bind_shards = |pipeline: &wgpu::ComputePipeline, n_tiles: u32, coop: bool| {
             weights
                 .ranges()
                 .map(|(lo, hi, shard)| {
                     let params = gpu.uniform(&prep.params(lo, hi, n_tiles))?;
-                    gpu.bind_group(
-                        pipeline,
-                        &[
-                            params.as_entire_binding(),
-                            args.x.binding(),
-                            shard.tensor.binding(),
-                            sched.as_entire_binding(),
-                            scale.clone(),
-                            args.y.binding(),
-                        ],
-                    )
+                    let mut resources = vec![
+                        params.as_entire_binding(),
+                        args.x.binding(),
+                        shard.tensor.binding(),
+                        scheduler.sched.as_entire_binding(),
+                        scale.clone(),
+                        args.y.binding(),
+                    ];
+                    if coop {
+                        resources.extend(Validated::int8_placeholders(&placeholder));
+                    }
+                    gpu.bind_group(pipeline, &resources)
                 })
                 .collect::<Result<Vec<_>>>()
         };
+        let (use_gemv, use_gemm) = mode.paths();
         let mut paths = Vec::new();
         if use_gemv {
             let g = &config.gemv;
@@ -1104,49 +1235,69 @@ impl GmmPlan {
                 Layout::Kn => "gemv_kn",
             };
             let pipeline = gpu.pipeline(&MATMUL, entry, &constants)?;
-            let binds = bind_shards(&pipeline, gemv_n_tiles)?;
+            let binds = bind_shards(&pipeline, gemv_n_tiles, false)?;
             paths.push(PathDispatch {
                 pipeline,
                 binds,
-                args_offset: 0,
+                args_offset: GEMV_ARGS,
             });
         }
         if use_gemm {
             let pipeline = prep.gemm_pipeline(gpu, false)?;
-            let binds = bind_shards(&pipeline, gemm_n_tiles)?;
+            let coop = matches!(prep.gemm, GemmPath::Coop(_));
+            let binds = bind_shards(&pipeline, gemm_n_tiles, coop)?;
             paths.push(PathDispatch {
                 pipeline,
                 binds,
-                args_offset: 12,
+                args_offset: GEMM_ARGS,
             });
         }
-        let path_names = match (use_gemv, use_gemm) {
+        Ok(GmmPlan::assemble(
+            scheduler,
+            paths,
+            PlanInfo {
+                kind: "",
+                layout: p.layout,
+                config,
+                gemm: prep.gemm,
+                asked: options.mode,
+                recorded: mode,
+                shards: weights.shards().len(),
+            },
+        ))
+    }
+
+    /// A plan from its scheduler and path dispatches.
+    fn assemble(scheduler: Scheduler, paths: Vec<PathDispatch>, info: PlanInfo) -> Self {
+        let shards = info.shards;
+        let path_names = match info.recorded.paths() {
             (true, true) => "gemv+gemm",
             (true, false) => "gemv",
             _ => "gemm",
         };
         let variant = format!(
-            "{path_names} {} [{}]{}",
-            p.layout.name(),
-            config.describe(prep.gemm),
+            "{}{path_names} {} [{}]{}",
+            info.kind,
+            info.layout.name(),
+            info.config.describe(info.gemm),
             if shards > 1 {
                 format!(", {shards} weight shards")
             } else {
                 String::new()
             }
         );
-        Ok(GmmPlan {
-            schedule,
-            schedule_bind,
+        GmmPlan {
+            schedule: scheduler.pipeline,
+            schedule_bind: scheduler.bind,
             paths,
-            args: dispatch_args,
-            sched,
-            experts: p.experts,
-            config,
-            gemm: prep.gemm,
-            mode: options.mode,
+            args: scheduler.args,
+            sched: scheduler.sched,
+            experts: scheduler.experts,
+            config: info.config,
+            gemm: info.gemm,
+            mode: info.asked,
             variant,
-        })
+        }
     }
 
     /// Record the scheduler and the dispatches of each path into one compute pass.
@@ -1264,17 +1415,18 @@ impl PerExpertBaseline {
                     group: g as u32,
                     ..prep.params(lo, hi, n_tiles)
                 })?;
-                let bind = gpu.bind_group(
-                    &pipeline,
-                    &[
-                        params.as_entire_binding(),
-                        args.x.binding(),
-                        shard.tensor.binding(),
-                        placeholder.as_entire_binding(),
-                        scale.clone(),
-                        args.y.binding(),
-                    ],
-                )?;
+                let mut resources = vec![
+                    params.as_entire_binding(),
+                    args.x.binding(),
+                    shard.tensor.binding(),
+                    placeholder.as_entire_binding(),
+                    scale.clone(),
+                    args.y.binding(),
+                ];
+                if matches!(prep.gemm, GemmPath::Coop(_)) {
+                    resources.extend(Validated::int8_placeholders(&placeholder));
+                }
+                let bind = gpu.bind_group(&pipeline, &resources)?;
                 let tiles = (end - start).div_ceil(prep.gemm_rows()) * n_tiles;
                 dispatches.push((bind, grid(tiles, gpu.caps.max_workgroups_per_dim)));
             }

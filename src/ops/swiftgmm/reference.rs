@@ -40,6 +40,7 @@ fn values_f64(t: &Tensor, range: std::ops::Range<usize>) -> Vec<f64> {
         TensorData::I32(v) => v[range].iter().map(|&x| x as f64).collect(),
         TensorData::U32(v) => v[range].iter().map(|&x| x as f64).collect(),
         TensorData::U8(v) => v[range].iter().map(|&x| x as f64).collect(),
+        TensorData::I8(v) => v[range].iter().map(|&x| x as f64).collect(),
     }
 }
 

@@ -302,7 +302,11 @@ pub struct GemvGeometry {
 
 /// Elements per 16-byte weight vector.
 pub fn elements_per_vector(dtype: DType) -> u32 {
-    if dtype == DType::F32 { 4 } else { 8 }
+    match dtype {
+        DType::F32 => 4,
+        DType::I8 => 16,
+        _ => 8,
+    }
 }
 
 /// The device limits a configuration must respect.
@@ -331,7 +335,7 @@ impl KernelLimits {
         }
     }
 
-    fn check_workgroup(&self, what: &str, invocations: u32, bytes: u64) -> Result<()> {
+    pub(crate) fn check_workgroup(&self, what: &str, invocations: u32, bytes: u64) -> Result<()> {
         let max = self.max_invocations.min(self.max_workgroup_size_x);
         if invocations > max {
             return Err(Error::Limit {
