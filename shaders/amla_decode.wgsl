@@ -95,42 +95,15 @@ fn cache_word(i: u32) -> u32 {
     return kv_cache[i >> 2u][i & 3u];
 }
 
-// Dims 4 quad .. 4 quad + 3 of packed cache row `row`, decoded to f32, and whether a NaN code, a
-// non-finite scale, rope value or product was cleared to 0 on the way.
-struct Decoded {
-    v: vec4<f32>,
-    bad: bool,
-}
-
+// Dims 4 quad .. 4 quad + 3 of packed cache row `row`, decoded to f32 (decode_packed).
 fn packed_quad(row: u32, quad: u32) -> Decoded {
     let base = row * PACKED_WORDS;
-    var v: vec4<f32>;
-    var bad = false;
     if (quad < V_QUADS) {
-        var word = cache_word(base + quad);
-        if (KV_FORMAT == KV_FP8) {
-            let nan = fp8_nan_mask(word);
-            bad = nan != 0u;
-            word &= ~nan;
-        }
-        let scale_bits = cache_word(base + PACKED_SCALES_AT + quad / 32u);
-        let scale_bad = is_nonfinite_f32(scale_bits);
-        bad = bad || scale_bad;
-        v = packed_values(word, select(bitcast<f32>(scale_bits), 0.0, scale_bad), KV_FORMAT);
-    } else {
-        let at = base + PACKED_ROPE_AT + 2u * (quad - V_QUADS);
-        let pair = vec4<u32>(cache_word(at), cache_word(at + 1u), 0u, 0u);
-        let clean = pair & ~nonfinite_mask(pair, DTYPE_BF16);
-        bad = any(clean != pair);
-        v = vec4<f32>(unpack_pair(clean.x, DTYPE_BF16), unpack_pair(clean.y, DTYPE_BF16));
+        let codes = vec2<u32>(cache_word(base + quad), 0u);
+        return decode_packed(quad, codes, cache_word(base + PACKED_SCALES_AT + quad / 32u), KV_FORMAT);
     }
-    // A finite code times a large finite scale can still overflow.
-    let overflow = is_nonfinite_f32(bitcast<u32>(v.x)) || is_nonfinite_f32(bitcast<u32>(v.y))
-        || is_nonfinite_f32(bitcast<u32>(v.z)) || is_nonfinite_f32(bitcast<u32>(v.w));
-    if (overflow) {
-        v = vec4<f32>(0.0);
-    }
-    return Decoded(v, bad || overflow);
+    let at = base + PACKED_ROPE_AT + 2u * (quad - V_QUADS);
+    return decode_packed(quad, vec2<u32>(cache_word(at), cache_word(at + 1u)), 0u, KV_FORMAT);
 }
 
 // acc + q.x k.x + q.y k.y + q.z k.z + q.w k.w as a chain of four fmas (no extra add).

@@ -89,6 +89,43 @@ fn packed_values(word: u32, scale: f32, format: u32) -> vec4<f32> {
     return int8x4(word) * scale;
 }
 
+// Dims 4 quad .. 4 quad + 3 of a packed cache row, decoded to f32 from its words: `w.x` holds
+// the four codes (quad < 128, with the group's scale in `scale_bits`) or `w` the two words of
+// the bf16 rope pair (quad >= 128); and whether a NaN code, a non-finite scale, rope value or
+// product was cleared to 0 on the way. Pure, so that each decode kernel fetches the words its way.
+struct Decoded {
+    v: vec4<f32>,
+    bad: bool,
+}
+
+fn decode_packed(quad: u32, w: vec2<u32>, scale_bits: u32, format: u32) -> Decoded {
+    var v: vec4<f32>;
+    var bad = false;
+    if (quad < 128u) {
+        var word = w.x;
+        if (format == KV_FP8) {
+            let nan = fp8_nan_mask(word);
+            bad = nan != 0u;
+            word &= ~nan;
+        }
+        let scale_bad = is_nonfinite_f32(scale_bits);
+        bad = bad || scale_bad;
+        v = packed_values(word, select(bitcast<f32>(scale_bits), 0.0, scale_bad), format);
+    } else {
+        let pair = vec4<u32>(w, 0u, 0u);
+        let clean = pair & ~nonfinite_mask(pair, DTYPE_BF16);
+        bad = any(clean != pair);
+        v = vec4<f32>(unpack_pair(clean.x, DTYPE_BF16), unpack_pair(clean.y, DTYPE_BF16));
+    }
+    // A finite code times a large finite scale can still overflow.
+    let overflow = is_nonfinite_f32(bitcast<u32>(v.x)) || is_nonfinite_f32(bitcast<u32>(v.y))
+        || is_nonfinite_f32(bitcast<u32>(v.z)) || is_nonfinite_f32(bitcast<u32>(v.w));
+    if (overflow) {
+        v = vec4<f32>(0.0);
+    }
+    return Decoded(v, bad || overflow);
+}
+
 // ---- P ----
 
 // A non-negative finite f32 rounded to the nearest f16 (ties to even), kept in f32.

@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 
 use crate::check::{Comparison, Tolerance};
 use crate::error::{Error, Result};
-use crate::gpu::{Gpu, Recorder};
+use crate::gpu::{Fragment, Gpu, Recorder};
 use crate::tensor::Tensor;
 
 /// Named tensors in and out of `fusedops run` (the tensors of a safetensors file).
@@ -281,22 +281,27 @@ impl std::fmt::Display for Coverage {
 }
 
 /// What the host half of a case may depend on from the device it prepares for: AMLA's
-/// emulation reference follows the tiles its plan picks from the workgroup-memory limit.
+/// emulation reference follows the kernel its plan picks (cooperative-matrix or SIMT) and that
+/// kernel's tiles.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Target {
     pub max_workgroup_storage: u32,
+    /// The cooperative-matrix fragment and the fixed subgroup size, where the device has both.
+    pub coop: Option<(Fragment, u32)>,
 }
 
 impl Target {
-    /// An NVIDIA GPU through Vulkan (48 KiB of workgroup memory per workgroup): what
-    /// `fusedops bench --host-only` prepares for.
+    /// An NVIDIA GPU through Vulkan (48 KiB of workgroup memory per workgroup, 16x16 f16 -> f32
+    /// fragments, subgroups of 32): what `fusedops bench --host-only` prepares for.
     pub const NVIDIA_VULKAN: Target = Target {
         max_workgroup_storage: 48 << 10,
+        coop: Some((Fragment::Size16, 32)),
     };
 
     pub fn of(gpu: &Gpu) -> Self {
         Target {
             max_workgroup_storage: gpu.caps.max_workgroup_storage,
+            coop: gpu.caps.coop_fragment().zip(gpu.caps.fixed_subgroup_size()),
         }
     }
 }

@@ -9,8 +9,8 @@ use super::inputs::{AmlaInputs, ColumnFill, InputSpec, Pattern, SplitMix};
 use super::reference::{self, Emulation, Exact};
 use super::schedule::plan_work;
 use super::{
-    AmlaBindings, AmlaParams, AmlaPlan, AmlaSchedule, AmlaShape, D_QK, D_V, KvFormat, PPrecision,
-    Rescale, Split, TileConfig, kv_row_bytes, quantize_cache, visible_keys,
+    AmlaBindings, AmlaParams, AmlaPlan, AmlaSchedule, AmlaShape, CoopConfig, D_QK, D_V, KvFormat,
+    PPrecision, Rescale, Split, TileConfig, coop, kv_row_bytes, quantize_cache, visible_keys,
 };
 use crate::check::{Tolerance, compare};
 use crate::error::{Error, Result};
@@ -246,13 +246,30 @@ impl Case for AmlaCase {
         2 * (D_QK + D_V) as u64 * self.visible_pairs()
     }
 
+    fn uses_tensor_cores(&self, gpu: &Gpu) -> bool {
+        let s = &self.spec;
+        // Only the dtypes, the cache format and the rows matter to the choice.
+        let shape = AmlaShape {
+            batch: s.seqlens.len(),
+            s_q: s.s_q,
+            h_q: s.h_q,
+            num_blocks: 1,
+            page_size: s.page_size,
+            max_blocks: 1,
+            q_dtype: s.q_dtype,
+            kv_dtype: s.kv_dtype,
+            out_dtype: s.q_dtype,
+        };
+        CoopConfig::choose(gpu, &shape, &self.params).is_ok()
+    }
+
     fn host(&self, target: &Target) -> Result<Box<dyn HostPrepared>> {
         let layout = self.layout()?;
         let shape = self.shape(&layout)?;
-        let tiles = TileConfig::choose(shape.rows(), shape.kv_dtype, target.max_workgroup_storage)?;
+        let kernel = DecodeKernel::for_target(target, &shape, &self.params)?;
         let seqs = self.checked_seqs();
         let exact = self.exact(&layout, &seqs)?;
-        let emulation = self.emulate(&layout, &seqs, &shape, &tiles)?;
+        let emulation = self.emulate(&layout, &seqs, &shape, kernel)?;
         Ok(Box::new(AmlaHost {
             case: self.clone(),
             shape,
@@ -280,17 +297,82 @@ struct ExactRows {
     lse: Vec<f64>,
     /// The largest |v| of their caches ([`exact_out_tolerance`]).
     max_abs_v: f64,
+    /// What rounding their caches to f16 may do to the scores ([`coop::exact_tolerances`]).
+    staging: coop::StagingBound,
 }
 
-/// The emulation of the checked sequences for one tile configuration.
+/// The decode kernel an emulation follows: the SIMT one with its tiles, or the
+/// cooperative-matrix one with its configuration.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum DecodeKernel {
+    Simt(TileConfig),
+    Coop(CoopConfig),
+}
+
+impl DecodeKernel {
+    /// What [`AmlaPlan::new`] picks on a device like `target`.
+    fn for_target(target: &Target, shape: &AmlaShape, params: &AmlaParams) -> Result<Self> {
+        let (fragment, subgroup) = target.coop.unzip();
+        // Every coop configuration has at most 256 invocations, WebGPU's default limit.
+        let coop = CoopConfig::choose_for(
+            fragment,
+            subgroup,
+            target.max_workgroup_storage,
+            256,
+            shape,
+            params,
+        );
+        Ok(match coop {
+            Ok(config) => DecodeKernel::Coop(config),
+            Err(_) => DecodeKernel::Simt(TileConfig::choose(
+                shape.rows(),
+                shape.kv_dtype,
+                target.max_workgroup_storage,
+            )?),
+        })
+    }
+
+    /// The kernel `plan` runs.
+    fn of(plan: &AmlaPlan) -> Self {
+        match plan.coop() {
+            Some(c) => DecodeKernel::Coop(*c),
+            None => DecodeKernel::Simt(*plan.tiles()),
+        }
+    }
+
+    fn row_blocks(&self, rows: usize) -> usize {
+        match self {
+            DecodeKernel::Simt(t) => t.row_blocks(rows),
+            DecodeKernel::Coop(c) => c.row_blocks(rows),
+        }
+    }
+
+    fn tile_keys(&self) -> u32 {
+        match self {
+            DecodeKernel::Simt(t) => t.tile_keys,
+            DecodeKernel::Coop(c) => c.tile_keys,
+        }
+    }
+
+    /// This kernel's emulation of one batch.
+    fn emulate(&self, x: [&Tensor; 4], params: &AmlaParams) -> Result<Emulation> {
+        let [q, kv, table, lens] = x;
+        match self {
+            DecodeKernel::Simt(t) => reference::emulate(q, kv, table, lens, params, t),
+            DecodeKernel::Coop(c) => Ok(coop::emulate(q, kv, table, lens, params, c)?.emulation),
+        }
+    }
+}
+
+/// The emulation of the checked sequences for one decode kernel.
 struct EmulatedRows {
-    tiles: TileConfig,
+    kernel: DecodeKernel,
     emulation: Emulation,
 }
 
 impl EmulatedRows {
     /// The emulations of single sequences, in order, as one.
-    fn joined(tiles: TileConfig, parts: Vec<Emulation>) -> Self {
+    fn joined(kernel: DecodeKernel, parts: Vec<Emulation>) -> Self {
         let mut all = Emulation {
             out: Vec::new(),
             lse: Vec::new(),
@@ -306,7 +388,7 @@ impl EmulatedRows {
             all.stats += e.stats;
         }
         EmulatedRows {
-            tiles,
+            kernel,
             emulation: all,
         }
     }
@@ -465,27 +547,33 @@ impl AmlaCase {
                     out: e.out,
                     lse: e.lse,
                     max_abs_v: reference::max_abs_v(kv, self.params.kv_format),
+                    staging: coop::StagingBound::of(q, kv, &self.params),
                 }
             }
             None => {
-                let parts: Vec<(Exact, f64)> = seqs
+                let parts: Vec<(Exact, f64, coop::StagingBound)> = seqs
                     .par_iter()
                     .map(|&seq| {
                         let [q, kv, table, lens] = self.one_sequence(layout, seq)?;
                         let e = reference::exact(&q, &kv, &table, &lens, &self.params)?;
-                        Ok((e, reference::max_abs_v(&kv, self.params.kv_format)))
+                        let v = reference::max_abs_v(&kv, self.params.kv_format);
+                        Ok((e, v, coop::StagingBound::of(&q, &kv, &self.params)))
                     })
                     .collect::<Result<_>>()?;
                 ExactRows {
                     out: parts
                         .iter()
-                        .flat_map(|(e, _)| e.out.iter().copied())
+                        .flat_map(|(e, _, _)| e.out.iter().copied())
                         .collect(),
                     lse: parts
                         .iter()
-                        .flat_map(|(e, _)| e.lse.iter().copied())
+                        .flat_map(|(e, _, _)| e.lse.iter().copied())
                         .collect(),
                     max_abs_v: parts.iter().map(|p| p.1).fold(0.0, f64::max),
+                    staging: coop::StagingBound {
+                        score_abs: parts.iter().map(|p| p.2.score_abs).fold(0.0, f64::max),
+                        score_l2: parts.iter().map(|p| p.2.score_l2).fold(0.0, f64::max),
+                    },
                 }
             }
         });
@@ -493,33 +581,27 @@ impl AmlaCase {
         Ok(rows)
     }
 
-    /// The emulation of `seqs` for `tiles`. A seeded case emulates each sequence alone, with the
-    /// key ranges the whole batch's schedule gives it (`Split::Auto` splits by the batch's work).
+    /// The emulation of `seqs` for `kernel`. A seeded case emulates each sequence alone, with
+    /// the key ranges the whole batch's schedule gives it (`Split::Auto` splits by the batch's
+    /// work).
     fn emulate(
         &self,
         layout: &Layout,
         seqs: &[usize],
         shape: &AmlaShape,
-        tiles: &TileConfig,
+        kernel: DecodeKernel,
     ) -> Result<EmulatedRows> {
         if let Some((q, kv)) = &layout.host {
-            let e = reference::emulate(
-                q,
-                kv,
-                &layout.block_table,
-                &layout.cache_seqlens,
-                &self.params,
-                tiles,
-            )?;
+            let x = [q, kv, &layout.block_table, &layout.cache_seqlens];
             return Ok(EmulatedRows {
-                tiles: *tiles,
-                emulation: e,
+                kernel,
+                emulation: kernel.emulate(x, &self.params)?,
             });
         }
         let work = plan_work(
             &self.spec.seqlens,
-            tiles.row_blocks(shape.rows()),
-            tiles.tile_keys,
+            kernel.row_blocks(shape.rows()),
+            kernel.tile_keys(),
             self.params.split,
         )?;
         let parts: Vec<Emulation> = seqs
@@ -535,10 +617,10 @@ impl AmlaCase {
                     ..self.params
                 };
                 let [q, kv, table, lens] = self.one_sequence(layout, seq)?;
-                reference::emulate(&q, &kv, &table, &lens, &params, tiles)
+                kernel.emulate([&q, &kv, &table, &lens], &params)
             })
             .collect::<Result<_>>()?;
-        Ok(EmulatedRows::joined(*tiles, parts))
+        Ok(EmulatedRows::joined(kernel, parts))
     }
 }
 
@@ -549,7 +631,7 @@ struct AmlaHost {
     layout: Layout,
     seqs: Vec<usize>,
     exact: Arc<ExactRows>,
-    /// For the target's tiles; redone at upload when the device's plan picks others.
+    /// For the target's kernel; redone at upload when the device's plan picks another.
     emulation: EmulatedRows,
 }
 
@@ -627,14 +709,27 @@ impl HostPrepared for AmlaHost {
         let c = &self.case;
         let plan = AmlaPlan::new(gpu, &self.shape, &c.params)?;
         let redone;
-        let emulation = if *plan.tiles() == self.emulation.tiles {
+        let kernel = DecodeKernel::of(&plan);
+        let emulation = if kernel == self.emulation.kernel {
             &self.emulation
         } else {
-            redone = c.emulate(&self.layout, &self.seqs, &self.shape, plan.tiles())?;
+            redone = c.emulate(&self.layout, &self.seqs, &self.shape, kernel)?;
             &redone
         };
-        let exact_tolerance =
-            exact_out_tolerance(c.params.rescale, plan.p_rounding(), self.exact.max_abs_v);
+        let mut exact_tolerance = (
+            exact_out_tolerance(c.params.rescale, plan.p_rounding(), self.exact.max_abs_v),
+            lse_tolerance(),
+        );
+        if plan.coop().is_some() {
+            let (out, lse) = exact_tolerance;
+            exact_tolerance = coop::exact_tolerances(
+                out,
+                lse,
+                &c.params,
+                self.exact.max_abs_v,
+                &self.exact.staging,
+            );
+        }
         let (q, kv) = self.inputs(gpu)?;
         let (table, lens) = (&self.layout.block_table, &self.layout.cache_seqlens);
         let main = Run::new(gpu, plan, table, lens, &q, &kv)?;
@@ -643,7 +738,7 @@ impl HostPrepared for AmlaHost {
                 rescale: Rescale::Multiply,
                 ..c.params
             };
-            let plan = AmlaPlan::with_tiles(gpu, &self.shape, &params, *main.plan.tiles())?;
+            let plan = main.plan.sibling(gpu, &params)?;
             Some(Run::new(gpu, plan, table, lens, &q, &kv)?)
         } else {
             None
@@ -710,7 +805,8 @@ struct AmlaPrepared<'g> {
     main: Run,
     baseline: Option<Run>,
     exact: Arc<ExactRows>,
-    exact_tolerance: Tolerance,
+    /// Of `out` and `lse` against the exact reference (they depend on the kernel).
+    exact_tolerance: (Tolerance, Tolerance),
     /// The emulation, `out` rounded to the output dtype, and the bounds it derives.
     emulation_out: Vec<f32>,
     emulation_out_tolerance: Tolerance,
@@ -752,12 +848,12 @@ impl Prepared for AmlaPrepared<'_> {
             Checked::new(
                 "out",
                 &out_shape,
-                compare(&out, &self.exact.out, self.exact_tolerance),
+                compare(&out, &self.exact.out, self.exact_tolerance.0),
             ),
             Checked::new(
                 "lse",
                 &lse_shape,
-                compare(&lse, &self.exact.lse, lse_tolerance()),
+                compare(&lse, &self.exact.lse, self.exact_tolerance.1),
             ),
             Checked::new(
                 "out~emulation",
@@ -1026,6 +1122,12 @@ fn headline(full: bool) -> Vec<AmlaCase> {
         causal: true,
         ..amla
     };
+    // P in f16: the tensor-core decode where the adapter has one (the bench times it beside
+    // the SIMT kernel).
+    let amla16 = AmlaParams {
+        p_precision: PPrecision::F16,
+        ..amla
+    };
     let (b, sk, b_big_h) = if full { (128, 4096, 128) } else { (4, 512, 2) };
     let case = |lens: &[usize], s_q, h, p, seed| {
         AmlaCase::new(d, lens, s_q, h, 64, DType::BF16, p, seed).seeded()
@@ -1038,8 +1140,10 @@ fn headline(full: bool) -> Vec<AmlaCase> {
         case(&vec![sk; b], 1, 16, fp8, 30),
         case(&vec![sk; b], 1, 16, int8, 30),
         case(&vec![sk; b], 1, 16, multiply, 30),
+        case(&vec![sk; b], 1, 16, amla16, 30),
         case(&vec![sk; b_big_h], 1, 128, amla, 31),
         case(&vec![sk; b_big_h], 1, 128, multiply, 31),
+        case(&vec![sk; b_big_h], 1, 128, amla16, 31),
         case(&spread(b_big_h, 2 * sk, 33), 2, 128, causal, 33),
     ]
 }
@@ -1181,7 +1285,33 @@ impl Operator for AmlaOperator {
             ),
             Err(e) => format!("unavailable: {e}"),
         };
+        // The coop path for a DeepSeek-V3 head count (128 rows: the largest head block).
+        let deepseek = AmlaShape {
+            batch: 1,
+            s_q: 1,
+            h_q: 128,
+            num_blocks: 1,
+            page_size: 64,
+            max_blocks: 1,
+            q_dtype: DType::BF16,
+            kv_dtype: DType::BF16,
+            out_dtype: DType::BF16,
+        };
+        let p16 = AmlaParams {
+            p_precision: PPrecision::F16,
+            ..AmlaParams::default()
+        };
+        let coop = match CoopConfig::choose(gpu, &deepseek, &p16) {
+            Ok(c) => format!(
+                "{} (head block: s_q x h_q rounded up to a power of two, {}..64); the SIMT \
+                 kernels below for f32 q, an f32 cache or P in f32",
+                c.describe(max),
+                c.fragment.size()
+            ),
+            Err(why) => format!("f32 SIMT ({why})"),
+        };
         vec![
+            ("decode (16-bit q and P)".into(), coop),
             (
                 "decode (16-bit cache)".into(),
                 format!("f32 SIMT, {}", tiles(16, DType::BF16)),
@@ -1251,19 +1381,36 @@ impl Operator for AmlaOperator {
         inputs: &NamedTensors,
         params: &serde_json::Value,
     ) -> Tolerance {
-        if output == "lse" {
-            return lse_tolerance();
-        }
         let (Ok(p), Ok(x)) = (
             params_from_json::<RunParams>("amla", params).and_then(|p| p.to_params()),
             named_inputs(inputs),
         ) else {
-            return out_tolerance();
+            return if output == "lse" {
+                lse_tolerance()
+            } else {
+                out_tolerance()
+            };
         };
-        exact_out_tolerance(
-            p.rescale,
-            p.p_precision.resolve(x.kv_cache.dtype()),
-            reference::max_abs_v(x.kv_cache, p.kv_format),
-        )
+        let max_abs_v = reference::max_abs_v(x.kv_cache, p.kv_format);
+        let mut tolerances = (
+            exact_out_tolerance(
+                p.rescale,
+                p.p_precision.resolve(x.kv_cache.dtype()),
+                max_abs_v,
+            ),
+            lse_tolerance(),
+        );
+        // The coop decode may run (the adapter decides): its f16 staging of an 8-bit cache.
+        let coop_possible = AmlaShape::of(x.q, x.kv_cache, x.block_table, x.cache_seqlens)
+            .is_ok_and(|shape| coop::eligible(&shape, &p).is_ok());
+        if coop_possible {
+            let bound = coop::StagingBound::of(x.q, x.kv_cache, &p);
+            tolerances = coop::exact_tolerances(tolerances.0, tolerances.1, &p, max_abs_v, &bound);
+        }
+        if output == "lse" {
+            tolerances.1
+        } else {
+            tolerances.0
+        }
     }
 }

@@ -44,6 +44,7 @@
 //! ```
 
 pub mod cases;
+pub mod coop;
 pub mod inputs;
 pub mod quant;
 pub mod reference;
@@ -57,6 +58,7 @@ use crate::gpu::{Gpu, Kernel, Recorder, grid};
 use crate::tensor::{DType, DeviceTensor, Tensor};
 
 pub use cases::OPERATOR;
+pub use coop::CoopConfig;
 pub use quant::quantize_cache;
 pub use schedule::{D_QK, D_V, Split, TileConfig, WorkPlan};
 
@@ -79,6 +81,7 @@ macro_rules! amla_kernel {
 const PREP: Kernel = amla_kernel!("amla_prep");
 const DECODE: Kernel = amla_kernel!("amla_decode");
 const COMBINE: Kernel = amla_kernel!("amla_combine");
+const DECODE_COOP: Kernel = amla_kernel!("amla_decode_coop");
 
 /// Storage buffers the decode kernel binds (the most of the three kernels).
 const DECODE_STORAGE_BUFFERS: u32 = 7;
@@ -703,7 +706,11 @@ pub struct AmlaPlan {
     id: u64,
     shape: AmlaShape,
     params: AmlaParams,
+    /// The SIMT kernel's tiles: what runs when `coop` is `None` (and what would run with
+    /// cooperative matrices off).
     tiles: TileConfig,
+    /// The cooperative-matrix decode, which replaces the SIMT prep and decode kernels.
+    coop: Option<CoopConfig>,
     row_blocks: usize,
     max_partial_slots: u32,
     prep: Arc<wgpu::ComputePipeline>,
@@ -723,6 +730,7 @@ impl std::fmt::Debug for AmlaPlan {
             .field("shape", &self.shape)
             .field("params", &self.params)
             .field("tiles", &self.tiles)
+            .field("coop", &self.coop)
             .field("max_partial_slots", &self.max_partial_slots)
             .finish_non_exhaustive()
     }
@@ -733,15 +741,20 @@ fn dtype_code(dtype: DType) -> f64 {
 }
 
 impl AmlaPlan {
-    /// Plan for `shape` on `gpu` with the tiles chosen from the device limits.
+    /// Plan for `shape` on `gpu`: the cooperative-matrix decode where the adapter and the
+    /// dtypes allow it ([`CoopConfig::choose`]), else the SIMT kernel, with tiles chosen from the
+    /// device limits.
     pub fn new(gpu: &Gpu, shape: &AmlaShape, params: &AmlaParams) -> Result<Self> {
         shape.validate()?;
+        if let Ok(config) = CoopConfig::choose(gpu, shape, params) {
+            return AmlaPlan::with_coop(gpu, shape, params, config);
+        }
         let tiles =
             TileConfig::choose(shape.rows(), shape.kv_dtype, gpu.caps.max_workgroup_storage)?;
         AmlaPlan::with_tiles(gpu, shape, params, tiles)
     }
 
-    /// Plan with explicit tiles (validated against the device limits).
+    /// Plan for the SIMT kernel with explicit tiles (validated against the device limits).
     pub fn with_tiles(
         gpu: &Gpu,
         shape: &AmlaShape,
@@ -863,6 +876,7 @@ impl AmlaPlan {
             shape: *shape,
             params: *params,
             tiles,
+            coop: None,
             row_blocks,
             max_partial_slots: slots as u32,
             prep,
@@ -883,8 +897,24 @@ impl AmlaPlan {
         &self.params
     }
 
+    /// The SIMT kernel's tiles (see [`AmlaPlan::coop`] for the kernel that runs).
     pub fn tiles(&self) -> &TileConfig {
         &self.tiles
+    }
+
+    /// The cooperative-matrix configuration when that decode runs, `None` for the SIMT one.
+    pub fn coop(&self) -> Option<&CoopConfig> {
+        self.coop.as_ref()
+    }
+
+    /// Query rows per work item of the kernel that runs.
+    fn head_block(&self) -> u32 {
+        self.coop.map_or(self.tiles.head_block, |c| c.head_block)
+    }
+
+    /// Keys per tile of the kernel that runs (the split boundaries are whole tiles).
+    fn tile_keys(&self) -> u32 {
+        self.coop.map_or(self.tiles.tile_keys, |c| c.tile_keys)
     }
 
     /// Head blocks per sequence.
@@ -904,6 +934,9 @@ impl AmlaPlan {
 
     /// The kernel variant, as reported by `fusedops check`/`bench`.
     pub fn variant(&self) -> String {
+        if let Some(c) = &self.coop {
+            return c.variant(&self.params, self.shape.kv_dtype);
+        }
         let t = &self.tiles;
         let kv = match self.params.kv_format {
             KvFormat::Float => String::new(),
@@ -957,7 +990,7 @@ impl AmlaPlan {
         let work = schedule::plan_work(
             &lengths,
             self.row_blocks,
-            self.tiles.tile_keys,
+            self.tile_keys(),
             self.params.split,
         )?;
         if work.partial_slots > self.max_partial_slots {
@@ -981,7 +1014,7 @@ impl AmlaPlan {
             s_q: s.s_q as u32,
             h_q: s.h_q as u32,
             rows,
-            rows_padded: (self.row_blocks * self.tiles.head_block as usize) as u32,
+            rows_padded: (self.row_blocks * self.head_block() as usize) as u32,
             num_blocks: s.num_blocks as u32,
             page_shift: s.page_size.trailing_zeros(),
             max_blocks: s.max_blocks as u32,
@@ -1091,18 +1124,19 @@ impl AmlaPlan {
             )?)
         };
         let max = gpu.caps.max_workgroups_per_dim;
-        let quads = (s.batch * s.rows()) as u32 * schedule::QUADS;
+        // The SIMT prep converts a quad per invocation, the coop prep a row per workgroup.
+        let prep_groups = match self.coop {
+            Some(_) => (s.batch * s.rows()) as u32,
+            None => ((s.batch * s.rows()) as u32 * schedule::QUADS).div_ceil(256),
+        };
         Ok(AmlaBindings {
             plan_id: self.id,
             prep,
             decode,
             combine,
-            prep_grid: grid(quads.div_ceil(256), max),
+            prep_grid: grid(prep_groups, max),
             decode_grid: grid(schedule.work.items.len() as u32, max),
-            combine_grid: grid(
-                schedule.work.combines.len() as u32 * self.tiles.head_block,
-                max,
-            ),
+            combine_grid: grid(schedule.work.combines.len() as u32 * self.head_block(), max),
         })
     }
 

@@ -36,7 +36,7 @@ pub const GUARD_BITS: u32 = 0x501502f9;
 /// The AMLA exponent step never goes below 2^-30.
 pub const MIN_EXPONENT_STEP: f32 = -30.0;
 /// f32 unit roundoff, 2^-24.
-const U: f64 = 1.0 / 16_777_216.0;
+pub(super) const U: f64 = 1.0 / 16_777_216.0;
 
 /// Elements `start .. start + len` of a tensor as f64.
 fn values_f64(t: &Tensor, start: usize, len: usize) -> Vec<f64> {
@@ -53,17 +53,17 @@ fn values_f64(t: &Tensor, start: usize, len: usize) -> Vec<f64> {
 }
 
 /// The inputs, validated, with the lengths.
-struct Checked<'a> {
-    shape: AmlaShape,
+pub(super) struct Checked<'a> {
+    pub(super) shape: AmlaShape,
     format: KvFormat,
-    q: &'a Tensor,
+    pub(super) q: &'a Tensor,
     kv: &'a Tensor,
     table: &'a [i32],
-    lengths: Vec<usize>,
+    pub(super) lengths: Vec<usize>,
 }
 
 impl<'a> Checked<'a> {
-    fn new(
+    pub(super) fn new(
         q: &'a Tensor,
         kv: &'a Tensor,
         block_table: &'a Tensor,
@@ -88,7 +88,7 @@ impl<'a> Checked<'a> {
     }
 
     /// The cache rows sequence `seq` uses, in key order.
-    fn rows(&self, seq: usize) -> Vec<usize> {
+    pub(super) fn rows(&self, seq: usize) -> Vec<usize> {
         self.shape
             .sequence_rows(self.table, seq, self.lengths[seq])
             .collect()
@@ -108,7 +108,7 @@ impl<'a> Checked<'a> {
     /// Cache row `row` as the kernel's key tile holds it: f32 values (a packed row decoded in
     /// f32 arithmetic, four values at a time) with NaN and infinities cleared to 0, and whether
     /// one was cleared.
-    fn row_tile(&self, row: usize) -> (Vec<f32>, bool) {
+    pub(super) fn row_tile(&self, row: usize) -> (Vec<f32>, bool) {
         let mut bad = false;
         let mut out = Vec::with_capacity(D_QK);
         match self.kv.as_u8() {
@@ -158,7 +158,7 @@ impl<'a> Checked<'a> {
 }
 
 /// Run `f(seq)` for every sequence on all cores, results in sequence order.
-fn per_sequence<T: Send>(batch: usize, f: impl Fn(usize) -> T + Sync) -> Vec<T> {
+pub(super) fn per_sequence<T: Send>(batch: usize, f: impl Fn(usize) -> T + Sync) -> Vec<T> {
     let threads = std::thread::available_parallelism()
         .map_or(1, |n| n.get())
         .min(batch.max(1));
@@ -189,7 +189,7 @@ fn per_sequence<T: Send>(batch: usize, f: impl Fn(usize) -> T + Sync) -> Vec<T> 
 
 /// Rows of every sequence into the output layouts: out `[b, s_q, h_q, 512]` (rows in order),
 /// lse `[b, h_q, s_q]`.
-fn scatter_lse<T: Copy + Default>(s: &AmlaShape, per_seq: Vec<Vec<T>>) -> Vec<T> {
+pub(super) fn scatter_lse<T: Copy + Default>(s: &AmlaShape, per_seq: Vec<Vec<T>>) -> Vec<T> {
     let rows = s.rows();
     let mut lse = vec![T::default(); s.batch * rows];
     for (seq, l) in per_seq.into_iter().enumerate() {
@@ -424,37 +424,39 @@ pub fn exponent_step(n_old: f32, n_new: f32, cof_old: f32, cof_new: f32) -> u32 
 }
 
 /// The running state of one row, as the kernel's row invocation holds it.
-struct RowState {
-    m: f32,
-    l: f32,
+pub(super) struct RowState {
+    pub(super) m: f32,
+    pub(super) l: f32,
     n: f32,
     cof: f32,
-    c_hat: f32,
-    poisoned: bool,
+    pub(super) c_hat: f32,
+    pub(super) poisoned: bool,
 }
 
 /// What one tile did to a row.
-struct TileStep {
+pub(super) struct TileStep {
     /// The O rescale: an integer add (AMLA) or the bits of an f32 factor (multiply).
-    step: u32,
+    pub(super) step: u32,
     /// Whether the step applies to O (the max grew after the row's first key).
-    rescales: bool,
+    pub(super) rescales: bool,
     /// The nominal factor the step multiplies O by, and l's factor (for the bounds).
     factor: f64,
     decay: f32,
-    /// The largest score of the tile, the new running max, and c = 2^(m + n) when AMLA
-    /// recomputed it.
+    /// The largest score of the tile, what it had to exceed to move the max (the running max,
+    /// plus the lazy threshold of the coop kernel), the new running max, and c = 2^(m + n) when
+    /// AMLA recomputed it.
     m_tile: f32,
+    threshold: f32,
     m: f32,
     c: Option<f32>,
     /// p, p · c_hat (AMLA) or p before the 16-bit rounding, and P as the P·V product uses it.
     x_unscaled: Vec<f32>,
     x: Vec<f32>,
-    p: Vec<f32>,
+    pub(super) p: Vec<f32>,
 }
 
 impl RowState {
-    fn new() -> Self {
+    pub(super) fn new() -> Self {
         RowState {
             m: MASKED,
             l: 0.0,
@@ -466,19 +468,23 @@ impl RowState {
     }
 
     /// One tile: update the state from the tile's scores (log2 units, MASKED when masked,
-    /// POISONED for a visible non-finite key) and return the O rescale step and P.
-    fn tile(
+    /// POISONED for a visible non-finite key) and return the O rescale step and P. The max moves
+    /// only to a tile max above the running max plus `lazy` binades (the SIMT kernel: 0, where
+    /// this is the plain running max; the coop kernel's lazy reference max otherwise).
+    pub(super) fn tile(
         &mut self,
         scores: &[f32],
         amla: bool,
         rounding: PPrecision,
+        lazy: f32,
         stats: &mut AmlaStats,
     ) -> TileStep {
         stats.tiles += 1;
         self.poisoned |= scores.contains(&POISONED);
         let m_tile = scores.iter().copied().fold(MASKED, f32::max);
-        let m_new = self.m.max(m_tile);
-        let changed = m_new > self.m;
+        let threshold = self.m + lazy;
+        let changed = m_tile > threshold;
+        let m_new = if changed { m_tile } else { self.m };
         let first = self.m == MASKED;
         let decay = if changed {
             if first { 0.0 } else { (self.m - m_new).exp2() }
@@ -491,6 +497,7 @@ impl RowState {
             factor: decay as f64,
             decay,
             m_tile,
+            threshold,
             m: m_new,
             c: None,
             x_unscaled: Vec::with_capacity(scores.len()),
@@ -536,7 +543,7 @@ impl RowState {
     }
 
     /// Normalise O (after the AMLA guard) and return the lse (natural log, -inf when empty).
-    fn finish(&self, o: &mut [f32], amla: bool, stats: &mut AmlaStats) -> f32 {
+    pub(super) fn finish(&self, o: &mut [f32], amla: bool, stats: &mut AmlaStats) -> f32 {
         let norm = if self.l > 0.0 {
             1.0 / if amla { self.l * self.c_hat } else { self.l }
         } else {
@@ -570,7 +577,7 @@ impl RowState {
 /// P·V, c in the compensation, the decays), and the rounding errors of P̃ drawn anew from a
 /// c_hat that may differ, are independent from key to key and from step to step and are summed
 /// in squares (`var`, bounded at [`NOISE_SIGMAS`] times its root).
-struct Bounds {
+pub(super) struct Bounds {
     /// Worst-case part, per O entry.
     lin: Vec<f64>,
     /// Sum of squares of the independent f32-level noise, per O entry.
@@ -581,6 +588,10 @@ struct Bounds {
     sigma_m: f64,
     /// c_hat (and so every P̃ since) may have been rounded the other way at the last step.
     c_hat_ambiguous: bool,
+    /// The coop kernel's lazy reference max may have moved on one side only (a tile max within
+    /// the noise of the threshold): from then on the references may differ for the rest of the
+    /// range, and with them every P̃'s rounding and AMLA's compensation at each step.
+    reference_ambiguous: bool,
 }
 
 /// Allowance of WGSL's `exp2(x)`: 3 + 2|x| ulp, relative.
@@ -595,13 +606,14 @@ const C_NOISE: f64 = 4.0 * 2.0 * U + 2.0 * U;
 const NOISE_SIGMAS: f64 = 6.0;
 
 impl Bounds {
-    fn new() -> Self {
+    pub(super) fn new() -> Self {
         Bounds {
             lin: vec![0.0; D_V],
             var: vec![0.0; D_V],
             l_var: 0.0,
             sigma_m: 0.0,
             c_hat_ambiguous: false,
+            reference_ambiguous: false,
         }
     }
 
@@ -616,7 +628,7 @@ impl Bounds {
     /// Account for one tile of the row: `o_old` is O after this tile's rescale, `keys` the tile's
     /// key rows (tile values), `scores` and `sigmas` the scores and their noise bounds.
     #[allow(clippy::too_many_arguments)]
-    fn tile(
+    pub(super) fn tile(
         &mut self,
         t: &TileStep,
         m_old: f32,
@@ -642,9 +654,16 @@ impl Bounds {
         // 1e-6 bias) and the other not.
         if m_old != MASKED
             && t.m_tile > MASKED
-            && ((t.m_tile - m_old) as f64).abs() <= 2.0 * sigma_m
+            && ((t.m_tile - t.threshold) as f64).abs() <= 2.0 * sigma_m
         {
             lin_old += 2e-6 + 3.0 * ln2 * sigma_m;
+            // A lazy threshold: one side may move the reference by the threshold or more.
+            self.reference_ambiguous |= t.threshold != m_old;
+        }
+        // While the references may differ, either side may step in any tile, and the
+        // compensations of the two differ by up to c_hat's relative step.
+        if self.reference_ambiguous && rounded && amla {
+            lin_old += 0.5 * spacing(1.0, rounding);
         }
         if t.rescales {
             self.l_var *= t.decay as f64 * t.decay as f64;
@@ -693,9 +712,9 @@ impl Bounds {
             // its rounding decision sees.
             let own = ln2 * sigmas[c] + exp2_allowance((scores[c] - t.m) as f64) + 2.0 * U;
             let (mut step, mut noise) = (0.0, 0.0);
-            if rounded && amla && self.c_hat_ambiguous {
-                // From a c_hat one step apart, every rounding error of P̃ is drawn anew: up to
-                // one 16-bit step each, independently from key to key.
+            if rounded && ((amla && self.c_hat_ambiguous) || self.reference_ambiguous) {
+                // From a c_hat one step apart (or another reference max), every rounding error
+                // of P̃ is drawn anew: up to one 16-bit step each, independently from key to key.
                 noise = spacing(x, rounding);
             } else if rounded {
                 step = Bounds::flip(x, own + ln2 * sigma_m, rounding);
@@ -722,7 +741,7 @@ impl Bounds {
 
     /// The bounds of the normalised output `out = O · norm` and of the lse, for a row with
     /// row sum `l`.
-    fn finish(&self, out: &[f32], norm: f32, l: f32, lse: f32) -> (Vec<f64>, f64) {
+    pub(super) fn finish(&self, out: &[f32], norm: f32, l: f32, lse: f32) -> (Vec<f64>, f64) {
         // L = l (· c_hat): l's noise and the division.
         let eta_l = NOISE_SIGMAS * self.l_var.sqrt() / l.max(f32::MIN_POSITIVE) as f64;
         let eta_norm = eta_l + C_NOISE + 2.0 * U;
@@ -760,15 +779,15 @@ fn kernel_score(q: &[f32], k: &[f32], d_groups: usize) -> f32 {
 }
 
 /// One row's result over one key range, or the merge of several.
-struct Part {
-    o: Vec<f32>,
-    lse: f32,
-    bound: Vec<f64>,
-    lse_bound: f64,
+pub(super) struct Part {
+    pub(super) o: Vec<f32>,
+    pub(super) lse: f32,
+    pub(super) bound: Vec<f64>,
+    pub(super) lse_bound: f64,
 }
 
 impl Part {
-    fn poisoned() -> Part {
+    pub(super) fn poisoned() -> Part {
         Part {
             o: vec![f32::NAN; D_V],
             lse: f32::NAN,
@@ -780,7 +799,7 @@ impl Part {
 
 /// Merge split partials as the combine kernel: weights exp(lse_i - max), lse = max + ln(sum);
 /// a NaN partial makes the row NaN.
-fn combine(parts: &[Part]) -> Part {
+pub(super) fn combine(parts: &[Part]) -> Part {
     if parts.iter().any(|p| p.lse.is_nan()) {
         return Part::poisoned();
     }
@@ -902,7 +921,7 @@ pub fn emulate(
                         }
                     }
                     let m_old = state.m;
-                    let t = state.tile(&scores, amla, rounding, &mut stats);
+                    let t = state.tile(&scores, amla, rounding, 0.0, &mut stats);
                     if t.rescales {
                         for v in o.iter_mut() {
                             if amla {
@@ -1058,7 +1077,7 @@ mod tests {
             let mut o = 0.0f32;
             let mut u = 0.0f64;
             for scores in [[0.3f32, -1.0], [2.7, 1.1], [2.9, 6.2], [13.4, 9.0]] {
-                let t = state.tile(&scores, true, rounding, &mut stats);
+                let t = state.tile(&scores, true, rounding, 0.0, &mut stats);
                 if t.rescales {
                     o = add_to_exponent(o, t.step);
                 }
