@@ -10,10 +10,10 @@ use fusedops::check::compare;
 use fusedops::error::{Error, Result};
 use fusedops::gpu::{Feature, Gpu, GpuOptions};
 use fusedops::io::OutputFile;
-use fusedops::registry::{Operator, Scale, Target};
-use fusedops::report::{self, BenchReport, probe_lines};
+use fusedops::registry::{Scale, Target};
+use fusedops::report::{self, probe_lines};
 use fusedops::roofline::{self, ProbeSizes};
-use fusedops::suite::{self, operators};
+use fusedops::suite::{self, Info, operators};
 
 #[derive(Parser)]
 #[command(
@@ -252,33 +252,15 @@ fn run(cli: Cli) -> Result<ExitCode> {
 
 fn info(json: bool, no_probes: bool) -> Result<ExitCode> {
     let gpu = Gpu::new()?;
-    let env = Environment::of(&gpu);
-    let roof = if no_probes {
-        None
-    } else {
-        Some(roofline::measure(&gpu, &ProbeSizes::for_gpu(&gpu))?)
-    };
-    let paths: Vec<(String, String, String)> = operators()
-        .iter()
-        .flat_map(|op| {
-            op.paths(&gpu)
-                .into_iter()
-                .map(|(what, choice)| (op.name().to_string(), what, choice))
-        })
-        .collect();
+    let info = Info::of(&gpu, !no_probes)?;
     if json {
-        let value = serde_json::json!({
-            "environment": env,
-            "coop_fragment": gpu.caps.coop_fragment().map(|f| f.name()),
-            "paths": paths,
-            "roofline": roof,
-        });
         println!(
             "{}",
-            serde_json::to_string_pretty(&value).expect("serialisable")
+            serde_json::to_string_pretty(&info.to_value()).expect("serialisable")
         );
         return Ok(ExitCode::SUCCESS);
     }
+    let env = &info.environment;
     let c = &gpu.caps;
     let a = &env.adapter;
     println!("adapter      {} ({}, {})", a.name, a.backend, a.device_type);
@@ -334,10 +316,10 @@ fn info(json: bool, no_probes: bool) -> Result<ExitCode> {
         c.max_workgroups_per_dim,
         c.max_storage_buffers_per_stage
     );
-    for (op, what, choice) in &paths {
-        println!("path         {op} {what}: {choice}");
+    for p in &info.paths {
+        println!("path         {} {}: {}", p.op, p.what, p.choice);
     }
-    if let Some(roof) = &roof {
+    if let Some(roof) = &info.roofline {
         println!("roofline ({} UTC):", env.date_utc);
         print!("{}", probe_lines(roof));
         if gpu.is_cpu() {
@@ -472,16 +454,19 @@ fn bench_cmd(filter: &Filter, settings: BenchSettings, outputs: &BenchOutputs) -
         gpu: &gpu,
         simt: simt.as_ref(),
     };
-    let started = std::time::Instant::now();
-    let mut rows = Vec::with_capacity(cases.len());
-    for case in &cases {
-        let info = case.info();
-        progress.set_message(format!("{} {}", info.op, info.name));
-        rows.extend(bench::bench_case(case.as_ref(), &devices, &roof, settings));
-        progress.inc(1);
-    }
+    let report = suite::run_bench(
+        &cases,
+        &devices,
+        env,
+        roof,
+        settings,
+        report::command_line(),
+        |done, info| {
+            progress.set_position(done as u64);
+            progress.set_message(format!("{} {}", info.op, info.name));
+        },
+    );
     progress.finish_and_clear();
-    let report = BenchReport::new(env, roof, rows, started.elapsed().as_secs_f64());
     if outputs.markdown {
         print!("{}", report::markdown(&report.to_value()));
     } else {
@@ -529,7 +514,7 @@ fn host_only_cmd(filter: &Filter, json: Option<&Path>) -> Result<ExitCode> {
     print!("{}", report::host_summary(&rows, total, threads));
     if let Some(file) = json_file {
         let value = serde_json::json!({
-            "command": std::env::args().collect::<Vec<_>>().join(" "),
+            "command": report::command_line(),
             "date_utc": fusedops::util::utc_now(),
             "threads": threads,
             "total_seconds": total,
@@ -560,19 +545,6 @@ fn report_cmd(files: &[PathBuf]) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn find_operator(name: &str) -> Result<&'static dyn Operator> {
-    operators()
-        .into_iter()
-        .find(|o| o.name() == name)
-        .ok_or_else(|| Error::Format {
-            what: "operator".into(),
-            why: format!(
-                "unknown operator {name:?}; registered: {:?}",
-                operators().iter().map(|o| o.name()).collect::<Vec<_>>()
-            ),
-        })
-}
-
 fn run_cmd(
     op: &str,
     input: &Path,
@@ -580,7 +552,7 @@ fn run_cmd(
     params: Option<&str>,
     reference: bool,
 ) -> Result<ExitCode> {
-    let operator = find_operator(op)?;
+    let operator = suite::operator(op)?;
     let params: serde_json::Value = match params {
         None => serde_json::Value::Null,
         Some(text) => {

@@ -18,6 +18,11 @@ pub const SCHEMA_VERSION: u32 = 1;
 /// The terminal table's width limit: it fits a normal terminal without wrapping.
 pub const TEXT_WIDTH: usize = 160;
 
+/// This process's command line, as reports record it.
+pub fn command_line() -> String {
+    std::env::args().collect::<Vec<_>>().join(" ")
+}
+
 /// Everything one `fusedops bench` run produced.
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct BenchReport {
@@ -32,7 +37,20 @@ pub struct BenchReport {
 }
 
 impl BenchReport {
+    /// A report of this process, whose command line it records.
     pub fn new(
+        environment: Environment,
+        roofline: Roofline,
+        cases: Vec<BenchRow>,
+        wall_seconds: f64,
+    ) -> Self {
+        BenchReport::with_command(command_line(), environment, roofline, cases, wall_seconds)
+    }
+
+    /// A report that records `command` as what produced it (a call from Python, say, whose
+    /// process command line says nothing about the run).
+    pub fn with_command(
+        command: String,
         environment: Environment,
         roofline: Roofline,
         cases: Vec<BenchRow>,
@@ -40,7 +58,7 @@ impl BenchReport {
     ) -> Self {
         BenchReport {
             schema_version: SCHEMA_VERSION,
-            command: std::env::args().collect::<Vec<_>>().join(" "),
+            command,
             environment,
             roofline,
             cases,

@@ -1,6 +1,6 @@
-"""fusedops: fused LLM-inference operators (AMLA, SwiftGMM, MerRouter, an MoE layer) as WGSL
-compute shaders on any GPU through wgpu, on NumPy arrays, each with its CPU reference under
-``fusedops.reference``.
+"""fusedops: fused LLM-inference operators (AMLA, SwiftGMM, MerRouter, an MoE layer, per-token
+int8 quantization) as WGSL compute shaders on any GPU through wgpu, on NumPy arrays, each with
+its CPU reference under ``fusedops.reference``.
 
 One GPU context per process, created on the first call that needs it; the GIL is released while
 a kernel (or a reference) runs, and GPU work from several threads is serialised. Inputs are never
@@ -12,6 +12,8 @@ from __future__ import annotations
 import json
 from typing import Any, Optional
 
+import numpy as np
+
 try:
     from . import _native
 except ImportError as e:  # the source folder (python/fusedops) imported instead of the package
@@ -20,8 +22,8 @@ except ImportError as e:  # the source folder (python/fusedops) imported instead
         f"it from outside the python/ folder ({e})"
     ) from e
 
-from . import reference
-from ._arrays import BFLOAT16, bf16_to_f32, f32_to_bf16
+from . import _arrays, reference
+from ._arrays import BFLOAT16, FLOAT8_E4M3FN, bf16_to_f32, f32_to_bf16
 from ._errors import (
     DeviceError,
     FormatError,
@@ -33,7 +35,16 @@ from ._errors import (
     ShapeError,
     UnsupportedError,
 )
-from ._ops import AmlaOutput, DispatchLayout, MoeOutput, Operators, RouterOutput
+from ._ops import (
+    AmlaOutput,
+    ArrayLike,
+    CacheFormat,
+    DispatchLayout,
+    MoeOutput,
+    Operators,
+    QuantizeOutput,
+    RouterOutput,
+)
 
 __version__: str = _native.__version__
 
@@ -42,6 +53,29 @@ amla = _gpu.amla
 swiftgmm = _gpu.swiftgmm
 route = _gpu.route
 moe = _gpu.moe
+quantize = _gpu.quantize
+
+
+def quantize_cache(kv_cache: ArrayLike, kv_format: CacheFormat) -> np.ndarray:
+    """AMLA's packed 8-bit cache from a float one, as FlashMLA's test quantizer makes it for FP8
+    (docs/amla.md, "8-bit latent cache"). Runs on the CPU (the crate's
+    ``amla::quantize_cache``); no GPU needed.
+
+    Args:
+        kv_cache: ``[num_blocks, page, 576]`` or ``[num_blocks, page, 1, 576]`` float32, float16
+            or bfloat16.
+        kv_format: ``"fp8"`` (E4M3 codes; per 128 values the power-of-two scale
+            ``2^ceil(log2(max(amax / 448, 1e-4)))``) or ``"int8"`` (the symmetric scale
+            ``max(amax / 127, 2^-126)``); codes rounded to nearest, ties to even. A group
+            holding NaN or inf gets a NaN scale (the row then decodes to NaN).
+
+    Returns:
+        uint8 ``[num_blocks, page, 656]`` (or ``[num_blocks, page, 1, 656]``): per token 512
+        codes, four little-endian f32 scales, 64 bf16 rope values. Pass it to ``amla`` with the
+        same ``kv_format``; ``.view(fusedops.FLOAT8_E4M3FN)`` gives FlashMLA's dtype.
+    """
+    cache = _arrays.to_native("amla quantize_cache: kv_cache", kv_cache)
+    return _arrays.from_native(_native.quantize_cache(cache, kv_format))
 
 
 def operators() -> list[str]:
@@ -50,9 +84,11 @@ def operators() -> list[str]:
 
 
 def info(probes: bool = False) -> dict[str, Any]:
-    """The adapter (name, backend, driver), its capabilities and limits, the kernel path each
-    operator takes on it (``paths``) and, with ``probes=True``, the roofline probes (a few seconds).
-    The same content as ``fusedops info --json``; ``environment.fusedops_version`` is the crate's.
+    """What ``fusedops info --json`` prints, from the same function: ``environment`` (the adapter:
+    name, backend, driver; its capabilities and limits; ``fusedops_version``, the crate's),
+    ``coop_fragment`` (the cooperative-matrix size the kernels use, or None), ``paths`` (one
+    ``{"op", "what", "choice"}`` dict per kernel choice of each operator on this adapter) and
+    ``roofline`` (the probes with ``probes=True``, a few seconds; else None).
 
     Raises:
         NoAdapterError: no GPU adapter (the message has the install hint).
@@ -91,6 +127,8 @@ __all__ = [
     "swiftgmm",
     "route",
     "moe",
+    "quantize",
+    "quantize_cache",
     "reference",
     "info",
     "bench",
@@ -99,7 +137,9 @@ __all__ = [
     "RouterOutput",
     "DispatchLayout",
     "MoeOutput",
+    "QuantizeOutput",
     "BFLOAT16",
+    "FLOAT8_E4M3FN",
     "bf16_to_f32",
     "f32_to_bf16",
     "FusedopsError",

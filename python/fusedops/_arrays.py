@@ -10,6 +10,10 @@ Out: ``(bytearray, shape, dtype)`` becomes a writable ndarray that owns its memo
 bfloat16: with ``ml_dtypes`` installed, ``ml_dtypes.bfloat16`` arrays go in and bf16 outputs come
 out as them. Without it, bf16 travels as ``uint16`` arrays of the bit patterns, both ways (a
 ``uint16`` input is always read as bf16 bits); ``bf16_to_f32`` / ``f32_to_bf16`` convert.
+
+8-bit: ``int8`` is the crate's i8 (quantized weights and activations), both ways. ``uint8`` is its
+u8, raw bytes whose meaning the operator defines (AMLA's packed 8-bit cache), both ways; an
+``ml_dtypes.float8_e4m3fn`` array (FlashMLA holds its packed cache as one) goes in as its bytes.
 """
 
 from __future__ import annotations
@@ -18,14 +22,17 @@ from typing import Any
 
 import numpy as np
 
-from ._errors import UnsupportedError
+from . import _native
+from ._errors import FormatError, UnsupportedError
 
 try:
     import ml_dtypes
 
     BFLOAT16: np.dtype | None = np.dtype(ml_dtypes.bfloat16)
-except ImportError:  # bf16 as uint16 bit patterns
+    FLOAT8_E4M3FN: np.dtype | None = np.dtype(ml_dtypes.float8_e4m3fn)
+except ImportError:  # bf16 as uint16 bit patterns; no float8 arrays to read
     BFLOAT16 = None
+    FLOAT8_E4M3FN = None
 
 # NumPy dtype -> the crate's dtype name.
 _CRATE_DTYPE = {
@@ -34,15 +41,29 @@ _CRATE_DTYPE = {
     np.dtype(np.int32): "i32",
     np.dtype(np.uint32): "u32",
     np.dtype(np.uint16): "bf16",
+    np.dtype(np.int8): "i8",
+    np.dtype(np.uint8): "u8",
 }
 if BFLOAT16 is not None:
     _CRATE_DTYPE[BFLOAT16] = "bf16"
+if FLOAT8_E4M3FN is not None:
+    _CRATE_DTYPE[FLOAT8_E4M3FN] = "u8"
 
-_SUPPORTED = "float32, float16, bfloat16 (ml_dtypes, or uint16 bit patterns), int32 or uint32"
+_SUPPORTED = ("float32, float16, bfloat16 (ml_dtypes, or uint16 bit patterns), int32, uint32, int8 "
+              "or uint8 (raw bytes; ml_dtypes.float8_e4m3fn too)")
+
+# Torch dtypes NumPy has no equivalent of -> the torch dtype of the same size whose bits NumPy
+# reads, and the NumPy view that makes them the crate's dtype again.
+_TORCH_BITS = {
+    "torch.bfloat16": ("int16", np.uint16),
+    "torch.float8_e4m3fn": ("uint8", np.uint8),
+}
 
 
-def _is_torch_bfloat16(x: Any) -> bool:
-    return type(x).__module__.startswith("torch") and str(getattr(x, "dtype", "")) == "torch.bfloat16"
+def _torch_bits(x: Any) -> tuple[str, Any] | None:
+    if not type(x).__module__.startswith("torch"):
+        return None
+    return _TORCH_BITS.get(str(getattr(x, "dtype", "")))
 
 
 def as_ndarray(name: str, x: Any) -> np.ndarray:
@@ -50,11 +71,13 @@ def as_ndarray(name: str, x: Any) -> np.ndarray:
     error message."""
     if isinstance(x, np.ndarray):
         return x
-    if _is_torch_bfloat16(x):
-        # NumPy has no bfloat16: take the bits as int16 (same size) and read them as bf16 below.
+    bits = _torch_bits(x)
+    if bits is not None:
+        # NumPy has no bfloat16 or float8: take the bits through a same-size integer dtype.
         import torch
 
-        return as_ndarray(name, x.view(torch.int16)).view(np.uint16)
+        torch_dtype, numpy_dtype = bits
+        return as_ndarray(name, x.view(getattr(torch, torch_dtype))).view(numpy_dtype)
     errors = []
     if hasattr(x, "__dlpack__"):
         try:
@@ -77,8 +100,8 @@ def to_native(name: str, x: Any) -> tuple[np.ndarray, list[int], str]:
     if not a.dtype.isnative:
         a = a.astype(a.dtype.newbyteorder("="))
     dtype = _CRATE_DTYPE.get(a.dtype)
-    if dtype is None and a.dtype.name == "bfloat16":  # an ml_dtypes array made elsewhere
-        dtype = "bf16"
+    if dtype is None:  # an ml_dtypes array made elsewhere
+        dtype = {"bfloat16": "bf16", "float8_e4m3fn": "u8"}.get(a.dtype.name)
     if dtype is None:
         hint = ""
         if a.dtype == np.float64:
@@ -99,20 +122,21 @@ def from_native(item: tuple[bytearray, list[int], str]) -> np.ndarray:
         "bf16": BFLOAT16 if BFLOAT16 is not None else np.dtype(np.uint16),
         "i32": np.dtype(np.int32),
         "u32": np.dtype(np.uint32),
+        "i8": np.dtype(np.int8),
+        "u8": np.dtype(np.uint8),
     }[dtype]
     return np.frombuffer(data, dtype=numpy_dtype).reshape(shape)
 
 
 def dtype_name(dtype: Any) -> str:
-    """The crate's name (``f32``, ``f16``, ``bf16``, ``i32``, ``u32``) of a dtype given as a NumPy
-    dtype, a type, or a name (``"bf16"``, ``"bfloat16"``, ``"float32"``...)."""
+    """The crate's name (``f32``, ``f16``, ``bf16``, ``i32``, ``u32``, ``i8``, ``u8``) of a dtype
+    given as a NumPy dtype, a type, or any name the crate accepts (``"bf16"``, ``"bfloat16"``,
+    ``"float32"``, ``"int8"``...)."""
     if isinstance(dtype, str):
-        aliases = {"bfloat16": "bf16", "float32": "f32", "float16": "f16", "half": "f16",
-                   "int32": "i32", "uint32": "u32"}
-        name = aliases.get(dtype.lower(), dtype.lower())
-        if name in ("f32", "f16", "bf16", "i32", "u32"):
-            return name
-        raise UnsupportedError(f"dtype {dtype!r} is not supported; expected f32, f16, bf16, i32 or u32")
+        try:
+            return _native.dtype_name(dtype)
+        except FormatError as e:
+            raise UnsupportedError(str(e)) from None
     try:
         d = np.dtype(dtype)
     except TypeError as e:

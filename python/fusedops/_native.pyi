@@ -1,7 +1,7 @@
 """Type stub of the compiled module (src/lib.rs). Tensors cross as ``(bytes, shape, dtype)``:
 ``bytes`` a C-contiguous buffer (in) or a bytearray (out), ``dtype`` one of
-``"f32" | "f16" | "bf16" | "i32" | "u32"``. Parameters are the JSON of ``fusedops run --params``.
-Errors are raised as the classes of ``fusedops._errors``."""
+``"f32" | "f16" | "bf16" | "i32" | "u32" | "i8" | "u8"``. Parameters are the JSON of
+``fusedops run --params``. Errors are raised as the classes of ``fusedops._errors``."""
 
 from typing import Any, Optional
 
@@ -17,7 +17,8 @@ def reference(op: str, inputs: dict[str, Tensor], params: str, /) -> dict[str, t
     """The CPU reference of ``op`` (the registry's ``reference_named``), the GIL released."""
 
 def info(probes: bool, /) -> str:
-    """The adapter, capabilities, kernel paths and optional roofline probes, as JSON."""
+    """The JSON of ``fusedops info --json`` (the crate's ``suite::Info``): adapter, capabilities,
+    cooperative-matrix fragment, kernel paths and optional roofline probes."""
 
 def bench(
     op: Optional[str],
@@ -28,7 +29,14 @@ def bench(
     scale: str,
     /,
 ) -> str:
-    """The bench report of the matching cases, as JSON."""
+    """The bench report of the matching cases, as JSON (the crate's ``suite::run_bench``)."""
+
+def quantize_cache(kv_cache: Tensor, kv_format: str, /) -> tuple[bytearray, list[int], str]:
+    """AMLA's packed u8 cache of a float cache (the crate's ``amla::quantize_cache``); ``kv_format``
+    as AMLA's parameter (``"fp8"`` or ``"int8"``). The GIL is released."""
+
+def dtype_name(name: str, /) -> str:
+    """The crate's name of a dtype given by any name it accepts (``"bfloat16"`` -> ``"bf16"``)."""
 
 def operator_names() -> list[str]:
     """The registered operator names."""

@@ -4,7 +4,9 @@
 
 Each call goes through the crate's operator registry with the tensor names and JSON parameters of
 ``fusedops run`` (README, "fusedops run tensors"): the crate validates everything and its defaults
-apply to every parameter left as ``None``.
+apply to every parameter left as ``None``. Keyword names are the JSON field names and tensor
+names; the ``Literal`` types below spell the values the crate accepts, and
+``tests/test_params.py`` checks both against the crate's own refusals.
 """
 
 from __future__ import annotations
@@ -24,6 +26,33 @@ DTypeLike = Union[str, type, np.dtype]
 """``"f32"``, ``"f16"``, ``"bf16"``, ``np.float32``, ``ml_dtypes.bfloat16``, ..."""
 
 Native = Callable[[str, dict, str], dict]
+
+# The values of the crate's parameters (docs/<op>.md, "fusedops run").
+Rescale = Literal["amla", "multiply"]
+PPrecision = Literal["f32", "f16", "bf16", "cache"]
+KvFormat = Literal["float", "fp8", "int8"]
+CacheFormat = Literal["fp8", "int8"]
+"""The 8-bit formats of ``KvFormat`` (what ``quantize_cache`` makes)."""
+SplitWord = Literal["auto", "off"]
+Layout = Literal["kn", "nk"]
+Activation = Literal["none", "swiglu"]
+Mode = Literal["auto", "gemv", "gemm"]
+TilingWord = Literal["cached", "tune", "defaults"]
+GemmKernel = Literal["auto", "simt", "coop"]
+RouterPreset = Literal["pangu-pro-moe", "deepseek-v3"]
+Scoring = Literal["softmax", "sigmoid"]
+Selection = Literal["moge", "group-limited"]
+GroupScore = Literal["max", "sum-top2"]
+MoePreset = Literal[
+    "pangu-pro-moe",
+    "deepseek-v3",
+    "pangu-pro-moe-small",
+    "deepseek-v3-small",
+    "pangu-pro-moe-w8a8",
+    "deepseek-v3-w8a8",
+    "pangu-pro-moe-small-w8a8",
+    "deepseek-v3-small-w8a8",
+]
 
 
 class AmlaOutput(NamedTuple):
@@ -66,6 +95,15 @@ class RouterOutput(NamedTuple):
     """The combine of ``y`` (``[t, n]`` in y's dtype) when ``y`` was given, else None."""
 
 
+class QuantizeOutput(NamedTuple):
+    """What ``quantize`` returns: ``x ~= q * scale[:, None]``."""
+
+    q: np.ndarray
+    """``[m, k]`` int8, in -127..=127."""
+    scale: np.ndarray
+    """``[m]`` float32: max |row| / 127; 0 for a zero row, NaN for a row holding NaN or inf."""
+
+
 class MoeOutput(NamedTuple):
     """What ``moe`` returns."""
 
@@ -95,7 +133,7 @@ def call(native: Native, op: str, inputs: dict[str, Any], params: dict[str, Any]
 
 
 class Operators:
-    """The four operators on one backend (GPU kernels or CPU references)."""
+    """The operators on one backend (GPU kernels or CPU references)."""
 
     def __init__(self, native: Native) -> None:
         self._native = native
@@ -109,16 +147,21 @@ class Operators:
         *,
         softmax_scale: Optional[float] = None,
         causal: Optional[bool] = None,
-        rescale: Optional[Literal["amla", "multiply"]] = None,
-        p_precision: Optional[Literal["f32", "f16"]] = None,
-        split: Union[Literal["auto", "off"], dict, None] = None,
+        rescale: Optional[Rescale] = None,
+        p_precision: Optional[PPrecision] = None,
+        split: Union[SplitWord, dict, None] = None,
+        kv_format: Optional[KvFormat] = None,
     ) -> AmlaOutput:
         """MLA decode attention over a paged latent KV cache (docs/amla.md).
 
         Args:
             q: ``[b, s_q, h_q, 576]`` float32, float16 or bfloat16 (512 latent + 64 rope dims).
-            kv_cache: ``[num_blocks, page, 576]`` float32, float16 or bfloat16; V is the first
-                512 columns. ``page`` is a power of two >= 16.
+            kv_cache: ``[num_blocks, page, 576]`` or FlashMLA's ``[num_blocks, page, 1, 576]``,
+                float32, float16 or bfloat16; V is the first 512 columns. ``page`` is a power of
+                two >= 16. Or the packed 8-bit cache (``kv_format`` ``"fp8"`` or ``"int8"``):
+                ``[num_blocks, page, 656]`` / ``[num_blocks, page, 1, 656]`` uint8 (or
+                ``ml_dtypes.float8_e4m3fn``, as FlashMLA holds it): per token 512 codes, four f32
+                scales, 64 bf16 rope values (``quantize_cache`` makes one).
             block_table: ``[b, max_blocks]`` int32 page ids of each sequence (unused entries may
                 hold anything, e.g. -1).
             cache_seqlens: ``[b]`` int32 keys in each sequence.
@@ -127,9 +170,13 @@ class Operators:
                 (default False).
             rescale: ``"amla"`` (default: the output rescaled by an integer add on its exponent)
                 or ``"multiply"``.
-            p_precision: ``"f32"`` (default) or ``"f16"`` (P rounded to f16 before P.V).
+            p_precision: ``"f32"`` (default); ``"f16"`` or ``"bf16"`` (P rounded to that type
+                before P.V); ``"cache"`` (16 bits in the cache's type: bf16 for a bf16 or 8-bit
+                cache, f16 for an f16 or f32 cache).
             split: ``"auto"`` (default), ``"off"``, ``{"chunk": keys}`` or
                 ``{"target_workgroups": n}``.
+            kv_format: ``"float"`` (default: a float cache), ``"fp8"`` (FP8 E4M3 codes) or
+                ``"int8"`` (int8 codes) for a packed uint8 cache.
 
         Returns:
             ``(out, lse)``: the GPU's ``out`` is in q's dtype; the reference's is the exact f64
@@ -140,7 +187,7 @@ class Operators:
             "amla",
             {"q": q, "kv_cache": kv_cache, "block_table": block_table, "cache_seqlens": cache_seqlens},
             {"softmax_scale": softmax_scale, "causal": causal, "rescale": rescale,
-             "p_precision": p_precision, "split": split},
+             "p_precision": p_precision, "split": split, "kv_format": kv_format},
         )
         return AmlaOutput(got["out"], got["lse"])
 
@@ -152,28 +199,46 @@ class Operators:
         counts: Optional[ArrayLike] = None,
         *,
         row_scale: Optional[ArrayLike] = None,
-        layout: Optional[Literal["kn", "nk"]] = None,
-        activation: Optional[Literal["none", "swiglu"]] = None,
+        x_scale: Optional[ArrayLike] = None,
+        w_scale: Optional[ArrayLike] = None,
+        w_offset: Optional[ArrayLike] = None,
+        layout: Optional[Layout] = None,
+        activation: Optional[Activation] = None,
         out_dtype: Optional[DTypeLike] = None,
-        mode: Optional[Literal["auto", "gemv", "gemm"]] = None,
-        tiling: Union[Literal["cached", "tune", "defaults"], dict, None] = None,
+        mode: Optional[Mode] = None,
+        tiling: Union[TilingWord, dict, None] = None,
+        gemm_kernel: Optional[GemmKernel] = None,
     ) -> np.ndarray:
         """Grouped matmul for MoE experts: ``y[rows of g] = epilogue(x[rows of g] @ W_g)``
-        (docs/swiftgmm.md).
+        (docs/swiftgmm.md), with float or int8 weights.
+
+        The format follows from the dtypes: float ``x`` and ``w`` (16-bit path); float ``x``
+        with int8 ``w`` and ``w_scale`` (W8A16); int8 ``x`` with ``x_scale`` and int8 ``w`` with
+        ``w_scale`` (W8A8, exact int32 sums; ``quantize`` makes such an ``x``).
 
         Args:
-            x: ``[m_total, k]`` float32, float16 or bfloat16, rows sorted by group.
+            x: ``[m_total, k]`` float32, float16 or bfloat16, or int8 (W8A8), rows sorted by
+                group.
             w: ``[e, k, n]`` (layout ``"kn"``, default) or ``[e, n, k]`` (``"nk"``, PyTorch
-                Linear), float32, float16 or bfloat16.
+                Linear), float32, float16 or bfloat16, or int8 (with ``w_scale``). int8 rows hold
+                whole 32-bit words: the contiguous dimension (and k for W8A8) a multiple of 4.
             offsets: ``[e + 1]`` int32/uint32: group g is rows ``offsets[g]:offsets[g+1]``.
             counts: ``[e]`` int32/uint32 rows per group from row 0. Give exactly one of the two.
             row_scale: ``[m_total]`` float32, multiplies each output row.
+            x_scale: ``[m_total]`` float32 per-row scale of an int8 ``x`` (W8A8).
+            w_scale: ``[e, n]`` float32 per-output-channel scale of int8 ``w``.
+            w_offset: ``[e, n]`` float32 offset added to int8 ``w`` before the scale (W8A16
+                only): ``y = w_scale * sum x * (q + w_offset)``.
             activation: ``"none"`` (default) or ``"swiglu"`` (``n = 2i``; output ``[m_total, i]``,
                 ``silu(gate) * up`` with gate the first i columns).
             out_dtype: output dtype (default float32). The reference always returns float32.
             mode: ``"auto"`` (default: GEMV or GEMM per group from its rows), ``"gemv"``,
                 ``"gemm"``.
-            tiling: ``"cached"`` (default), ``"tune"``, ``"defaults"`` or ``{"fixed": {...}}``.
+            tiling: ``"cached"`` (default), ``"tune"`` (16-bit only), ``"defaults"`` or
+                ``{"fixed": {...}}``.
+            gemm_kernel: the GEMM path's kernel: ``"auto"`` (default: cooperative matrices where
+                the adapter has them), ``"simt"``, or ``"coop"`` (an error without them, and for
+                W8A8).
 
         Returns:
             ``y [m_total, n_out]``; rows outside every group are zero.
@@ -181,10 +246,11 @@ class Operators:
         got = call(
             self._native,
             "swiftgmm",
-            {"x": x, "w": w, "offsets": offsets, "counts": counts, "row_scale": row_scale},
+            {"x": x, "w": w, "offsets": offsets, "counts": counts, "row_scale": row_scale,
+             "x_scale": x_scale, "w_scale": w_scale, "w_offset": w_offset},
             {"layout": layout, "activation": activation,
              "out_dtype": None if out_dtype is None else _arrays.dtype_name(out_dtype),
-             "mode": mode, "tiling": tiling},
+             "mode": mode, "tiling": tiling, "gemm_kernel": gemm_kernel},
         )
         return got["y"]
 
@@ -196,14 +262,14 @@ class Operators:
         bias: Optional[ArrayLike] = None,
         router_scale: Optional[ArrayLike] = None,
         y: Optional[ArrayLike] = None,
-        preset: Optional[Literal["pangu-pro-moe", "deepseek-v3"]] = None,
+        preset: Optional[RouterPreset] = None,
         experts: Optional[int] = None,
         groups: Optional[int] = None,
         top_k: Optional[int] = None,
-        scoring: Optional[Literal["softmax", "sigmoid"]] = None,
-        selection: Optional[Literal["moge", "group-limited"]] = None,
+        scoring: Optional[Scoring] = None,
+        selection: Optional[Selection] = None,
         k_group: Optional[int] = None,
-        group_score: Optional[Literal["max", "sum-top2"]] = None,
+        group_score: Optional[GroupScore] = None,
         renormalize: Optional[bool] = None,
         routed_scaling_factor: Optional[float] = None,
         block_size: Optional[int] = None,
@@ -250,27 +316,37 @@ class Operators:
         router_scale: Optional[ArrayLike] = None,
         shared_gate_up: Optional[ArrayLike] = None,
         shared_down: Optional[ArrayLike] = None,
-        preset: Optional[str] = None,
+        gate_up_scale: Optional[ArrayLike] = None,
+        down_scale: Optional[ArrayLike] = None,
+        shared_gate_up_scale: Optional[ArrayLike] = None,
+        shared_down_scale: Optional[ArrayLike] = None,
+        preset: Optional[MoePreset] = None,
         router: Optional[dict] = None,
-        layout: Optional[Literal["nk", "kn"]] = None,
+        layout: Optional[Layout] = None,
         out_dtype: Optional[DTypeLike] = None,
-        mode: Optional[Literal["auto", "gemv", "gemm"]] = None,
-        tiling: Union[Literal["cached", "tune", "defaults"], dict, None] = None,
+        mode: Optional[Mode] = None,
+        tiling: Union[TilingWord, dict, None] = None,
     ) -> MoeOutput:
         """A whole MoE layer: router, grouped SwiGLU expert MLPs, optional shared expert,
         combine (docs/moe.md). The sizes h, i and the shared intermediate come from the tensors.
 
+        W8A8 (int8 expert weights, activations quantized per token in the gather and after
+        SwiGLU): give the four expert weights as int8, each with its ``<name>_scale``.
+
         Args:
             hidden: ``[t, h]`` float32/float16/bfloat16 (the activation dtype).
-            gate_weight: ``[h, e]`` router weight.
+            gate_weight: ``[h, e]`` router weight (in the activation dtypes, also with W8A8).
             gate_up: ``[e, 2i, h]`` (layout ``"nk"``, default) or ``[e, h, 2i]`` (``"kn"``); gate
-                = first i columns, up = last i.
+                = first i columns, up = last i. Float, or int8 with ``gate_up_scale``.
             down: ``[e, h, i]`` (nk) or ``[e, i, h]`` (kn).
-            bias, router_scale: ``[e]`` float32, as in ``route``.
+            bias, router_scale: ``[e]`` float32 (or 16-bit), as in ``route``.
             shared_gate_up, shared_down: the shared expert ``[1, 2is, h]``, ``[1, h, is]`` (nk);
                 both or neither.
-            preset: routing and layout (default ``"pangu-pro-moe"``; also ``"deepseek-v3"`` and
-                their ``-small`` variants).
+            gate_up_scale, down_scale, shared_gate_up_scale, shared_down_scale: the
+                per-output-channel float32 scales ``[e, n]`` of int8 weights (n = 2i, h, 2is, h).
+            preset: routing and layout (default ``"pangu-pro-moe"``; also ``"deepseek-v3"``,
+                their ``-small`` variants, and the ``-w8a8`` twins of all four, which take int8
+                weights).
             router: a whole router config (fields as docs/merrouter.md) instead of the preset's.
             out_dtype: default hidden's dtype.
             mode, tiling: as in ``swiftgmm``.
@@ -283,9 +359,27 @@ class Operators:
             "moe",
             {"hidden": hidden, "gate_weight": gate_weight, "gate_up": gate_up, "down": down,
              "bias": bias, "router_scale": router_scale, "shared_gate_up": shared_gate_up,
-             "shared_down": shared_down},
+             "shared_down": shared_down, "gate_up_scale": gate_up_scale, "down_scale": down_scale,
+             "shared_gate_up_scale": shared_gate_up_scale, "shared_down_scale": shared_down_scale},
             {"preset": preset, "router": router, "layout": layout,
              "out_dtype": None if out_dtype is None else _arrays.dtype_name(out_dtype),
              "mode": mode, "tiling": tiling},
         )
         return MoeOutput(got["out"], got["topk_ids"], got["topk_weights"])
+
+    def quantize(self, x: ArrayLike) -> QuantizeOutput:
+        """Dynamic per-token int8 quantization (docs/quantize.md): per row ``scale = max|x| /
+        127`` (an f32 division), ``q = round(x / scale)`` of the exact quotient, ties to even,
+        saturated at +-127. Bit for bit the same on the GPU and in the reference. The
+        activation format of W8A8 ``swiftgmm``.
+
+        Args:
+            x: ``[m, k]`` float32, float16 or bfloat16; k a multiple of 4.
+
+        Returns:
+            ``QuantizeOutput(q, scale)``: ``q [m, k]`` int8, ``scale [m]`` float32 (0 for a zero
+            row or one whose scale underflows, with q 0; NaN for a row holding NaN or inf, with
+            q 0).
+        """
+        got = call(self._native, "quantize", {"x": x}, {})
+        return QuantizeOutput(got["q"], got["scale"])

@@ -1,18 +1,20 @@
 //! `fusedops._native`: the compiled half of the Python package. It stays thin on purpose: tensors
-//! cross as (bytes, shape, dtype) and parameters as the JSON of `fusedops run --params`, and every
-//! operator goes through the crate's registry (`Operator::run_named` / `reference_named`), so the
-//! validation, defaults and parameter names are the crate's own. Array conversion, dtypes and
-//! result types live in the Python half (`fusedops/*.py`).
+//! cross as (bytes, shape, dtype) and parameters as the JSON of `fusedops run --params`, every
+//! operator goes through the crate's registry (`Operator::run_named` / `reference_named`), and
+//! `info` and `bench` are assembled by the same functions as the command line's
+//! (`suite::Info`, `suite::run_bench`), so the validation, defaults, parameter names and reports
+//! are the crate's own. Array conversion, dtypes and result types live in the Python half
+//! (`fusedops/*.py`).
 
 use std::str::FromStr;
 use std::sync::{Mutex, MutexGuard, OnceLock};
 
-use fusedops::bench::{self, BenchSettings, Environment, Filter};
+use fusedops::bench::{BenchSettings, Devices, Environment, Filter};
 use fusedops::gpu::Gpu;
-use fusedops::registry::{NamedTensors, Operator, Scale};
-use fusedops::report::BenchReport;
+use fusedops::ops::amla::{self, KvFormat};
+use fusedops::registry::{self, NamedTensors, Scale};
 use fusedops::roofline::{self, ProbeSizes};
-use fusedops::suite::{operators, selected_cases};
+use fusedops::suite::{self, Info, operators, selected_cases};
 use fusedops::tensor::{DType, Tensor, checked_numel};
 use fusedops::{Error, Result};
 use pyo3::buffer::PyBuffer;
@@ -63,26 +65,6 @@ fn to_py(py: Python<'_>, e: Error) -> PyErr {
     }
 }
 
-fn operator(name: &str) -> Result<&'static dyn Operator> {
-    operators()
-        .into_iter()
-        .find(|o| o.name() == name)
-        .ok_or_else(|| Error::Format {
-            what: "operator".into(),
-            why: format!(
-                "unknown operator {name:?}; registered: {:?}",
-                operators().iter().map(|o| o.name()).collect::<Vec<_>>()
-            ),
-        })
-}
-
-fn parse_params(params: &str) -> Result<serde_json::Value> {
-    serde_json::from_str(params).map_err(|e| Error::Format {
-        what: "parameters".into(),
-        why: e.to_string(),
-    })
-}
-
 /// One input tensor from `(buffer, shape, dtype)`: `buffer` holds C-contiguous bytes (the Python
 /// side makes it so), exactly `prod(shape) * dtype size` of them. The bytes are copied.
 fn tensor_of(py: Python<'_>, name: &str, item: &Bound<'_, PyAny>) -> PyResult<Tensor> {
@@ -114,20 +96,24 @@ fn inputs_of(py: Python<'_>, inputs: &Bound<'_, PyDict>) -> PyResult<NamedTensor
     Ok(named)
 }
 
-/// Output tensors as `{name: (bytearray, shape, dtype)}`; a bytearray so that the NumPy arrays
-/// made from it are writable.
+/// A tensor as `(bytearray, shape, dtype)`; a bytearray so that the NumPy arrays made from it are
+/// writable.
+fn output_of<'py>(py: Python<'py>, t: &Tensor) -> PyResult<Bound<'py, PyTuple>> {
+    PyTuple::new(
+        py,
+        [
+            PyByteArray::new(py, t.bytes()).into_any(),
+            t.shape().into_pyobject(py)?.into_any(),
+            t.dtype().name().into_pyobject(py)?.into_any(),
+        ],
+    )
+}
+
+/// Output tensors as `{name: (bytearray, shape, dtype)}`.
 fn outputs_of<'py>(py: Python<'py>, named: &NamedTensors) -> PyResult<Bound<'py, PyDict>> {
     let dict = PyDict::new(py);
     for (name, t) in named {
-        let item = PyTuple::new(
-            py,
-            [
-                PyByteArray::new(py, t.bytes()).into_any(),
-                t.shape().into_pyobject(py)?.into_any(),
-                t.dtype().name().into_pyobject(py)?.into_any(),
-            ],
-        )?;
-        dict.set_item(name, item)?;
+        dict.set_item(name, output_of(py, t)?)?;
     }
     Ok(dict)
 }
@@ -145,8 +131,8 @@ fn run<'py>(
     let named = inputs_of(py, inputs)?;
     let outputs = py
         .detach(|| -> Result<NamedTensors> {
-            let operator = operator(op)?;
-            let params = parse_params(params)?;
+            let operator = suite::operator(op)?;
+            let params = registry::parse_params(params)?;
             let (_guard, gpu) = lock_gpu()?;
             operator.run_named(gpu, &named, &params)
         })
@@ -166,40 +152,55 @@ fn reference<'py>(
     let named = inputs_of(py, inputs)?;
     let outputs = py
         .detach(|| -> Result<NamedTensors> {
-            operator(op)?.reference_named(&named, &parse_params(params)?)
+            suite::operator(op)?.reference_named(&named, &registry::parse_params(params)?)
         })
         .map_err(|e| to_py(py, e))?;
     outputs_of(py, &outputs)
 }
 
 /// The adapter, its capabilities, every operator's kernel path and, with `probes`, the roofline
-/// probes, as JSON.
+/// probes: the JSON of `fusedops info --json`.
 #[pyfunction]
 #[pyo3(signature = (probes, /))]
 fn info(py: Python<'_>, probes: bool) -> PyResult<String> {
     py.detach(|| -> Result<String> {
         let (_guard, gpu) = lock_gpu()?;
-        let roof = if probes {
-            Some(roofline::measure(gpu, &ProbeSizes::for_gpu(gpu))?)
-        } else {
-            None
-        };
-        let paths: Vec<serde_json::Value> = operators()
-            .iter()
-            .flat_map(|op| {
-                op.paths(gpu).into_iter().map(|(what, choice)| {
-                    serde_json::json!({"op": op.name(), "what": what, "choice": choice})
-                })
-            })
-            .collect();
-        let value = serde_json::json!({
-            "environment": Environment::of(gpu),
-            "paths": paths,
-            "roofline": roof,
-        });
-        Ok(value.to_string())
+        Ok(Info::of(gpu, probes)?.to_value().to_string())
     })
     .map_err(|e| to_py(py, e))
+}
+
+/// AMLA's packed 8-bit cache (`fusedops::ops::amla::quantize_cache`) of a float cache, in the
+/// format named by `kv_format` (AMLA's parameter: `fp8` or `int8`).
+#[pyfunction]
+#[pyo3(signature = (kv_cache, kv_format, /))]
+fn quantize_cache<'py>(
+    py: Python<'py>,
+    kv_cache: &Bound<'py, PyAny>,
+    kv_format: &str,
+) -> PyResult<Bound<'py, PyTuple>> {
+    let cache = tensor_of(py, "kv_cache", kv_cache)?;
+    let packed = py
+        .detach(|| -> Result<Tensor> {
+            let format: KvFormat = serde_json::from_value(kv_format.into()).map_err(|e| {
+                Error::Format {
+                    what: "amla quantize_cache kv_format".into(),
+                    why: e.to_string(),
+                }
+            })?;
+            amla::quantize_cache(&cache, format)
+        })
+        .map_err(|e| to_py(py, e))?;
+    output_of(py, &packed)
+}
+
+/// The crate's name of a dtype given by any name it accepts (`bfloat16` -> `bf16`).
+#[pyfunction]
+#[pyo3(signature = (name, /))]
+fn dtype_name(py: Python<'_>, name: &str) -> PyResult<&'static str> {
+    DType::from_str(name)
+        .map(DType::name)
+        .map_err(|e| to_py(py, e))
 }
 
 /// Verify and time the registered cases that pass the filter (`fusedops bench`): the report as
@@ -231,7 +232,7 @@ fn bench_report(
             }
         };
         if let Some(op) = &filter.op {
-            operator(op)?;
+            suite::operator(op)?;
         }
         if iters == 0 {
             return Err(Error::invalid("bench", "iters", "must be at least 1"));
@@ -247,18 +248,19 @@ fn bench_report(
         }
         let environment = Environment::of(gpu);
         let roof = roofline::measure(gpu, &ProbeSizes::for_gpu(gpu))?;
-        let settings = BenchSettings { warmup, iters };
         // One GPU context: no second, cooperative-matrix-free device for SIMT comparison rows
         // (`fusedops bench` adds those on adapters with cooperative matrices).
-        let devices = bench::Devices { gpu, simt: None };
-        let started = std::time::Instant::now();
-        let rows = cases
-            .iter()
-            .flat_map(|case| bench::bench_case(case.as_ref(), &devices, &roof, settings))
-            .collect();
-        let wall_seconds = started.elapsed().as_secs_f64();
-        let mut report = BenchReport::new(environment, roof, rows, wall_seconds);
-        report.command = command;
+        let devices = Devices { gpu, simt: None };
+        let settings = BenchSettings { warmup, iters };
+        let report = suite::run_bench(
+            &cases,
+            &devices,
+            environment,
+            roof,
+            settings,
+            command,
+            |_, _| {},
+        );
         Ok(report.to_json())
     })
     .map_err(|e| to_py(py, e))
@@ -277,6 +279,8 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(reference, m)?)?;
     m.add_function(wrap_pyfunction!(info, m)?)?;
     m.add_function(wrap_pyfunction!(bench_report, m)?)?;
+    m.add_function(wrap_pyfunction!(quantize_cache, m)?)?;
+    m.add_function(wrap_pyfunction!(dtype_name, m)?)?;
     m.add_function(wrap_pyfunction!(operator_names, m)?)?;
     Ok(())
 }
