@@ -3,20 +3,26 @@
 // down projection's per-row scale). Rows holding the sentinel t·K (per-expert padding and rows past
 // the routed total) get zeros, so a padded group's extra rows contribute nothing.
 //
-// Rows are copied as 32-bit words (one f32, or two 16-bit elements: 16-bit rows have an even
-// length, checked on the host), one word per invocation: neighbouring invocations copy neighbouring
-// words of the same row, so reads and writes are coalesced. The copy is the same for every dtype.
-// The grid covers the worst-case row count t·K + min(t·K, e)·(block_size − 1), so it does not
-// depend on the routing; no host round trip is needed.
+// One invocation per 32-bit word of x_sorted: one f32 element, or two 16-bit elements. With an odd
+// h a 16-bit row starts in the middle of a word, so one word may hold the last element of one row
+// and the first of the next, gathered from two different tokens. The invocation that owns the word
+// reads the two halves it needs, each from its own row, and writes the word whole, once. That is
+// cheaper than letting each row write its own halves with atomics on the shared words (two
+// read-modify-writes per boundary word and an atomic binding): over a plain word copy it costs only
+// a second half read per word, usually from the same cached word. Neighbouring invocations
+// handle neighbouring elements, so reads and writes stay coalesced. The grid covers the worst-case
+// row count t·K + min(t·K, e)·(block_size − 1), so it does not depend on the routing; no host round
+// trip is needed.
 
 override WG: u32 = 256u;
 override K: u32 = 8u;
+override HALVES: bool = false;  // 16-bit hidden and x_sorted: two elements per word
 
 struct Params {
-    tokens: u32,    // t: rows of hidden [t, h]
-    row_words: u32, // 32-bit words per row of hidden [t, h] and x_sorted [rows, h]
-    rows: u32,      // rows of x_sorted and row_weights: t·K + min(t·K, e)·(block_size − 1)
-    words: u32,     // rows · row_words
+    tokens: u32, // t: rows of hidden [t, h]
+    cols: u32,   // h: elements per row of hidden [t, h] and x_sorted [rows, h]
+    rows: u32,   // rows of x_sorted and row_weights: t·K + min(t·K, e)·(block_size − 1)
+    words: u32,  // 32-bit words of x_sorted: rows·h, or ceil(rows·h / 2) with HALVES
 }
 
 @group(0) @binding(0) var<storage, read> hidden: array<u32>;             // [t, h]
@@ -35,6 +41,21 @@ fn slot_at(row: u32) -> i32 {
     return slot;
 }
 
+// The bits of element e of the flattened x_sorted [rows, h] (e < rows·h): 32 bits, or 16 with
+// HALVES; 0 in a sentinel row.
+fn gathered(e: u32) -> u32 {
+    let row = e / params.cols;
+    let slot = slot_at(row);
+    if (slot < 0) {
+        return 0u;
+    }
+    let src = (u32(slot) / K) * params.cols + (e - row * params.cols);
+    if (!HALVES) {
+        return hidden[src];
+    }
+    return (hidden[src >> 1u] >> ((src & 1u) * 16u)) & 0xffffu;
+}
+
 @compute @workgroup_size(WG)
 fn gather(
     @builtin(workgroup_id) wid: vec3<u32>,
@@ -43,14 +64,16 @@ fn gather(
 ) {
     let i = linear_workgroup(wid, num) * WG + lid;
     if (i < params.words) {
-        let row = i / params.row_words;
-        let col = i - row * params.row_words;
-        let slot = slot_at(row);
-        var word = 0u;
-        if (slot >= 0) {
-            word = hidden[(u32(slot) / K) * params.row_words + col];
+        if (HALVES) {
+            // The second half of the last word exists only when rows·h is even.
+            var word = gathered(2u * i);
+            if (2u * i + 1u < params.rows * params.cols) {
+                word |= gathered(2u * i + 1u) << 16u;
+            }
+            x_sorted[i] = word;
+        } else {
+            x_sorted[i] = gathered(i);
         }
-        x_sorted[i] = word;
     }
     if (i < params.rows) {
         let slot = slot_at(i);

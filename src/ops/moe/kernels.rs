@@ -26,10 +26,10 @@ const WG: u32 = 256;
 #[repr(C)]
 #[derive(Clone, Copy, Debug, bytemuck::Pod, bytemuck::Zeroable)]
 pub(crate) struct GatherParams {
-    pub tokens: u32,    // t: rows of hidden [t, h]
-    pub row_words: u32, // 32-bit words per row of hidden [t, h] and x_sorted [rows, h]
-    pub rows: u32,      // rows of x_sorted and row_weights: t·k + min(t·k, e)·(block_size − 1)
-    pub words: u32,     // rows · row_words
+    pub tokens: u32, // t: rows of hidden [t, h]
+    pub cols: u32,   // h: elements per row of hidden [t, h] and x_sorted [rows, h]
+    pub rows: u32,   // rows of x_sorted and row_weights: t·k + min(t·k, e)·(block_size − 1)
+    pub words: u32,  // 32-bit words of x_sorted: rows·h, or ceil(rows·h / 2) for 16 bits
 }
 
 /// Params of `combine` (moe_combine.wgsl).
@@ -79,8 +79,8 @@ fn check_invocations(what: &str, invocations: u64) -> Result<u32> {
 }
 
 /// The gather: `x_sorted [rows, h]` and `row_weights [rows]` from `hidden [t, h]`, the sorted slot
-/// list `[rows]` and `topk_weights [t, k]`. Shapes are validated by the caller (16-bit rows have an
-/// even length, so every row starts on a word).
+/// list `[rows]` and `topk_weights [t, k]`. Shapes are validated by the caller; 16-bit rows of odd
+/// length share words with their neighbours (see moe_gather.wgsl).
 pub(crate) fn gather(
     gpu: &Gpu,
     hidden: &DeviceTensor,
@@ -92,16 +92,20 @@ pub(crate) fn gather(
     let (t, h) = (hidden.shape()[0], hidden.shape()[1]);
     let k = topk_weights.shape()[1];
     let rows = x_sorted.shape()[0];
-    let row_words = words(h, hidden.dtype());
-    let total = rows as u64 * row_words;
+    let total = words(rows * h, hidden.dtype());
     let invocations = check_invocations("gather", total.max(rows as u64))?;
     let params = gpu.uniform(&GatherParams {
         tokens: t as u32,
-        row_words: row_words as u32,
+        cols: h as u32,
         rows: rows as u32,
         words: total as u32,
     })?;
-    let pipeline = gpu.pipeline(&GATHER, "gather", &[("WG", WG as f64), ("K", k as f64)])?;
+    let halves = if hidden.dtype().size() == 2 { 1.0 } else { 0.0 };
+    let pipeline = gpu.pipeline(
+        &GATHER,
+        "gather",
+        &[("WG", WG as f64), ("K", k as f64), ("HALVES", halves)],
+    )?;
     let bind = gpu.bind_group(
         &pipeline,
         &[
@@ -252,7 +256,7 @@ mod tests {
     }
 
     #[test]
-    fn row_words_round_up() {
+    fn words_round_up() {
         assert_eq!(words(5, DType::F32), 5);
         assert_eq!(words(6, DType::BF16), 3);
         assert_eq!(words(7, DType::F16), 4);

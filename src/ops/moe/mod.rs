@@ -430,23 +430,6 @@ fn check_layer<T: Shaped>(
     let act = hidden.dtype();
     float("hidden", act)?;
     float("out", out_dtype)?;
-    if act != DType::F32 {
-        // Intermediates are stored in the activation dtype, two 16-bit values per word: every
-        // row must hold whole words.
-        let sizes = [
-            ("hidden", Some(h)),
-            ("intermediate", Some(config.intermediate)),
-            ("shared_intermediate", config.shared_intermediate),
-        ];
-        for (what, size) in sizes {
-            if let Some(n) = size.filter(|n| n % 2 == 1) {
-                return Err(Error::unsupported(
-                    OP,
-                    format!("{act} activations with an odd {what} ({n}): use f32 activations"),
-                ));
-            }
-        }
-    }
     let (e, i, layout) = (config.router.experts, config.intermediate, config.layout);
     let int8 = weights.int8;
     weights
