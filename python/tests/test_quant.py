@@ -98,6 +98,13 @@ def test_w8a8_refuses_the_coop_kernel_and_missing_scales(rng):
         fusedops.swiftgmm(xq.q, w, counts=np.array([4], np.int32), w_scale=w_scale)  # no x_scale
     with pytest.raises(fusedops.FusedopsError):
         fusedops.swiftgmm(rng.standard_normal((4, 64)).astype(np.float32), w, counts=np.array([4], np.int32))
+    # Scales meant for int8 weights, given with float ones: the error says what they belong to.
+    wf = rng.standard_normal((1, 64, 16)).astype(np.float32)
+    with pytest.raises(fusedops.InvalidError, match="w_offset belongs to int8 weights"):
+        fusedops.swiftgmm(rng.standard_normal((4, 64)).astype(np.float32), wf,
+                          counts=np.array([4], np.int32), w_offset=np.zeros((1, 16), np.float32))
+    with pytest.raises(fusedops.InvalidError, match="x_scale belongs to int8 weights"):
+        fusedops.swiftgmm(xq.q, wf, counts=np.array([4], np.int32), x_scale=xq.scale)
 
 
 def quantize_weights(rng, w):

@@ -1323,11 +1323,22 @@ impl<'a> NamedInputs<'a> {
             return Ok(None);
         }
         let Some(w_scale) = self.w_scale else {
-            return Err(Error::invalid(
-                OP,
-                "input tensor \"w_scale\"",
-                "missing: int8 w needs its per-output-channel scale [e, n] f32",
-            ));
+            let why = if self.w.dtype() == DType::I8 {
+                "missing: int8 w needs its per-output-channel scale [e, n] f32".to_string()
+            } else {
+                // w_offset or x_scale without int8 weights: say what they belong to.
+                let given: Vec<&str> = [("w_offset", self.w_offset), ("x_scale", self.x_scale)]
+                    .into_iter()
+                    .filter_map(|(name, t)| t.map(|_| name))
+                    .collect();
+                format!(
+                    "missing, and w is {}: {} belongs to int8 weights (W8A16: int8 w with \
+                     w_scale; W8A8: int8 x with x_scale and int8 w with w_scale)",
+                    self.w.dtype(),
+                    given.join(" and ")
+                )
+            };
+            return Err(Error::invalid(OP, "input tensor \"w_scale\"", why));
         };
         Ok(Some(QuantInputs {
             x: self.x,
