@@ -154,9 +154,7 @@ fn decode(
     // Running row state, held by invocation `tid` for row `tid` (tid < HB).
     var m_run = MASKED;
     var l_run = 0.0;
-    var n_run = 0.0;
-    var cof_run = 1.0;
-    var c_hat_run = 1.0;
+    var split = AmlaSplit(0.0, 1.0, 1.0);
     var poisoned = false;
     // Workgroup memory is not zero-initialised (the pipelines skip it); the flags are reset here
     // and then after every use (step 4).
@@ -273,29 +271,9 @@ fn decode(
             }
             let m_new = max(m_run, m_tile);
             let changed = m_new > m_run;
-            let first = m_run == MASKED;
-            var decay = 1.0; // factor on l (and on O in the multiply variant)
-            if (changed) {
-                decay = select(exp2(m_run - m_new), 0.0, first);
-            }
-            var step = bitcast<u32>(decay);
-            if (RESCALE_AMLA) {
-                step = 0u;
-                if (changed) {
-                    let n_new = -round(m_new);
-                    let c = exp2(m_new + n_new);
-                    let c_hat = round_p(c, P_ROUND);
-                    let cof = c / c_hat;
-                    if (!first) {
-                        step = amla_exponent_step(n_run, n_new, cof_run, cof);
-                    }
-                    n_run = n_new;
-                    cof_run = cof;
-                    c_hat_run = c_hat;
-                }
-            }
-            row_step[tid] = step;
-            let p_mult = select(1.0, c_hat_run, RESCALE_AMLA);
+            let moved = move_max(m_run, m_new, changed, RESCALE_AMLA, P_ROUND, &split);
+            row_step[tid] = moved.step;
+            let p_mult = select(1.0, split.c_hat, RESCALE_AMLA);
             var l_tile = 0.0;
             for (var c = 0u; c < TN; c++) {
                 let s = scores[tid * TN + c];
@@ -306,7 +284,7 @@ fn decode(
                 l_tile += p;
                 partials[c * HB + tid] = round_p(p * p_mult, P_ROUND);
             }
-            l_run = l_run * decay + l_tile;
+            l_run = l_run * moved.decay + l_tile;
             m_run = m_new;
         }
         workgroupBarrier();
@@ -334,7 +312,7 @@ fn decode(
     if (tid < HB) {
         var norm = 0.0;
         if (l_run > 0.0) {
-            norm = 1.0 / select(l_run, l_run * c_hat_run, RESCALE_AMLA);
+            norm = 1.0 / select(l_run, l_run * split.c_hat, RESCALE_AMLA);
             lse_bits = bitcast<u32>((m_run + log2(l_run)) * LN2);
         }
         if (poisoned) {

@@ -290,9 +290,7 @@ fn decode_item(item_index: u32, tid: u32, sg: u32) {
     // Row state, held by invocation `tid` for row `tid` (tid < HB).
     var m_ref = MASKED;
     var l_run = 0.0;
-    var n_ref = 0.0;
-    var cof_ref = 1.0;
-    var c_hat_ref = 1.0;
+    var split = AmlaSplit(0.0, 1.0, 1.0);
     var poisoned = false;
 
     for (var tile_begin = key_begin; tile_begin < key_end; tile_begin += TN) {
@@ -395,31 +393,12 @@ fn decode_item(item_index: u32, tid: u32, sg: u32) {
             let changed = m_tile > m_ref + LAZY;
             let first = m_ref == MASKED;
             let m_new = select(m_ref, m_tile, changed);
-            var decay = 1.0; // factor on l (and on O in the multiply variant)
-            if (changed) {
-                decay = select(exp2(m_ref - m_new), 0.0, first);
-            }
-            var step = bitcast<u32>(decay);
-            if (RESCALE_AMLA) {
-                step = 0u;
-                if (changed) {
-                    let n_new = -round(m_new);
-                    let c = exp2(m_new + n_new);
-                    let c_hat = round_p(c, P_ROUND);
-                    let cof = c / c_hat;
-                    if (!first) {
-                        step = amla_exponent_step(n_ref, n_new, cof_ref, cof);
-                    }
-                    n_ref = n_new;
-                    cof_ref = cof;
-                    c_hat_ref = c_hat;
-                }
-            }
+            let moved = move_max(m_ref, m_new, changed, RESCALE_AMLA, P_ROUND, &split);
             if (changed && !first) {
                 atomicStore(&rescale_frag[tid / FRAG], 1u);
             }
-            row_step[tid] = step;
-            let p_mult = select(1.0, c_hat_ref, RESCALE_AMLA);
+            row_step[tid] = moved.step;
+            let p_mult = select(1.0, split.c_hat, RESCALE_AMLA);
             var l_tile = 0.0;
             for (var c = 0u; c < TN; c++) {
                 let s = work_get(tid * TN + c);
@@ -431,7 +410,7 @@ fn decode_item(item_index: u32, tid: u32, sg: u32) {
                 let at = c * ROW4 + ROPE4 + tid / 4u;
                 kv16[at][tid % 4u] = f16(round_f16(round_p(p * p_mult, P_ROUND)));
             }
-            l_run = l_run * decay + l_tile;
+            l_run = l_run * moved.decay + l_tile;
             m_ref = m_new;
         }
 
@@ -484,7 +463,7 @@ fn decode_item(item_index: u32, tid: u32, sg: u32) {
     if (tid < HB) {
         var norm = 0.0;
         if (l_run > 0.0) {
-            norm = 1.0 / select(l_run, l_run * c_hat_ref, RESCALE_AMLA);
+            norm = 1.0 / select(l_run, l_run * split.c_hat, RESCALE_AMLA);
             lse_bits = bitcast<u32>((m_ref + log2(l_run)) * LN2);
         }
         if (poisoned) {

@@ -166,6 +166,54 @@ fn amla_exponent_step(n_old: f32, n_new: f32, cof_old: f32, cof_new: f32) -> u32
     return bitcast<u32>((i32(dn) << 23u) + i32(round(frac * TWO_POW_23)));
 }
 
+// AMLA's split of a row's 2^-m: 2^n with n = -round(m) (exact in the f32 exponent) times
+// c = 2^(m + n), rounded to c_hat as P is; cof = c / c_hat goes into the exponent step.
+struct AmlaSplit {
+    n: f32,
+    cof: f32,
+    c_hat: f32,
+}
+
+// What moving a row's max from m_old to m_new costs (nothing unless `changed`; from MASKED, the
+// first max, nothing is rescaled): `decay` multiplies l (and O in the multiply variant), `step`
+// is what O gets, the f32 bits of decay (multiply) or AMLA's exponent step (`amla`, whose split
+// moves to m_new). Both decode kernels call it, the SIMT one with its running max, the
+// cooperative-matrix one with its lazy reference max.
+struct MaxStep {
+    decay: f32,
+    step: u32,
+}
+
+fn move_max(
+    m_old: f32,
+    m_new: f32,
+    changed: bool,
+    amla: bool,
+    p_round: u32,
+    split: ptr<function, AmlaSplit>,
+) -> MaxStep {
+    let first = m_old == MASKED;
+    var decay = 1.0;
+    if (changed) {
+        decay = select(exp2(m_old - m_new), 0.0, first);
+    }
+    var step = bitcast<u32>(decay);
+    if (amla) {
+        step = 0u;
+        if (changed) {
+            let n_new = -round(m_new);
+            let c = exp2(m_new + n_new);
+            let c_hat = round_p(c, p_round);
+            let cof = c / c_hat;
+            if (!first) {
+                step = amla_exponent_step((*split).n, n_new, (*split).cof, cof);
+            }
+            *split = AmlaSplit(n_new, cof, c_hat);
+        }
+    }
+    return MaxStep(decay, step);
+}
+
 // O multiplied by 2^N as an integer add of `step` on its bits. Entries whose exponent field is 0
 // (exact ±0 and denormals) keep their value: the add would wrap them (0x000AE3A0 + the bits of
 // a -1 step is a NaN pattern), and leaving them unscaled is at most a denormal's error.

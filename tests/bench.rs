@@ -298,3 +298,49 @@ fn inputs_seeded_on_the_device_are_the_values_the_host_makes() {
         .unwrap();
     assert_eq!(shards.iter().map(|s| s.shape()[0]).sum::<usize>(), 3);
 }
+
+/// Only cases whose kernels run on cooperative matrices get the bench's "coop off" twin row and
+/// its compute roof: W8A8 (dot4I8Packed) never does; on the coop lane the 16-bit and W8A16 GEMM
+/// cases do.
+#[test]
+fn only_tensor_core_cases_get_a_coop_off_twin() {
+    let g = gpu();
+    let cases = suite::selected_cases(&g, Scale::Ci, &Filter::default());
+    let mut coop = 0;
+    for case in &cases {
+        let info = case.info();
+        let uses = case.uses_tensor_cores(&g);
+        let quant = info
+            .params
+            .iter()
+            .find(|(k, _)| k == "quant")
+            .map(|(_, v)| v.as_str());
+        if quant == Some("w8a8") {
+            assert!(
+                !uses,
+                "{} {}: W8A8 has no tensor-core path",
+                info.op, info.name
+            );
+        }
+        if uses {
+            assert!(
+                g.caps.coop_fragment().is_some(),
+                "{} {}",
+                info.op,
+                info.name
+            );
+            coop += 1;
+        }
+    }
+    assert!(
+        cases.iter().any(|c| c
+            .info()
+            .params
+            .iter()
+            .any(|(k, v)| k == "quant" && v == "w8a8")),
+        "the CI suite has W8A8 cases"
+    );
+    if std::env::var("FUSEDOPS_EXPECT_COOP").is_ok_and(|v| v == "1") {
+        assert!(coop > 0, "on the coop lane some case runs on tensor cores");
+    }
+}

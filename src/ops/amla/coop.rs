@@ -27,7 +27,7 @@ use super::reference::{self, AmlaStats, Bounds, Emulation, POISONED, Part, RowSt
 use super::schedule::{self, D_QK, D_V, TileConfig};
 use super::{
     AmlaParams, AmlaPlan, AmlaShape, COMBINE, DECODE_COOP, DECODE_STORAGE_BUFFERS, KvFormat,
-    NEXT_PLAN_ID, PPrecision, Rescale, dtype_code, kv_row_bytes, quant,
+    NEXT_PLAN_ID, PPrecision, Rescale, dtype_code, quant,
 };
 use crate::check::Tolerance;
 use crate::error::{Error, Result};
@@ -475,43 +475,15 @@ impl AmlaPlan {
         let rows = shape.rows();
         let row_blocks = config.row_blocks(rows);
         let rows_padded = row_blocks * config.head_block as usize;
-        let hb = config.head_block as u64;
-        let slots = schedule::max_partial_slots(
-            params.split,
-            shape.batch,
-            row_blocks,
-            shape.max_blocks * shape.page_size,
-            config.tile_keys,
-        );
         let b = shape.batch as u64;
         let q16_bytes = b * rows_padded as u64 * ROW_HALVES as u64 * 2;
-        let part_out_bytes = slots.max(1) * hb * D_V as u64 * 4;
-        let part_lse_bytes = slots.max(1) * hb * 4;
-        let bindings = [
-            ("q", b * rows as u64 * (D_QK * shape.q_dtype.size()) as u64),
-            (
-                "kv_cache",
-                (shape.num_blocks * shape.page_size) as u64 * kv_row_bytes(shape.kv_dtype) as u64,
-            ),
-            (
-                "out",
-                b * rows as u64 * (D_V * shape.out_dtype.size()) as u64,
-            ),
-            ("lse", b * rows as u64 * 4),
+        let (slots, part_out_bytes, part_lse_bytes) = super::check_bindings(
+            gpu,
+            shape,
+            params.split,
+            (row_blocks, config.head_block, config.tile_keys),
             ("q16 workspace", q16_bytes),
-            ("partial out", part_out_bytes),
-            ("partial lse", part_lse_bytes),
-        ];
-        for (what, bytes) in bindings {
-            gpu.check_binding(&format!("amla {what}"), bytes)?;
-            if bytes / 2 > u32::MAX as u64 {
-                return Err(Error::Limit {
-                    what: format!("amla {what} elements indexed with u32"),
-                    need: bytes / 2,
-                    max: u32::MAX as u64,
-                });
-            }
-        }
+        )?;
         let fragment = config.fragment;
         let prep = gpu.coop_pipeline(
             &DECODE_COOP,

@@ -287,6 +287,55 @@ fn kv_row_width(kv_dtype: DType) -> usize {
     kv_row_bytes(kv_dtype) / kv_dtype.size()
 }
 
+/// The device-limit checks both decode kernels make before anything is dispatched: every
+/// binding (inputs, outputs, the kernel's q `workspace`, the split-KV partials) against the
+/// adapter's binding size, and its element count against the kernels' u32 indices. `blocks` is
+/// (row blocks, head block, keys per tile). Returns the partial slots the split may need and the
+/// bytes of the partial out and lse buffers.
+pub(crate) fn check_bindings(
+    gpu: &Gpu,
+    shape: &AmlaShape,
+    split: Split,
+    (row_blocks, head_block, tile_keys): (usize, u32, u32),
+    workspace: (&str, u64),
+) -> Result<(u64, u64, u64)> {
+    let slots = schedule::max_partial_slots(
+        split,
+        shape.batch,
+        row_blocks,
+        shape.max_blocks * shape.page_size,
+        tile_keys,
+    );
+    let rows = (shape.batch * shape.rows()) as u64;
+    let hb = head_block as u64;
+    let part_out_bytes = slots.max(1) * hb * D_V as u64 * 4;
+    let part_lse_bytes = slots.max(1) * hb * 4;
+    let bindings = [
+        ("q", rows * (D_QK * shape.q_dtype.size()) as u64),
+        (
+            "kv_cache",
+            (shape.num_blocks * shape.page_size) as u64 * kv_row_bytes(shape.kv_dtype) as u64,
+        ),
+        ("out", rows * (D_V * shape.out_dtype.size()) as u64),
+        ("lse", rows * 4),
+        workspace,
+        ("partial out", part_out_bytes),
+        ("partial lse", part_lse_bytes),
+    ];
+    for (what, bytes) in bindings {
+        gpu.check_binding(&format!("amla {what}"), bytes)?;
+        // The kernels index elements (at most 2 bytes each) with u32.
+        if bytes / 2 > u32::MAX as u64 {
+            return Err(Error::Limit {
+                what: format!("amla {what} elements indexed with u32"),
+                need: bytes / 2,
+                max: u32::MAX as u64,
+            });
+        }
+    }
+    Ok((slots, part_out_bytes, part_lse_bytes))
+}
+
 impl AmlaShape {
     /// Validate the input shapes and dtypes; `out` gets q's dtype.
     pub fn of(
@@ -793,44 +842,15 @@ impl AmlaPlan {
         let rows = shape.rows();
         let row_blocks = tiles.row_blocks(rows);
         let rows_padded = row_blocks * tiles.head_block as usize;
-        let hb = tiles.head_block as u64;
-        let slots = schedule::max_partial_slots(
-            params.split,
-            shape.batch,
-            row_blocks,
-            shape.max_blocks * shape.page_size,
-            tiles.tile_keys,
-        );
         let b = shape.batch as u64;
         let q_prep_bytes = b * rows_padded as u64 * D_QK as u64 * 4;
-        let part_out_bytes = slots.max(1) * hb * D_V as u64 * 4;
-        let part_lse_bytes = slots.max(1) * hb * 4;
-        let bindings = [
-            ("q", b * rows as u64 * (D_QK * shape.q_dtype.size()) as u64),
-            (
-                "kv_cache",
-                (shape.num_blocks * shape.page_size) as u64 * kv_row_bytes(shape.kv_dtype) as u64,
-            ),
-            (
-                "out",
-                b * rows as u64 * (D_V * shape.out_dtype.size()) as u64,
-            ),
-            ("lse", b * rows as u64 * 4),
+        let (slots, part_out_bytes, part_lse_bytes) = check_bindings(
+            gpu,
+            shape,
+            params.split,
+            (row_blocks, tiles.head_block, tiles.tile_keys),
             ("q workspace", q_prep_bytes),
-            ("partial out", part_out_bytes),
-            ("partial lse", part_lse_bytes),
-        ];
-        for (what, bytes) in bindings {
-            gpu.check_binding(&format!("amla {what}"), bytes)?;
-            // The kernels index elements (at most 2 bytes each) with u32.
-            if bytes / 2 > u32::MAX as u64 {
-                return Err(Error::Limit {
-                    what: format!("amla {what} elements indexed with u32"),
-                    need: bytes / 2,
-                    max: u32::MAX as u64,
-                });
-            }
-        }
+        )?;
         let prep = gpu.pipeline(&PREP, "prep", &[("Q_DTYPE", dtype_code(shape.q_dtype))])?;
         let decode = gpu.pipeline(
             &DECODE,

@@ -558,6 +558,10 @@ impl Case for MoeCase {
     /// or more rows than the default GEMV threshold of 8: the shared expert, hot experts, or the
     /// average routed expert).
     fn uses_tensor_cores(&self, gpu: &Gpu) -> bool {
+        // A W8A8 layer's matmuls sum int8 with dot4I8Packed: no cooperative-matrix path.
+        if self.w8a8 {
+            return false;
+        }
         let (t, r) = (self.tokens, &self.config.router);
         let gemm = match self.options.mode {
             Mode::Gemm => true,

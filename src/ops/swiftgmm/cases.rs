@@ -244,6 +244,10 @@ impl Case for GmmCase {
     /// The GEMM path runs on cooperative matrices here and some group takes it (forced, or more
     /// rows than the default GEMV threshold).
     fn uses_tensor_cores(&self, gpu: &Gpu) -> bool {
+        // W8A8 sums int8 with dot4I8Packed: it has no cooperative-matrix path to compare.
+        if self.quant == Some(Quant::W8A8) {
+            return false;
+        }
         let gemm_groups = match self.mode {
             Mode::Gemm => self.routed() > 0,
             Mode::Gemv => false,
