@@ -318,10 +318,34 @@ fn open_device(
             trace: wgpu::Trace::Off,
         }))
     };
-    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(request)) {
+    match catch_quietly(request) {
         Ok(result) => result.map_err(|e| e.to_string()),
         Err(panic) => Err(panic_message(&*panic)),
     }
+}
+
+thread_local! {
+    /// Set while this thread runs a call whose panics [`catch_quietly`] turns into errors.
+    static QUIET_PANICS: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Run `f`, catching a panic of wgpu or naga as an `Err` without the panic hook printing it
+/// (it becomes a typed error, which says what happened). The hook is wrapped once per process:
+/// panics on other threads, or outside such calls, still reach the previous hook.
+pub(crate) fn catch_quietly<R>(f: impl FnOnce() -> R) -> std::thread::Result<R> {
+    static WRAP_HOOK: std::sync::Once = std::sync::Once::new();
+    WRAP_HOOK.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if !QUIET_PANICS.with(std::cell::Cell::get) {
+                previous(info);
+            }
+        }));
+    });
+    QUIET_PANICS.with(|q| q.set(true));
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+    QUIET_PANICS.with(|q| q.set(false));
+    result
 }
 
 /// The text of a caught panic.

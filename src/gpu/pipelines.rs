@@ -176,11 +176,10 @@ impl Gpu {
         // naga 30's SPIR-V writer panics on some cooperative-matrix code it validated (a
         // coopStore whose offset or stride is a runtime expression not bound with `let`). The
         // GPU-free shader test catches that; this keeps it an error, not a crash, at run time.
-        let compiled = std::panic::catch_unwind(std::panic::AssertUnwindSafe(compile))
-            .unwrap_or_else(|panic| {
-                let why = super::panic_message(&*panic);
-                Err(Error::Device(format!("shader compiler panicked: {why}")))
-            });
+        let compiled = super::catch_quietly(compile).unwrap_or_else(|panic| {
+            let why = super::panic_message(&*panic);
+            Err(Error::Device(format!("shader compiler panicked: {why}")))
+        });
         let pipeline = compiled.map_err(|e| match e {
             Error::Device(msg) => {
                 Error::Device(format!("compiling {}::{entry}: {msg}", kernel.name))
